@@ -1,0 +1,98 @@
+//! Opening a lake through object_store's own backends.
+
+use std::sync::Arc;
+
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt};
+use url::Url;
+
+use crate::{CatalogError, Result};
+
+/// A lake: one object store, rooted at the lake's top folder.
+///
+/// All paths inside Lakegate are relative to this root (`curated/clinical/patients/...`), so
+/// the same catalog works whether the lake is a local folder or a bucket.
+#[derive(Clone, Debug)]
+pub struct Lake {
+    store: Arc<dyn ObjectStore>,
+    url: String,
+}
+
+impl Lake {
+    /// Open a lake from a local path or a URL understood by object_store
+    /// (`file://`, `s3://`, `gs://`, `az://`, `abfss://`, `memory://`).
+    ///
+    /// Cloud credentials and options are read from the environment exactly as object_store's
+    /// builders read them (`AWS_ACCESS_KEY_ID`, `AWS_REGION`, `GOOGLE_SERVICE_ACCOUNT`,
+    /// `AZURE_STORAGE_ACCOUNT_NAME`, ...). A local path that does not exist yet is created.
+    pub fn open(location: &str) -> Result<Self> {
+        let invalid = |reason: String| CatalogError::InvalidLakeUrl {
+            url: location.to_string(),
+            reason,
+        };
+        let looks_like_url = location.contains("://");
+        if !looks_like_url || location.starts_with("file://") {
+            let path = if looks_like_url {
+                Url::parse(location)
+                    .map_err(|e| invalid(e.to_string()))?
+                    .to_file_path()
+                    .map_err(|_| invalid("not a local file URL".into()))?
+            } else {
+                std::path::PathBuf::from(location)
+            };
+            std::fs::create_dir_all(&path).map_err(|e| invalid(e.to_string()))?;
+            let path = path.canonicalize().map_err(|e| invalid(e.to_string()))?;
+            let store = LocalFileSystem::new_with_prefix(&path)?;
+            return Ok(Self {
+                store: Arc::new(store),
+                url: Url::from_directory_path(&path)
+                    .map(|u| u.to_string())
+                    .unwrap_or_else(|_| path.display().to_string()),
+            });
+        }
+        let url = Url::parse(location).map_err(|e| invalid(e.to_string()))?;
+        let (store, prefix) = object_store::parse_url_opts(&url, std::env::vars())?;
+        let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
+            Arc::from(store)
+        } else {
+            Arc::new(PrefixStore::new(store, prefix))
+        };
+        Ok(Self {
+            store,
+            url: location.to_string(),
+        })
+    }
+
+    /// An in-memory lake, for tests.
+    pub fn in_memory() -> Self {
+        Self {
+            store: Arc::new(object_store::memory::InMemory::new()),
+            url: "memory:///".into(),
+        }
+    }
+
+    /// The object store rooted at the lake's top folder.
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        Arc::clone(&self.store)
+    }
+
+    /// The URL the lake was opened from (for operators' logs; never sent to clients).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Whether the lake already holds a catalog.
+    pub async fn has_catalog(&self) -> Result<bool> {
+        match self
+            .store
+            .head(&Path::from(crate::model::CATALOG_PATH))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! The lake and its catalog: where datasets live, what they contain, and how they are labelled.
+//!
+//! A lake is an [`object_store`] location (a local path, `s3://`, `gs://`, `az://`, ...). The
+//! catalog is a JSON document stored in the lake itself (`catalog/datasets.json`), read and
+//! written through the same object store, so a lake is self-describing wherever it lives.
+//! Every dataset carries its Arrow schema, per-column sensitivity labels and dataset tags;
+//! [`Catalog::verify`] checks the Parquet files against that contract before anything is served.
+
+mod lake;
+mod model;
+
+pub use lake::Lake;
+pub use model::{Catalog, ColumnDef, ColumnType, Dataset, DatasetName, LABELS};
+
+/// Everything that can go wrong reading or checking a catalog.
+///
+/// Messages name datasets and columns, never file locations: they may reach a client.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("invalid lake URL '{url}': {reason}")]
+    InvalidLakeUrl { url: String, reason: String },
+    #[error("the lake has no catalog (expected catalog/datasets.json); build one with `lakegate demo` or write it")]
+    NoCatalog,
+    #[error("catalog does not parse: {0}")]
+    Malformed(String),
+    #[error("catalog entry '{dataset}': {reason}")]
+    InvalidEntry { dataset: String, reason: String },
+    #[error("dataset '{dataset}' has no data files")]
+    MissingFiles { dataset: String },
+    #[error("dataset '{dataset}': a data file's schema disagrees with the catalog: {reason}")]
+    SchemaMismatch { dataset: String, reason: String },
+    #[error("dataset '{dataset}': a data file is not valid Parquet: {reason}")]
+    CorruptFile { dataset: String, reason: String },
+    #[error("object store error: {0}")]
+    Store(#[from] object_store::Error),
+}
+
+pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
+
+pub mod demo;

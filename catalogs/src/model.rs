@@ -1,0 +1,431 @@
+//! The catalog document: datasets, their columns, labels and tags.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::async_reader::MetadataFetch;
+use parquet::arrow::parquet_to_arrow_schema;
+use parquet::errors::ParquetError;
+use parquet::file::metadata::ParquetMetaDataReader;
+use serde::{Deserialize, Serialize};
+
+use crate::{CatalogError, Lake, Result};
+
+/// Where the catalog document lives inside the lake.
+pub(crate) const CATALOG_PATH: &str = "catalog/datasets.json";
+
+/// Column sensitivity labels that the catalog accepts. A label outside this list is refused
+/// at load: policies are written against labels, so an unknown one would silently escape them.
+pub const LABELS: &[&str] = &["phi.direct", "phi.quasi", "identifier", "clinical", "audit"];
+
+/// The zones a dataset may live in.
+const ZONES: &[&str] = &["raw", "curated", "released", "audit"];
+
+/// A column's type, in the catalog's small vocabulary (Arrow types underneath).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    Utf8,
+    Bool,
+    Int32,
+    Int64,
+    Float64,
+    Date32,
+    /// Microsecond timestamps in UTC.
+    TimestampUtc,
+}
+
+impl ColumnType {
+    pub fn to_arrow(self) -> DataType {
+        match self {
+            ColumnType::Utf8 => DataType::Utf8,
+            ColumnType::Bool => DataType::Boolean,
+            ColumnType::Int32 => DataType::Int32,
+            ColumnType::Int64 => DataType::Int64,
+            ColumnType::Float64 => DataType::Float64,
+            ColumnType::Date32 => DataType::Date32,
+            ColumnType::TimestampUtc => {
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+            }
+        }
+    }
+}
+
+/// One column of a dataset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnDef {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub data_type: ColumnType,
+    #[serde(default = "yes")]
+    pub nullable: bool,
+    /// Sensitivity label, one of [`LABELS`].
+    pub label: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A dataset's qualified name, `schema.table`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DatasetName {
+    pub schema: String,
+    pub table: String,
+}
+
+impl std::fmt::Display for DatasetName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+/// One governed dataset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dataset {
+    /// `schema.table`, e.g. `clinical.patients`.
+    pub name: String,
+    /// Storage zone: `raw`, `curated`, `released` or `audit`.
+    pub zone: String,
+    /// Folder of Parquet files, relative to the lake root. Server-side only: never sent out.
+    pub location: String,
+    pub columns: Vec<ColumnDef>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub owner: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+impl Dataset {
+    pub fn qualified(&self) -> DatasetName {
+        let (schema, table) = self.name.split_once('.').unwrap_or(("", &self.name));
+        DatasetName {
+            schema: schema.to_string(),
+            table: table.to_string(),
+        }
+    }
+
+    /// The Arrow schema the catalog promises for this dataset.
+    pub fn schema(&self) -> SchemaRef {
+        Arc::new(Schema::new(
+            self.columns
+                .iter()
+                .map(|c| Field::new(&c.name, c.data_type.to_arrow(), c.nullable))
+                .collect::<Vec<_>>(),
+        ))
+    }
+
+    pub fn column(&self, name: &str) -> Option<&ColumnDef> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |reason: String| CatalogError::InvalidEntry {
+            dataset: self.name.clone(),
+            reason,
+        };
+        let q = self.qualified();
+        let ident_ok = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        };
+        if !ident_ok(&q.schema) || !ident_ok(&q.table) {
+            return Err(bad(
+                "name must be schema.table in lower-case letters, digits and _".into(),
+            ));
+        }
+        if !ZONES.contains(&self.zone.as_str()) {
+            return Err(bad(format!(
+                "unknown zone '{}' (known: {})",
+                self.zone,
+                ZONES.join(", ")
+            )));
+        }
+        if self.location.is_empty()
+            || self.location.contains("..")
+            || self.location.starts_with('/')
+            || self.location.contains("://")
+        {
+            return Err(bad(
+                "location must be a relative folder inside the lake".into()
+            ));
+        }
+        if self.columns.is_empty() {
+            return Err(bad("no columns".into()));
+        }
+        let mut seen = BTreeSet::new();
+        for c in &self.columns {
+            if !seen.insert(c.name.as_str()) {
+                return Err(bad(format!("column '{}' is listed twice", c.name)));
+            }
+            if !LABELS.contains(&c.label.as_str()) {
+                return Err(bad(format!(
+                    "column '{}' has unknown label '{}' (known: {})",
+                    c.name,
+                    c.label,
+                    LABELS.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Data files of this dataset (object paths relative to the lake root), sorted.
+    pub async fn files(&self, store: &Arc<dyn ObjectStore>) -> Result<Vec<Path>> {
+        let prefix = Path::from(self.location.trim_end_matches('/'));
+        let mut files: Vec<Path> = store
+            .list(Some(&prefix))
+            .map_ok(|m| m.location)
+            .try_filter(|p| futures::future::ready(p.as_ref().ends_with(".parquet")))
+            .try_collect()
+            .await?;
+        files.sort();
+        Ok(files)
+    }
+}
+
+/// The whole catalog.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    pub version: u32,
+    pub datasets: Vec<Dataset>,
+}
+
+impl Catalog {
+    /// Parse and validate a catalog document.
+    pub fn from_json(text: &[u8]) -> Result<Self> {
+        let catalog: Catalog =
+            serde_json::from_slice(text).map_err(|e| CatalogError::Malformed(e.to_string()))?;
+        catalog.validate()?;
+        Ok(catalog)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.version != 1 {
+            return Err(CatalogError::Malformed(format!(
+                "unsupported catalog version {} (this build reads version 1)",
+                self.version
+            )));
+        }
+        let mut names = BTreeSet::new();
+        for d in &self.datasets {
+            d.validate()?;
+            if !names.insert(d.name.as_str()) {
+                return Err(CatalogError::InvalidEntry {
+                    dataset: d.name.clone(),
+                    reason: "listed twice".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Read the catalog stored in the lake.
+    pub async fn load(lake: &Lake) -> Result<Self> {
+        let bytes = match lake.store().get(&Path::from(CATALOG_PATH)).await {
+            Ok(r) => r.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Err(CatalogError::NoCatalog),
+            Err(e) => return Err(e.into()),
+        };
+        Self::from_json(&bytes)
+    }
+
+    /// Write this catalog into the lake (atomically, as object stores put whole objects).
+    pub async fn save(&self, lake: &Lake) -> Result<()> {
+        self.validate()?;
+        let json =
+            serde_json::to_vec_pretty(self).map_err(|e| CatalogError::Malformed(e.to_string()))?;
+        lake.store()
+            .put(&Path::from(CATALOG_PATH), PutPayload::from(json))
+            .await?;
+        Ok(())
+    }
+
+    pub fn dataset(&self, name: &str) -> Option<&Dataset> {
+        self.datasets.iter().find(|d| d.name == name)
+    }
+
+    /// Check every dataset's files against its contract: files present, each a readable
+    /// Parquet file whose schema matches the catalog's column names, types and order.
+    pub async fn verify(&self, lake: &Lake) -> Result<()> {
+        let store = lake.store();
+        for d in &self.datasets {
+            let files = d.files(&store).await?;
+            if files.is_empty() {
+                return Err(CatalogError::MissingFiles {
+                    dataset: d.name.clone(),
+                });
+            }
+            let expected = d.schema();
+            for f in files {
+                let size = store.head(&f).await?.size;
+                let corrupt = |e: ParquetError| CatalogError::CorruptFile {
+                    dataset: d.name.clone(),
+                    reason: e.to_string(),
+                };
+                let fetch = StoreFetch {
+                    store: &store,
+                    path: &f,
+                };
+                let metadata = ParquetMetaDataReader::new()
+                    .with_prefetch_hint(Some(64 << 10))
+                    .load_and_finish(fetch, size)
+                    .await
+                    .map_err(corrupt)?;
+                let fm = metadata.file_metadata();
+                let actual = parquet_to_arrow_schema(fm.schema_descr(), fm.key_value_metadata())
+                    .map_err(corrupt)?;
+                compare_schema(&d.name, &expected, &actual)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads byte ranges of one object for the Parquet footer reader.
+struct StoreFetch<'a> {
+    store: &'a Arc<dyn ObjectStore>,
+    path: &'a Path,
+}
+
+impl MetadataFetch for StoreFetch<'_> {
+    fn fetch(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        async move {
+            self.store
+                .get_range(self.path, range)
+                .await
+                .map_err(|e| ParquetError::External(Box::new(e)))
+        }
+        .boxed()
+    }
+}
+
+fn compare_schema(dataset: &str, expected: &Schema, actual: &Schema) -> Result<()> {
+    let mismatch = |reason: String| CatalogError::SchemaMismatch {
+        dataset: dataset.to_string(),
+        reason,
+    };
+    if expected.fields().len() != actual.fields().len() {
+        return Err(mismatch(format!(
+            "{} columns in the catalog, {} in the file",
+            expected.fields().len(),
+            actual.fields().len()
+        )));
+    }
+    for (e, a) in expected.fields().iter().zip(actual.fields()) {
+        if e.name() != a.name() {
+            return Err(mismatch(format!(
+                "expected column '{}', found '{}'",
+                e.name(),
+                a.name()
+            )));
+        }
+        if e.data_type() != a.data_type() {
+            return Err(mismatch(format!(
+                "column '{}' is {} in the catalog but {} in the file",
+                e.name(),
+                e.data_type(),
+                a.data_type()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Catalog {
+        Catalog {
+            version: 1,
+            datasets: vec![Dataset {
+                name: "clinical.things".into(),
+                zone: "curated".into(),
+                location: "curated/clinical/things/".into(),
+                columns: vec![ColumnDef {
+                    name: "id".into(),
+                    data_type: ColumnType::Utf8,
+                    nullable: false,
+                    label: "identifier".into(),
+                }],
+                tags: vec![],
+                owner: "test".into(),
+                description: String::new(),
+            }],
+        }
+    }
+
+    #[test]
+    fn unknown_label_is_refused() {
+        let mut c = sample();
+        c.datasets[0].columns[0].label = "secret".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("unknown label 'secret'"), "{err}");
+    }
+
+    #[test]
+    fn location_escaping_the_lake_is_refused() {
+        for loc in ["../etc", "/etc/", "s3://other/x"] {
+            let mut c = sample();
+            c.datasets[0].location = loc.into();
+            assert!(c.validate().is_err(), "{loc} accepted");
+        }
+    }
+
+    #[test]
+    fn malformed_json_is_a_clear_error() {
+        let err = Catalog::from_json(b"{\"version\": 1, \"datasets\": [").unwrap_err();
+        assert!(matches!(err, CatalogError::Malformed(_)));
+    }
+
+    #[tokio::test]
+    async fn missing_files_and_missing_catalog_are_named() {
+        let lake = Lake::in_memory();
+        assert!(matches!(
+            Catalog::load(&lake).await,
+            Err(CatalogError::NoCatalog)
+        ));
+        let c = sample();
+        c.save(&lake).await.unwrap();
+        let loaded = Catalog::load(&lake).await.unwrap();
+        assert_eq!(loaded, c);
+        let err = loaded.verify(&lake).await.unwrap_err().to_string();
+        assert_eq!(err, "dataset 'clinical.things' has no data files");
+    }
+
+    #[tokio::test]
+    async fn corrupt_parquet_is_named() {
+        let lake = Lake::in_memory();
+        let c = sample();
+        c.save(&lake).await.unwrap();
+        lake.store()
+            .put(
+                &Path::from("curated/clinical/things/part-0.parquet"),
+                PutPayload::from("not parquet"),
+            )
+            .await
+            .unwrap();
+        let err = c.verify(&lake).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with("dataset 'clinical.things': a data file is not valid Parquet"),
+            "{err}"
+        );
+    }
+}

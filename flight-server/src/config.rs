@@ -1,0 +1,208 @@
+//! `lakegate serve` settings: flags, environment variables and one TOML file.
+//!
+//! Precedence: a flag (or its environment variable) wins over the config file, which wins over
+//! the documented default. Relative paths in the file are relative to the file's folder.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use lakegate_engine::EngineConfig;
+use serde::Deserialize;
+
+use crate::Lifetimes;
+
+/// Settings of a Lakegate server. Every one is a flag, an environment variable and a key of the
+/// `--config` TOML file.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// TOML config file (keys as the flags, with `_` for `-`).
+    #[arg(long, env = "LAKEGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:50051].
+    #[arg(long, env = "LAKEGATE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// The lake: a local folder or an object_store URL (s3://, gs://, az://); credentials are
+    /// read from the environment as object_store reads them [default: ./demo-lake].
+    #[arg(long, env = "LAKEGATE_LAKE")]
+    pub lake: Option<String>,
+    /// Users file for Basic authentication (TOML, Argon2 hashes). Without one nobody can log in.
+    #[arg(long, env = "LAKEGATE_USERS")]
+    pub users: Option<PathBuf>,
+    /// Grant policy file (TOML). Without one every dataset is denied to everyone.
+    #[arg(long, env = "LAKEGATE_GRANTS")]
+    pub grants: Option<PathBuf>,
+    /// Memory all queries may use together, in MiB; beyond it operators spill to disk
+    /// [default: 2048].
+    #[arg(long, env = "LAKEGATE_MEMORY_LIMIT_MB")]
+    pub memory_limit_mb: Option<u64>,
+    /// Longest SQL text accepted, in bytes [default: 65536].
+    #[arg(long, env = "LAKEGATE_MAX_SQL_BYTES")]
+    pub max_sql_bytes: Option<usize>,
+    /// Lifetime of a session token, in seconds [default: 3600].
+    #[arg(long, env = "LAKEGATE_SESSION_TTL_SECS")]
+    pub session_ttl_secs: Option<u64>,
+    /// Lifetime of a ticket between GetFlightInfo and DoGet, in seconds [default: 300].
+    #[arg(long, env = "LAKEGATE_TICKET_TTL_SECS")]
+    pub ticket_ttl_secs: Option<u64>,
+    /// Serve plaintext gRPC on an address other than loopback (logs a warning) [default: false].
+    #[arg(long, env = "LAKEGATE_ALLOW_PLAINTEXT")]
+    pub allow_plaintext: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    lake: Option<String>,
+    users: Option<PathBuf>,
+    grants: Option<PathBuf>,
+    memory_limit_mb: Option<u64>,
+    max_sql_bytes: Option<usize>,
+    session_ttl_secs: Option<u64>,
+    ticket_ttl_secs: Option<u64>,
+    allow_plaintext: Option<bool>,
+}
+
+/// Resolved settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub lake: String,
+    pub users: Option<PathBuf>,
+    pub grants: Option<PathBuf>,
+    pub engine: EngineConfig,
+    pub lifetimes: Lifetimes,
+    pub allow_plaintext: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {file}: {reason}")]
+    File { file: String, reason: String },
+    #[error(
+        "refusing to serve plaintext gRPC on {0}: only loopback may go without TLS; \
+         pass --allow-plaintext to override"
+    )]
+    PlaintextNotLoopback(SocketAddr),
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+impl ServeArgs {
+    pub fn resolve(&self, default_lake: &str) -> Result<Settings, ConfigError> {
+        let (file, base) = match &self.config {
+            Some(path) => {
+                let err = |reason: String| ConfigError::File {
+                    file: path.display().to_string(),
+                    reason,
+                };
+                let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+                let parsed: FileConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+                (
+                    parsed,
+                    path.parent().map(Path::to_path_buf).unwrap_or_default(),
+                )
+            }
+            None => (FileConfig::default(), PathBuf::new()),
+        };
+        let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let lake = match (&self.lake, file.lake) {
+            (Some(l), _) => l.clone(),
+            (None, Some(l)) if l.contains("://") => l,
+            (None, Some(l)) => rel(PathBuf::from(l)).display().to_string(),
+            (None, None) => default_lake.to_string(),
+        };
+        let defaults = EngineConfig::default();
+        let lifetimes = Lifetimes::default();
+        let settings = Settings {
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("static address")),
+            lake,
+            users: self.users.clone().or(file.users.map(rel)),
+            grants: self.grants.clone().or(file.grants.map(rel)),
+            engine: EngineConfig {
+                memory_limit: self
+                    .memory_limit_mb
+                    .or(file.memory_limit_mb)
+                    .map(|mb| (mb as usize) << 20)
+                    .unwrap_or(defaults.memory_limit),
+                max_sql_bytes: self
+                    .max_sql_bytes
+                    .or(file.max_sql_bytes)
+                    .unwrap_or(defaults.max_sql_bytes),
+                ..defaults
+            },
+            lifetimes: Lifetimes {
+                session_secs: self
+                    .session_ttl_secs
+                    .or(file.session_ttl_secs)
+                    .unwrap_or(lifetimes.session_secs),
+                ticket_secs: self
+                    .ticket_ttl_secs
+                    .or(file.ticket_ttl_secs)
+                    .unwrap_or(lifetimes.ticket_secs),
+                ..lifetimes
+            },
+            allow_plaintext: self.allow_plaintext || file.allow_plaintext.unwrap_or(false),
+        };
+        if !settings.listen.ip().is_loopback() && !settings.allow_plaintext {
+            return Err(ConfigError::PlaintextNotLoopback(settings.listen));
+        }
+        Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_paths_are_relative_to_it() {
+        let dir = std::env::temp_dir().join(format!("lakegate-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lakegate.toml");
+        std::fs::write(
+            &file,
+            "listen = '127.0.0.1:6000'\nlake = 'lake'\nusers = 'users.toml'\nmax_sql_bytes = 10\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            max_sql_bytes: Some(20),
+            ..Default::default()
+        };
+        let s = args.resolve("./demo-lake").unwrap();
+        assert_eq!(s.listen.port(), 6000);
+        assert_eq!(s.lake, dir.join("lake").display().to_string());
+        assert_eq!(s.users, Some(dir.join("users.toml")));
+        assert_eq!(s.engine.max_sql_bytes, 20);
+    }
+
+    #[test]
+    fn unknown_keys_and_plaintext_on_the_network_are_refused() {
+        let dir = std::env::temp_dir().join(format!("lakegate-config2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, "listne = '127.0.0.1:1'\n").unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        assert!(args
+            .resolve("x")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field `listne`"));
+        let args = ServeArgs {
+            listen: Some("0.0.0.0:1".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            args.resolve("x"),
+            Err(ConfigError::PlaintextNotLoopback(_))
+        ));
+    }
+}

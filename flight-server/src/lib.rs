@@ -1,0 +1,55 @@
+//! Lakegate's Arrow Flight SQL server: the only door into the lake.
+//!
+//! [`serve`] runs the gRPC service over an [`Engine`]; the `lakegate` binary (see `main.rs`)
+//! wires configuration, the demo lake and logging around it.
+
+pub mod config;
+pub mod demo;
+pub mod service;
+pub mod signing;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arrow_flight::flight_service_server::FlightServiceServer;
+use lakegate_engine::Engine;
+use lakegate_policies::UserStore;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use service::{LakegateService, Lifetimes};
+
+/// Largest gRPC message a client may send (SQL text, bound parameters).
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
+
+/// Build the gRPC service with message-size limits applied.
+pub fn flight_service(
+    engine: Engine,
+    users: Arc<UserStore>,
+    lifetimes: Lifetimes,
+) -> FlightServiceServer<LakegateService> {
+    FlightServiceServer::new(LakegateService::new(engine, users, lifetimes))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(usize::MAX)
+}
+
+/// Serve on an already bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    service: FlightServiceServer<LakegateService>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Bind `addr` (port 0 picks a free port) and report the address actually bound.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}

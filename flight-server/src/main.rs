@@ -1,0 +1,255 @@
+//! The `lakegate` command: `demo` builds and serves the demo lake, `serve` runs a deployment.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use lakegate_catalogs::demo::{build_demo_lake, DemoOptions};
+use lakegate_catalogs::Lake;
+use lakegate_engine::Engine;
+use lakegate_flight_server::config::{ServeArgs, Settings};
+use lakegate_flight_server::demo;
+use lakegate_policies::{GrantPolicy, UserStore};
+
+#[derive(Parser)]
+#[command(
+    name = "lakegate",
+    version,
+    about = "Governed Arrow Flight SQL access to a clinical data lake"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the demo lake (unless the folder already holds one) and serve it with the demo
+    /// personas and policies.
+    Demo(DemoArgs),
+    /// Serve a lake.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Number of synthetic patients.
+    #[arg(long, env = "LAKEGATE_DEMO_PATIENTS", default_value_t = 10_000)]
+    patients: u64,
+    /// Random seed: the same seed and patient count give byte-identical Parquet.
+    #[arg(long, env = "LAKEGATE_DEMO_SEED", default_value_t = 42)]
+    seed: u64,
+    /// Host to listen on (with --port; overrides --listen) [default: 127.0.0.1].
+    #[arg(long, env = "LAKEGATE_HOST")]
+    host: Option<IpAddr>,
+    /// Port to listen on; 0 picks a free one [default: 50051].
+    #[arg(long, env = "LAKEGATE_PORT")]
+    port: Option<u16>,
+    /// Build the lake and exit without serving.
+    #[arg(long)]
+    build_only: bool,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lakegate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Cmd::Demo(args) => demo(args).await,
+            Cmd::Serve(args) => serve(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lakegate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn demo(args: DemoArgs) -> Result<(), AnyError> {
+    let mut settings = args.serve.resolve("./demo-lake")?;
+    if args.host.is_some() || args.port.is_some() {
+        settings.listen = SocketAddr::new(
+            args.host.unwrap_or(settings.listen.ip()),
+            args.port.unwrap_or(settings.listen.port()),
+        );
+        if !settings.listen.ip().is_loopback() && !settings.allow_plaintext {
+            return Err(
+                lakegate_flight_server::config::ConfigError::PlaintextNotLoopback(settings.listen)
+                    .into(),
+            );
+        }
+    }
+    let lake = Lake::open(&settings.lake)?;
+    if lake.has_catalog().await? {
+        eprintln!(
+            "lakegate: reusing the lake at {} (delete it to build a new one)",
+            lake.url()
+        );
+    } else {
+        build_lake(&lake, args.patients, args.seed).await?;
+    }
+    if args.build_only {
+        return Ok(());
+    }
+    let users = match &settings.users {
+        Some(path) => load_users(path)?,
+        None => tokio::task::spawn_blocking(demo::demo_users).await??,
+    };
+    let grants_text = match &settings.grants {
+        Some(path) => (path.display().to_string(), std::fs::read_to_string(path)?),
+        None => (
+            "policies/demo/grants.toml".to_string(),
+            demo::DEMO_GRANTS.to_string(),
+        ),
+    };
+    run(settings, lake, users, Some(grants_text), true).await
+}
+
+async fn build_lake(lake: &Lake, patients: u64, seed: u64) -> Result<(), AnyError> {
+    let bar = ProgressBar::new(patients);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} building demo lake [{bar:40}] {pos}/{len} patients ({eta} left)",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let catalog = build_demo_lake(lake, &DemoOptions { patients, seed }, |done, _| {
+        bar.set_position(done)
+    })
+    .await?;
+    bar.finish_and_clear();
+    eprintln!(
+        "lakegate: built {} datasets for {patients} patients (seed {seed}) in {:.1} s at {}",
+        catalog.datasets.len(),
+        started.elapsed().as_secs_f64(),
+        lake.url()
+    );
+    Ok(())
+}
+
+fn load_users(path: &std::path::Path) -> Result<UserStore, AnyError> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(UserStore::from_toml(&path.display().to_string(), &text)?)
+}
+
+async fn serve(args: ServeArgs) -> Result<(), AnyError> {
+    let settings = args.resolve("./demo-lake")?;
+    let lake = Lake::open(&settings.lake)?;
+    let users = match &settings.users {
+        Some(path) => load_users(path)?,
+        None => {
+            tracing::warn!("no --users file: nobody can authenticate");
+            UserStore::default()
+        }
+    };
+    let grants = match &settings.grants {
+        Some(path) => Some((
+            path.display().to_string(),
+            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        )),
+        None => {
+            tracing::warn!("no --grants file: every dataset is denied to everyone");
+            None
+        }
+    };
+    run(settings, lake, users, grants, false).await
+}
+
+async fn run(
+    settings: Settings,
+    lake: Lake,
+    users: UserStore,
+    grants: Option<(String, String)>,
+    demo: bool,
+) -> Result<(), AnyError> {
+    let catalog = lakegate_catalogs::Catalog::load(&lake).await?;
+    let known: Vec<String> = catalog.datasets.iter().map(|d| d.name.clone()).collect();
+    let grants = match grants {
+        Some((file, text)) => GrantPolicy::from_toml(&file, &text, &known)?,
+        None => GrantPolicy::default(),
+    };
+    let engine = Engine::open(lake.clone(), grants, settings.engine.clone()).await?;
+    if !settings.listen.ip().is_loopback() {
+        tracing::warn!(listen = %settings.listen, "serving plaintext gRPC off loopback: credentials and data cross the network unencrypted");
+    }
+    let (listener, addr) = lakegate_flight_server::bind(settings.listen).await?;
+    let service =
+        lakegate_flight_server::flight_service(engine, Arc::new(users), settings.lifetimes.clone());
+    println!(
+        "lakegate: serving {} datasets from {} on grpc://{addr}",
+        known.len(),
+        lake.url()
+    );
+    if demo {
+        print_snippet(addr);
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    lakegate_flight_server::serve(listener, service, shutdown_signal()).await?;
+    eprintln!("lakegate: stopped");
+    Ok(())
+}
+
+fn print_snippet(addr: SocketAddr) {
+    println!(
+        r#"
+Connect from Python (pip install adbc-driver-flightsql pyarrow) as a demo persona
+(alice, bob, carol, dave, erin, mallory; password demo-NAME):
+
+    import adbc_driver_flightsql.dbapi as flightsql
+    conn = flightsql.connect("grpc://{addr}",
+                             db_kwargs={{"username": "alice", "password": "demo-alice"}})
+    cur = conn.cursor()
+    cur.execute("SELECT site_id, count(*) AS n FROM clinical.patients GROUP BY site_id")
+    print(cur.fetch_arrow_table())
+"#
+    );
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

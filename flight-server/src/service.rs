@@ -1,0 +1,651 @@
+//! The Flight SQL service: authentication on every RPC, signed tickets and handles, streaming
+//! results, and metadata that lists only what the caller may query.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::Schema;
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
+use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, Any, Command, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
+    CommandPreparedStatementUpdate, CommandStatementIngest, CommandStatementQuery,
+    CommandStatementUpdate, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
+    SqlSupportedTransaction, TicketStatementQuery,
+};
+use arrow_flight::{
+    FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
+    IpcMessage, SchemaAsIpc, Ticket,
+};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use datafusion::scalar::ScalarValue;
+use futures::{stream, Stream, TryStreamExt};
+use lakegate_engine::{Engine, EngineError};
+use lakegate_policies::{Principal, UserStore};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::signing::{now_secs, Signer};
+use crate::status::{engine_status, token_status};
+
+type DataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
+
+/// Lifetimes of what the server hands out.
+#[derive(Clone, Debug)]
+pub struct Lifetimes {
+    pub session_secs: u64,
+    pub ticket_secs: u64,
+    pub handle_secs: u64,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self {
+            session_secs: 3600,
+            ticket_secs: 300,
+            handle_secs: 3600,
+        }
+    }
+}
+
+/// What a ticket stands for. Signed, so the server can trust it; holds no file location.
+#[derive(Serialize, Deserialize)]
+enum TicketBody {
+    /// A query and, for prepared statements, its bound parameters (an Arrow IPC stream).
+    Query { sql: String, params: Option<String> },
+    /// A metadata command (its protobuf `Any`, base64).
+    Metadata { command: String },
+}
+
+/// A prepared statement handle's content.
+#[derive(Serialize, Deserialize)]
+struct HandleBody {
+    id: String,
+    sql: String,
+    params: Option<String>,
+}
+
+/// Most parameter bindings kept for clients that ignore the updated handle DoPut returns.
+const MAX_BOUND_PARAMS: usize = 10_000;
+
+pub struct LakegateService {
+    engine: Engine,
+    users: Arc<UserStore>,
+    signer: Signer,
+    lifetimes: Lifetimes,
+    /// Handle id -> (owner, parameters, expiry): the fallback for stateful clients.
+    bound: Mutex<HashMap<String, (String, String, u64)>>,
+    sql_info: SqlInfoData,
+}
+
+fn sql_info() -> SqlInfoData {
+    let mut b = SqlInfoDataBuilder::new();
+    b.append(SqlInfo::FlightSqlServerName, "Lakegate");
+    b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+    b.append(SqlInfo::FlightSqlServerArrowVersion, "1.3");
+    b.append(SqlInfo::FlightSqlServerReadOnly, true);
+    b.append(SqlInfo::FlightSqlServerSql, true);
+    b.append(SqlInfo::FlightSqlServerSubstrait, false);
+    b.append(
+        SqlInfo::FlightSqlServerTransaction,
+        SqlSupportedTransaction::None as i32,
+    );
+    b.append(SqlInfo::FlightSqlServerCancel, false);
+    b.append(SqlInfo::SqlDdlCatalog, false);
+    b.append(SqlInfo::SqlDdlSchema, false);
+    b.append(SqlInfo::SqlDdlTable, false);
+    b.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+    b.build().expect("static SqlInfo")
+}
+
+impl LakegateService {
+    pub fn new(engine: Engine, users: Arc<UserStore>, lifetimes: Lifetimes) -> Self {
+        Self {
+            engine,
+            users,
+            signer: Signer::random(),
+            lifetimes,
+            bound: Mutex::new(HashMap::new()),
+            sql_info: sql_info(),
+        }
+    }
+
+    /// Authenticate a request from its bearer token. The principal is looked up afresh in the
+    /// user directory, so a removed user loses access on their next call.
+    fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        let header = request.metadata().get("authorization").ok_or_else(|| {
+            Status::unauthenticated("no credentials: authenticate with Handshake (Basic) first")
+        })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("expected 'authorization: Bearer <token>'"))?;
+        let (sub, ()) = self
+            .signer
+            .verify("session", token.as_bytes())
+            .map_err(token_status)?;
+        self.users
+            .principal(&sub)
+            .ok_or_else(|| Status::unauthenticated("this user no longer exists or is disabled"))
+    }
+
+    fn ticket_info(
+        &self,
+        principal: &Principal,
+        schema: &Schema,
+        body: TicketBody,
+        descriptor: FlightDescriptor,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let token = self
+            .signer
+            .sign("ticket", &principal.name, self.lifetimes.ticket_secs, &body);
+        let ticket = TicketStatementQuery {
+            statement_handle: token.into(),
+        };
+        // No location: the data comes back through this same server, never from storage.
+        let endpoint =
+            FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
+        let info = FlightInfo::new()
+            .try_with_schema(schema)
+            .map_err(|e| Status::internal(format!("schema encoding: {e}")))?
+            .with_endpoint(endpoint)
+            .with_descriptor(descriptor)
+            .with_total_records(-1)
+            .with_total_bytes(-1);
+        Ok(Response::new(info))
+    }
+
+    fn metadata_info(
+        &self,
+        request: Request<FlightDescriptor>,
+        command: Command,
+        schema: &Schema,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let principal = self.principal(&request)?;
+        let body = TicketBody::Metadata {
+            command: STANDARD.encode(command.into_any().encode_to_vec()),
+        };
+        self.ticket_info(&principal, schema, body, request.into_inner())
+    }
+
+    async fn run_query(
+        &self,
+        principal: &Principal,
+        sql: &str,
+        params: Option<&str>,
+    ) -> Result<DataStream, Status> {
+        let params = params.map(decode_params).transpose()?;
+        let planned = self
+            .engine
+            .session(principal)
+            .map_err(engine_status)?
+            .plan(sql)
+            .await
+            .map_err(engine_status)?;
+        let stream = planned.execute(params).await.map_err(engine_status)?;
+        let schema = stream.schema();
+        let batches =
+            stream.map_err(|e| FlightError::Tonic(Box::new(engine_status(EngineError::from(e)))));
+        let data = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(batches)
+            .map_err(Status::from);
+        Ok(Box::pin(data))
+    }
+
+    fn metadata_batch(
+        &self,
+        principal: &Principal,
+        command: Command,
+    ) -> Result<RecordBatch, Status> {
+        let visible = self.engine.visible_datasets(principal);
+        let built = match command {
+            Command::CommandGetCatalogs(c) => {
+                let mut b = c.into_builder();
+                b.append(lakegate_engine_catalog());
+                b.build()
+            }
+            Command::CommandGetDbSchemas(c) => {
+                let mut b = c.into_builder();
+                let mut schemas: Vec<String> =
+                    visible.iter().map(|d| d.qualified().schema).collect();
+                schemas.dedup();
+                for s in schemas {
+                    b.append(lakegate_engine_catalog(), s);
+                }
+                b.build()
+            }
+            Command::CommandGetTables(c) => {
+                let mut b = c.into_builder();
+                for d in &visible {
+                    let q = d.qualified();
+                    b.append(
+                        lakegate_engine_catalog(),
+                        &q.schema,
+                        &q.table,
+                        "TABLE",
+                        &d.schema(),
+                    )
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                }
+                b.build()
+            }
+            Command::CommandGetTableTypes(c) => {
+                let mut b = c.into_builder();
+                b.append("TABLE");
+                b.build()
+            }
+            Command::CommandGetSqlInfo(c) => c.into_builder(&self.sql_info).build(),
+            other => {
+                return Err(Status::unimplemented(format!(
+                    "{} is not supported",
+                    other.type_url()
+                )))
+            }
+        };
+        built.map_err(|e| Status::internal(e.to_string()))
+    }
+
+    fn handle(&self, principal: &Principal, raw: &[u8]) -> Result<HandleBody, Status> {
+        self.signer
+            .verify_for::<HandleBody>("prepared statement handle", raw, &principal.name)
+            .map_err(token_status)
+    }
+}
+
+fn lakegate_engine_catalog() -> &'static str {
+    "lakegate"
+}
+
+fn one_batch(batch: RecordBatch) -> DataStream {
+    let schema = batch.schema();
+    Box::pin(
+        FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(stream::once(async move { Ok(batch) }))
+            .map_err(Status::from),
+    )
+}
+
+fn schema_ipc(schema: &Schema) -> Result<bytes::Bytes, Status> {
+    let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
+        .try_into()
+        .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
+    Ok(bytes)
+}
+
+fn encode_params(batch: &RecordBatch) -> Result<String, Status> {
+    let mut buf = Vec::new();
+    let mut w = StreamWriter::try_new(&mut buf, &batch.schema())
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    w.write(batch)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    w.finish()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    drop(w);
+    Ok(URL_SAFE_NO_PAD.encode(buf))
+}
+
+fn decode_params(encoded: &str) -> Result<Vec<ScalarValue>, Status> {
+    let bad = |e: String| Status::invalid_argument(format!("bound parameters are unreadable: {e}"));
+    let bytes = URL_SAFE_NO_PAD
+        .decode(encoded)
+        .map_err(|e| bad(e.to_string()))?;
+    let reader =
+        StreamReader::try_new(std::io::Cursor::new(bytes), None).map_err(|e| bad(e.to_string()))?;
+    let mut values = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| bad(e.to_string()))?;
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        for col in batch.columns() {
+            values.push(ScalarValue::try_from_array(col, 0).map_err(|e| bad(e.to_string()))?);
+        }
+        break;
+    }
+    Ok(values)
+}
+
+fn read_only() -> Status {
+    Status::invalid_argument("Lakegate is read-only: updates and ingestion are refused")
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for LakegateService {
+    type FlightService = LakegateService;
+
+    async fn do_handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<
+        Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>,
+        Status,
+    > {
+        let basic = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "Handshake needs 'authorization: Basic <base64(user:password)>'",
+                )
+            })?;
+        let decoded = STANDARD
+            .decode(basic.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| Status::unauthenticated("malformed Basic credentials"))?;
+        let (user, password) = decoded
+            .split_once(':')
+            .map(|(u, p)| (u.to_string(), p.to_string()))
+            .ok_or_else(|| Status::unauthenticated("malformed Basic credentials"))?;
+        // Argon2 verification is deliberately slow: keep it off the async workers.
+        let users = Arc::clone(&self.users);
+        let result = tokio::task::spawn_blocking(move || users.authenticate(&user, &password))
+            .await
+            .map_err(|_| Status::internal("internal error"))?;
+        let principal = result.map_err(|e| {
+            tracing::info!("authentication failed");
+            Status::unauthenticated(e.to_string())
+        })?;
+        tracing::info!(user = %principal.name, "authenticated");
+        let token = self
+            .signer
+            .sign("session", &principal.name, self.lifetimes.session_secs, &());
+        let bearer = MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| Status::internal("internal error"))?;
+        let out = HandshakeResponse {
+            protocol_version: 0,
+            payload: token.into(),
+        };
+        let mut response: Response<
+            Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>,
+        > = Response::new(Box::pin(stream::iter(vec![Ok(out)])));
+        response.metadata_mut().insert("authorization", bearer);
+        Ok(response)
+    }
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let principal = self.principal(&request)?;
+        // Plan only, to learn the schema and refuse bad SQL early; nothing is executed here.
+        let planned = self
+            .engine
+            .session(&principal)
+            .map_err(engine_status)?
+            .plan(&query.query)
+            .await
+            .map_err(engine_status)?;
+        let body = TicketBody::Query {
+            sql: query.query,
+            params: None,
+        };
+        self.ticket_info(&principal, &planned.schema(), body, request.into_inner())
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let principal = self.principal(&request)?;
+        let handle = self.handle(&principal, &cmd.prepared_statement_handle)?;
+        let params = handle.params.or_else(|| {
+            let bound = self.bound.lock().ok()?;
+            bound
+                .get(&handle.id)
+                .filter(|(owner, _, _)| owner == &principal.name)
+                .map(|(_, p, _)| p.clone())
+        });
+        let planned = self
+            .engine
+            .session(&principal)
+            .map_err(engine_status)?
+            .plan(&handle.sql)
+            .await
+            .map_err(engine_status)?;
+        let body = TicketBody::Query {
+            sql: handle.sql,
+            params,
+        };
+        self.ticket_info(&principal, &planned.schema(), body, request.into_inner())
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        self.metadata_info(request, Command::CommandGetCatalogs(query), &schema)
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        self.metadata_info(request, Command::CommandGetDbSchemas(query), &schema)
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        self.metadata_info(request, Command::CommandGetTables(query), &schema)
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        self.metadata_info(request, Command::CommandGetTableTypes(query), &schema)
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder(&self.sql_info).schema();
+        self.metadata_info(request, Command::CommandGetSqlInfo(query), &schema)
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let principal = self.principal(&request)?;
+        let body: TicketBody = self
+            .signer
+            .verify_for("ticket", &ticket.statement_handle, &principal.name)
+            .map_err(token_status)?;
+        let stream = match body {
+            TicketBody::Query { sql, params } => {
+                self.run_query(&principal, &sql, params.as_deref()).await?
+            }
+            TicketBody::Metadata { command } => {
+                let bytes = STANDARD
+                    .decode(command)
+                    .map_err(|_| Status::invalid_argument("malformed ticket"))?;
+                let any = Any::decode(bytes.as_slice())
+                    .map_err(|_| Status::invalid_argument("malformed ticket"))?;
+                let command = Command::try_from(any)
+                    .map_err(|_| Status::invalid_argument("malformed ticket"))?;
+                one_batch(self.metadata_batch(&principal, command)?)
+            }
+        };
+        Ok(Response::new(stream))
+    }
+
+    async fn do_get_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        // Some clients skip GetFlightInfo and send the handle itself as the ticket.
+        let principal = self.principal(&request)?;
+        let handle = self.handle(&principal, &query.prepared_statement_handle)?;
+        let stream = self
+            .run_query(&principal, &handle.sql, handle.params.as_deref())
+            .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let principal = self.principal(&request)?;
+        let planned = self
+            .engine
+            .session(&principal)
+            .map_err(engine_status)?
+            .plan(&query.query)
+            .await
+            .map_err(engine_status)?;
+        let id = {
+            use rand::RngCore;
+            let mut b = [0u8; 16];
+            rand::rngs::OsRng.fill_bytes(&mut b);
+            URL_SAFE_NO_PAD.encode(b)
+        };
+        let handle = self.signer.sign(
+            "prepared statement handle",
+            &principal.name,
+            self.lifetimes.handle_secs,
+            &HandleBody {
+                id,
+                sql: query.query,
+                params: None,
+            },
+        );
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: handle.into(),
+            dataset_schema: schema_ipc(&planned.schema())?,
+            parameter_schema: schema_ipc(&planned.parameters())?,
+        })
+    }
+
+    async fn do_put_prepared_statement_query(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        let principal = self.principal(&request)?;
+        let handle = self.handle(&principal, &query.prepared_statement_handle)?;
+        let data = request.into_inner().map_err(FlightError::from);
+        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(data)
+            .try_collect()
+            .await
+            .map_err(|e| {
+                Status::invalid_argument(format!("bound parameters are unreadable: {e}"))
+            })?;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        if rows > 1 {
+            return Err(Status::invalid_argument(
+                "a query takes one row of parameters; bind one row per execution",
+            ));
+        }
+        let params = match batches.into_iter().find(|b| b.num_rows() == 1) {
+            Some(b) => Some(encode_params(&b)?),
+            None => None,
+        };
+        if let (Some(p), Ok(mut bound)) = (&params, self.bound.lock()) {
+            let now = now_secs();
+            bound.retain(|_, (_, _, exp)| *exp > now);
+            if bound.len() < MAX_BOUND_PARAMS {
+                bound.insert(
+                    handle.id.clone(),
+                    (
+                        principal.name.clone(),
+                        p.clone(),
+                        now + self.lifetimes.handle_secs,
+                    ),
+                );
+            }
+        }
+        // Stateless path: the updated handle carries the parameters itself.
+        let updated = self.signer.sign(
+            "prepared statement handle",
+            &principal.name,
+            self.lifetimes.handle_secs,
+            &HandleBody {
+                id: handle.id,
+                sql: handle.sql,
+                params,
+            },
+        );
+        Ok(DoPutPreparedStatementResult {
+            prepared_statement_handle: Some(updated.into()),
+        })
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        query: ActionClosePreparedStatementRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<(), Status> {
+        let principal = self.principal(&request)?;
+        let handle = self.handle(&principal, &query.prepared_statement_handle)?;
+        if let Ok(mut bound) = self.bound.lock() {
+            bound.remove(&handle.id);
+        }
+        Ok(())
+    }
+
+    async fn do_put_statement_update(
+        &self,
+        _ticket: CommandStatementUpdate,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        self.principal(&request)?;
+        Err(read_only())
+    }
+
+    async fn do_put_prepared_statement_update(
+        &self,
+        _query: CommandPreparedStatementUpdate,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        self.principal(&request)?;
+        Err(read_only())
+    }
+
+    async fn do_put_statement_ingest(
+        &self,
+        _ticket: CommandStatementIngest,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        self.principal(&request)?;
+        Err(read_only())
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}

@@ -1,0 +1,476 @@
+//! The Flight SQL surface as a client sees it: authentication, statements, prepared statements,
+//! metadata, tickets, bad input and limits.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow_flight::error::FlightError;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use arrow_flight::sql::{
+    ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult, CommandGetDbSchemas,
+    CommandGetTables, CommandPreparedStatementQuery, ProstMessageExt, SqlInfo,
+    TicketStatementQuery,
+};
+use arrow_flight::{FlightDescriptor, FlightInfo, Ticket};
+use futures::TryStreamExt;
+use lakegate_engine::EngineConfig;
+use lakegate_flight_server::Lifetimes;
+use lakegate_tests::{ServerOptions, TestServer, TEST_PATIENTS};
+use prost::Message;
+use tonic::transport::Channel;
+
+type Client = FlightSqlServiceClient<Channel>;
+
+async fn connect(server: &TestServer) -> Client {
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    FlightSqlServiceClient::new(channel)
+}
+
+async fn login(server: &TestServer, user: &str) -> Client {
+    let mut c = connect(server).await;
+    c.handshake(user, &format!("demo-{user}"))
+        .await
+        .expect("handshake");
+    c
+}
+
+async fn fetch(client: &mut Client, info: FlightInfo) -> Result<Vec<RecordBatch>, FlightError> {
+    let mut out = Vec::new();
+    for ep in info.endpoint {
+        assert!(
+            ep.location.is_empty(),
+            "endpoints must not carry a location"
+        );
+        let ticket = ep.ticket.expect("ticket");
+        let batches: Vec<RecordBatch> = client.do_get(ticket).await?.try_collect().await?;
+        out.extend(batches);
+    }
+    Ok(out)
+}
+
+async fn query(client: &mut Client, sql: &str) -> Result<Vec<RecordBatch>, FlightError> {
+    let info = client.execute(sql.to_string(), None).await?;
+    fetch(client, info).await
+}
+
+fn single_i64(batches: &[RecordBatch]) -> i64 {
+    let b = batches.iter().find(|b| b.num_rows() > 0).expect("a row");
+    b.column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .expect("int64")
+        .value(0)
+}
+
+fn rows(batches: &[RecordBatch]) -> usize {
+    batches.iter().map(RecordBatch::num_rows).sum()
+}
+
+/// The status code a client error carries, read off the error text (the client flattens
+/// tonic statuses into ArrowError).
+fn assert_code(err: impl std::fmt::Debug, code: &str) -> String {
+    let text = format!("{err:?}");
+    assert!(text.contains(code), "expected {code}, got {text}");
+    text
+}
+
+#[tokio::test]
+async fn wrong_password_and_missing_token_are_unauthenticated() {
+    let server = TestServer::start().await;
+    let mut c = connect(&server).await;
+    // The client's handshake flattens the status into text: read what the user reads.
+    let err = c.handshake("alice", "wrong").await.unwrap_err();
+    assert_code(err, "invalid user name or password");
+    let err = c.handshake("nobody", "demo-nobody").await.unwrap_err();
+    assert_code(err, "invalid user name or password");
+    let err = c.execute("SELECT 1".into(), None).await.unwrap_err();
+    assert_code(err, "Unauthenticated");
+    c.set_token("forged.token".into());
+    let err = c.execute("SELECT 1".into(), None).await.unwrap_err();
+    assert_code(err, "Unauthenticated");
+}
+
+#[tokio::test]
+async fn statement_query_streams_results() {
+    let server = TestServer::start().await;
+    let mut alice = login(&server, "alice").await;
+    let batches = query(&mut alice, "SELECT count(*) FROM clinical.patients")
+        .await
+        .unwrap();
+    assert_eq!(single_i64(&batches), TEST_PATIENTS as i64);
+
+    // Every encounter row streams back, over several batches from several files.
+    let info = alice
+        .execute(
+            "SELECT encounter_id, total_cost FROM clinical.encounters".into(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        info.total_records, -1,
+        "GetFlightInfo must not run the query"
+    );
+    let batches = fetch(&mut alice, info).await.unwrap();
+    let expected = single_i64(
+        &query(&mut alice, "SELECT count(*) FROM clinical.encounters")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(rows(&batches) as i64, expected);
+    assert!(
+        batches.len() > 1,
+        "expected a stream of batches, got {}",
+        batches.len()
+    );
+}
+
+#[tokio::test]
+async fn prepared_statement_with_bound_parameters() {
+    let server = TestServer::start().await;
+    let mut alice = login(&server, "alice").await;
+    let literal = single_i64(
+        &query(
+            &mut alice,
+            "SELECT count(*) FROM clinical.patients WHERE site_id = 'SITE_B'",
+        )
+        .await
+        .unwrap(),
+    );
+    assert!(literal > 0);
+
+    let mut stmt = alice
+        .prepare(
+            "SELECT count(*) AS n FROM clinical.patients WHERE site_id = ?".into(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stmt.parameter_schema().unwrap().fields().len(), 1);
+    assert_eq!(stmt.dataset_schema().unwrap().field(0).name(), "n");
+    let params = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new("$1", DataType::Utf8, true)])),
+        vec![Arc::new(StringArray::from(vec!["SITE_B"]))],
+    )
+    .unwrap();
+    stmt.set_parameters(params).unwrap();
+    let info = stmt.execute().await.unwrap();
+    let batches = fetch(&mut alice, info).await.unwrap();
+    assert_eq!(single_i64(&batches), literal);
+    stmt.close().await.unwrap();
+
+    // A handle is bound to its caller: carol cannot use alice's.
+    let action = arrow_flight::Action {
+        r#type: "CreatePreparedStatement".into(),
+        body: ActionCreatePreparedStatementRequest {
+            query: "SELECT ssn FROM clinical.patients".into(),
+            transaction_id: None,
+        }
+        .as_any()
+        .encode_to_vec()
+        .into(),
+    };
+    let results: Vec<arrow_flight::Result> = alice
+        .do_action(action)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let created: ActionCreatePreparedStatementResult =
+        arrow_flight::sql::Any::decode(results[0].body.clone())
+            .unwrap()
+            .unpack()
+            .unwrap()
+            .unwrap();
+    let mut carol = login(&server, "carol").await;
+    let cmd = CommandPreparedStatementQuery {
+        prepared_statement_handle: created.prepared_statement_handle,
+    };
+    let mut request = tonic::Request::new(FlightDescriptor::new_cmd(cmd.as_any().encode_to_vec()));
+    let bearer = format!("Bearer {}", carol.token().unwrap());
+    request
+        .metadata_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    let err = carol
+        .inner_mut()
+        .get_flight_info(request)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+}
+
+#[tokio::test]
+async fn metadata_lists_only_visible_datasets() {
+    let server = TestServer::start().await;
+    let mut alice = login(&server, "alice").await;
+    let info = alice
+        .get_tables(CommandGetTables {
+            include_schema: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let batches = fetch(&mut alice, info).await.unwrap();
+    let mut names = Vec::new();
+    for b in &batches {
+        let schemas = b
+            .column_by_name("db_schema_name")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        let tables = b
+            .column_by_name("table_name")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        assert!(b.column_by_name("table_schema").is_some());
+        for i in 0..b.num_rows() {
+            names.push(format!("{}.{}", schemas.value(i), tables.value(i)));
+        }
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "clinical.conditions",
+            "clinical.encounters",
+            "clinical.observations",
+            "clinical.patients",
+            "omics.variants"
+        ]
+    );
+
+    // Filters are applied.
+    let info = alice
+        .get_tables(CommandGetTables {
+            table_name_filter_pattern: Some("pat%".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows(&fetch(&mut alice, info).await.unwrap()), 1);
+
+    // mallory sees no schema and no table, and cannot query by name either.
+    let mut mallory = login(&server, "mallory").await;
+    let info = mallory
+        .get_tables(CommandGetTables::default())
+        .await
+        .unwrap();
+    assert_eq!(rows(&fetch(&mut mallory, info).await.unwrap()), 0);
+    let info = mallory
+        .get_db_schemas(CommandGetDbSchemas::default())
+        .await
+        .unwrap();
+    assert_eq!(rows(&fetch(&mut mallory, info).await.unwrap()), 0);
+    let err = query(&mut mallory, "SELECT count(*) FROM clinical.patients")
+        .await
+        .unwrap_err();
+    let text = assert_code(err, "InvalidArgument");
+    assert!(text.contains("not found"), "{text}");
+
+    // dave's environment does not allow omics.
+    let mut dave = login(&server, "dave").await;
+    let info = dave.get_tables(CommandGetTables::default()).await.unwrap();
+    assert_eq!(rows(&fetch(&mut dave, info).await.unwrap()), 4);
+
+    let info = alice.get_catalogs().await.unwrap();
+    assert_eq!(rows(&fetch(&mut alice, info).await.unwrap()), 1);
+    let info = alice.get_table_types().await.unwrap();
+    assert_eq!(rows(&fetch(&mut alice, info).await.unwrap()), 1);
+    let info = alice
+        .get_sql_info(vec![
+            SqlInfo::FlightSqlServerName,
+            SqlInfo::FlightSqlServerReadOnly,
+        ])
+        .await
+        .unwrap();
+    assert_eq!(rows(&fetch(&mut alice, info).await.unwrap()), 2);
+}
+
+fn ticket_of(info: &FlightInfo) -> Ticket {
+    info.endpoint[0].ticket.clone().unwrap()
+}
+
+#[tokio::test]
+async fn tickets_are_bound_signed_and_expire() {
+    let server = TestServer::start_with(ServerOptions {
+        lifetimes: Some(Lifetimes {
+            ticket_secs: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let mut alice = login(&server, "alice").await;
+    let mut carol = login(&server, "carol").await;
+    let info = alice
+        .execute("SELECT ssn FROM clinical.patients".into(), None)
+        .await
+        .unwrap();
+    let ticket = ticket_of(&info);
+
+    // Replayed by another user.
+    let err = carol.do_get(ticket.clone()).await.unwrap_err();
+    assert_code(err, "PermissionDenied");
+
+    // Altered: decode, flip a byte inside the signed payload, re-encode.
+    let any = arrow_flight::sql::Any::decode(ticket.ticket.clone()).unwrap();
+    let mut inner: TicketStatementQuery = any.unpack().unwrap().unwrap();
+    let mut bytes = inner.statement_handle.to_vec();
+    bytes[10] ^= 0x01;
+    inner.statement_handle = bytes.into();
+    let forged = Ticket::new(inner.as_any().encode_to_vec());
+    let err = alice.do_get(forged).await.unwrap_err();
+    assert_code(err, "InvalidArgument");
+
+    // Garbage.
+    let err = alice
+        .do_get(Ticket::new(b"\x00garbage".to_vec()))
+        .await
+        .unwrap_err();
+    assert_code(err, "InvalidArgument");
+
+    // Expired.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let err = alice.do_get(ticket).await.unwrap_err();
+    assert_code(err, "FailedPrecondition");
+
+    // The server still serves.
+    let batches = query(&mut alice, "SELECT 1").await.unwrap();
+    assert_eq!(rows(&batches), 1);
+}
+
+#[tokio::test]
+async fn non_queries_paths_and_bad_sql_are_refused_clearly() {
+    let server = TestServer::start().await;
+    let mut alice = login(&server, "alice").await;
+    let err = query(&mut alice, "SELEC * FROM clinical.patients")
+        .await
+        .unwrap_err();
+    let text = assert_code(err, "InvalidArgument");
+    assert!(text.contains("SQL error"), "{text}");
+
+    for sql in [
+        "SELECT * FROM '/etc/passwd'",
+        "SELECT * FROM 'curated/clinical/patients/part-00000.parquet'",
+        "SELECT * FROM 'file:///etc/passwd'",
+    ] {
+        let err = query(&mut alice, sql).await.unwrap_err();
+        let text = assert_code(err, "InvalidArgument");
+        assert!(!text.contains("root:"), "{text}");
+    }
+    for (sql, kind) in [
+        (
+            "CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '/etc/passwd'",
+            "CREATE",
+        ),
+        (
+            "CREATE TABLE t AS SELECT * FROM clinical.patients",
+            "CREATE",
+        ),
+        ("DROP TABLE clinical.patients", "DROP"),
+        (
+            "INSERT INTO clinical.patients SELECT * FROM clinical.patients",
+            "INSERT",
+        ),
+        (
+            "COPY (SELECT * FROM clinical.patients) TO '/tmp/out.parquet'",
+            "COPY",
+        ),
+        ("SET datafusion.catalog.information_schema = true", "SET"),
+        ("CREATE VIEW v AS SELECT 1", "CREATE"),
+    ] {
+        let err = query(&mut alice, sql).await.unwrap_err();
+        let text = assert_code(err, "InvalidArgument");
+        assert!(
+            text.contains(&format!("{kind} statements are refused")),
+            "{sql}: {text}"
+        );
+    }
+    let err = query(&mut alice, "SELECT * INTO t2 FROM clinical.patients")
+        .await
+        .unwrap_err();
+    assert_code(err, "InvalidArgument");
+    let err = query(&mut alice, "EXPLAIN SELECT * FROM clinical.patients")
+        .await
+        .unwrap_err();
+    assert_code(err, "PermissionDenied");
+    let err = query(&mut alice, "SELECT * FROM information_schema.tables")
+        .await
+        .unwrap_err();
+    assert_code(err, "InvalidArgument");
+    let err = alice
+        .execute_update("DELETE FROM clinical.patients".into(), None)
+        .await
+        .unwrap_err();
+    assert_code(err, "InvalidArgument");
+    // Casting a patient's SSN fails without echoing it.
+    let err = query(
+        &mut alice,
+        "SELECT CAST(ssn AS BIGINT) FROM clinical.patients",
+    )
+    .await
+    .unwrap_err();
+    let text = format!("{err:?}");
+    assert!(!regex_like_ssn(&text), "{text}");
+    // Oversized SQL.
+    let big = format!("SELECT 1 -- {}", "x".repeat(70_000));
+    let err = query(&mut alice, &big).await.unwrap_err();
+    assert_code(err, "ResourceExhausted");
+    // And the server keeps serving.
+    assert_eq!(
+        single_i64(
+            &query(&mut alice, "SELECT count(*) FROM clinical.conditions")
+                .await
+                .unwrap()
+        ) > 0,
+        true
+    );
+}
+
+fn regex_like_ssn(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.windows(11).any(|w| {
+        w.iter().enumerate().all(|(i, c)| match i {
+            3 | 6 => *c == b'-',
+            _ => c.is_ascii_digit(),
+        })
+    })
+}
+
+#[tokio::test]
+async fn memory_limit_fails_cleanly_or_spills_and_server_keeps_serving() {
+    let server = TestServer::start_with(ServerOptions {
+        engine: Some(EngineConfig {
+            memory_limit: 256 << 10,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let mut alice = login(&server, "alice").await;
+    let result = query(
+        &mut alice,
+        "SELECT o.patient_id, array_agg(o.description) AS d FROM clinical.observations o \
+         JOIN clinical.encounters e ON o.encounter_id = e.encounter_id GROUP BY o.patient_id ORDER BY 1",
+    )
+    .await;
+    match result {
+        Ok(b) => assert_eq!(rows(&b) as u64, TEST_PATIENTS),
+        Err(e) => {
+            assert_code(e, "ResourceExhausted");
+        }
+    }
+    let batches = query(&mut alice, "SELECT count(*) FROM clinical.patients")
+        .await
+        .unwrap();
+    assert_eq!(single_i64(&batches), TEST_PATIENTS as i64);
+}

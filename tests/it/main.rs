@@ -1,0 +1,3 @@
+//! Integration tests: a real Lakegate server on 127.0.0.1:0, the arrow-flight Flight SQL client.
+
+mod flight_sql;
