@@ -538,7 +538,7 @@ fn generate_part(catalog: &Catalog, seed: u64, part: u64, first: u64, end: u64) 
         for (i, (code, desc, count)) in RARE_CONDITIONS.iter().enumerate() {
             // Patients 13+i, 13+i+97, ... up to `count` of them: fewer than 11 at any scale.
             let offset = 13 + i as u64;
-            if idx >= offset && (idx - offset) % 97 == 0 && (idx - offset) / 97 < *count {
+            if idx >= offset && (idx - offset).is_multiple_of(97) && (idx - offset) / 97 < *count {
                 conds.push((code, desc));
             }
         }

@@ -346,7 +346,13 @@ impl FlightSqlService for LakegateService {
                     "Handshake needs 'authorization: Basic <base64(user:password)>'",
                 )
             })?;
-        let decoded = STANDARD
+        // Clients differ on padding (Go's Flight client sends none): accept both.
+        let lenient = base64::engine::GeneralPurpose::new(
+            &base64::alphabet::STANDARD,
+            base64::engine::GeneralPurposeConfig::new()
+                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        );
+        let decoded = lenient
             .decode(basic.trim())
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
@@ -435,7 +441,7 @@ impl FlightSqlService for LakegateService {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         self.metadata_info(request, Command::CommandGetCatalogs(query), &schema)
     }
 
@@ -462,7 +468,7 @@ impl FlightSqlService for LakegateService {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         self.metadata_info(request, Command::CommandGetTableTypes(query), &schema)
     }
 

@@ -1,0 +1,127 @@
+"""The Python ADBC Flight SQL driver, pandas and polars, as analysts use them."""
+
+import warnings
+
+import adbc_driver_flightsql.dbapi as flightsql
+import adbc_driver_manager
+import pytest
+
+from conftest import PATIENTS
+
+
+def connect(server, user, password=None):
+    with warnings.catch_warnings():
+        # The driver warns that autocommit cannot be disabled: Lakegate is read-only.
+        warnings.simplefilter("ignore")
+        return flightsql.connect(
+            f"grpc://{server}",
+            db_kwargs={"username": user, "password": password or f"demo-{user}"},
+        )
+
+
+@pytest.fixture
+def alice(server):
+    conn = connect(server, "alice")
+    yield conn
+    conn.close()
+
+
+def test_wrong_password_is_refused(server):
+    with pytest.raises(adbc_driver_manager.Error) as err:
+        connect(server, "alice", "not-her-password")
+    assert "UNAUTHENTICATED" in str(err.value)
+    assert "invalid user name or password" in str(err.value)
+
+
+def test_execute_and_fetch_arrow(alice):
+    cur = alice.cursor()
+    cur.execute("SELECT count(*) AS n FROM clinical.patients")
+    table = cur.fetch_arrow_table()
+    assert table.column_names == ["n"]
+    assert table.to_pylist() == [{"n": PATIENTS}]
+
+
+def test_bound_parameters_match_literals(alice):
+    cur = alice.cursor()
+    cur.execute("SELECT count(*) FROM clinical.encounters WHERE encounter_class = 'inpatient' AND total_cost > 1000")
+    literal = cur.fetchone()[0]
+    assert literal > 0
+    cur.execute(
+        "SELECT count(*) FROM clinical.encounters WHERE encounter_class = ? AND total_cost > ?",
+        ("inpatient", 1000),
+    )
+    assert cur.fetchone()[0] == literal
+    # The same prepared statement with other values.
+    cur.execute("SELECT count(*) FROM clinical.patients WHERE site_id = ?", ("SITE_A",))
+    a = cur.fetchone()[0]
+    cur.execute("SELECT count(*) FROM clinical.patients WHERE site_id = ?", ("SITE_B",))
+    b = cur.fetchone()[0]
+    cur.execute("SELECT count(*) FROM clinical.patients WHERE site_id IN ('SITE_A', 'SITE_B')")
+    assert a + b == cur.fetchone()[0]
+
+
+def test_get_info_objects_and_table_schema(alice):
+    info = alice.adbc_get_info()
+    assert info["vendor_name"] == "Lakegate"
+    objects = alice.adbc_get_objects().read_all().to_pylist()
+    tables = sorted(
+        f"{s['db_schema_name']}.{t['table_name']}"
+        for c in objects
+        for s in c["catalog_db_schemas"]
+        for t in s["db_schema_tables"]
+    )
+    assert tables == [
+        "clinical.conditions",
+        "clinical.encounters",
+        "clinical.observations",
+        "clinical.patients",
+        "omics.variants",
+    ]
+    schema = alice.adbc_get_table_schema("patients", db_schema_filter="clinical")
+    assert "ssn" in schema.names and "research_consent" in schema.names
+    assert str(schema.field("birth_date").type) == "date32[day]"
+
+
+def test_pandas_and_polars(alice):
+    import polars as pl
+
+    cur = alice.cursor()
+    cur.execute("SELECT loinc_code, avg(value) AS mean FROM clinical.observations GROUP BY loinc_code ORDER BY loinc_code")
+    df = cur.fetch_df()
+    assert len(df) == 10 and list(df.columns) == ["loinc_code", "mean"]
+    pdf = pl.read_database("SELECT gene, count(*) AS n FROM omics.variants GROUP BY gene", connection=alice)
+    assert pdf.height == 10 and pdf["n"].sum() > 0
+
+
+def test_mallory_sees_nothing(server):
+    conn = connect(server, "mallory")
+    objects = conn.adbc_get_objects().read_all().to_pylist()
+    assert all(not c["catalog_db_schemas"] for c in objects)
+    with pytest.raises(adbc_driver_manager.Error) as err:
+        conn.cursor().execute("SELECT * FROM clinical.patients")
+    assert "not found" in str(err.value)
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "sql, expected",
+    [
+        ("SELEC * FROM clinical.patients", "SQL error"),
+        ("SELECT * FROM '/etc/passwd'", "not found"),
+        ("SELECT * FROM 'curated/clinical/patients/part-00000.parquet'", "not found"),
+        ("DROP TABLE clinical.patients", "DROP statements are refused"),
+        ("CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'", "CREATE statements are refused"),
+        ("COPY (SELECT 1) TO '/tmp/x.csv'", "COPY statements are refused"),
+        ("SET datafusion.catalog.information_schema = true", "SET statements are refused"),
+        ("EXPLAIN SELECT * FROM clinical.patients", "EXPLAIN is refused"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_server_keeps_serving(alice, sql, expected):
+    cur = alice.cursor()
+    with pytest.raises(adbc_driver_manager.Error) as err:
+        cur.execute(sql)
+        cur.fetchall()
+    assert expected in str(err.value)
+    assert "root:" not in str(err.value)
+    cur.execute("SELECT 1 AS one")
+    assert cur.fetchone() == (1,)
