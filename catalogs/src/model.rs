@@ -428,4 +428,35 @@ mod tests {
             "{err}"
         );
     }
+
+    #[tokio::test]
+    async fn schema_mismatch_is_named() {
+        use arrow::array::{Int64Array, RecordBatch};
+        let lake = Lake::in_memory();
+        let c = sample();
+        c.save(&lake).await.unwrap();
+        // The catalog says `id` is utf8; the file holds int64.
+        let batch = RecordBatch::try_from_iter([(
+            "id",
+            Arc::new(Int64Array::from(vec![1, 2])) as arrow::array::ArrayRef,
+        )])
+        .unwrap();
+        let mut buf = Vec::new();
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        lake.store()
+            .put(
+                &Path::from("curated/clinical/things/part-0.parquet"),
+                PutPayload::from(buf),
+            )
+            .await
+            .unwrap();
+        let err = c.verify(&lake).await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "dataset 'clinical.things': a data file's schema disagrees with the catalog: \
+             column 'id' is Utf8 in the catalog but Int64 in the file"
+        );
+    }
 }
