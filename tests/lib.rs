@@ -7,10 +7,10 @@ use std::sync::{Arc, OnceLock};
 
 use lakegate_catalogs::demo::{build_demo_lake, DemoOptions};
 use lakegate_catalogs::Lake;
-use lakegate_engine::{Engine, EngineConfig};
-use lakegate_flight_server::demo::{demo_users, DEMO_GRANTS};
+use lakegate_engine::{Engine, EngineConfig, KeyRing};
+use lakegate_flight_server::demo::{demo_users, DEMO_POLICY, DEMO_PROJECTS};
 use lakegate_flight_server::Lifetimes;
-use lakegate_policies::{GrantPolicy, UserStore};
+use lakegate_policies::{PolicySet, UserStore, DEFAULT_MODEL};
 
 /// Patients in the test lake: small enough to build in a second, large enough for 4 parts.
 pub const TEST_PATIENTS: u64 = 400;
@@ -19,6 +19,7 @@ struct Shared {
     _dir: tempfile::TempDir,
     lake_path: PathBuf,
     users: Arc<UserStore>,
+    keys: KeyRing,
 }
 
 fn shared() -> &'static Shared {
@@ -47,6 +48,7 @@ fn shared() -> &'static Shared {
             _dir: dir,
             lake_path,
             users: Arc::new(demo_users().expect("users")),
+            keys: KeyRing::generate(DEMO_PROJECTS.iter().copied()),
         }
     })
 }
@@ -79,11 +81,17 @@ impl TestServer {
         let catalog = lakegate_catalogs::Catalog::load(&lake)
             .await
             .expect("catalog");
-        let known: Vec<String> = catalog.datasets.iter().map(|d| d.name.clone()).collect();
-        let grants = GrantPolicy::from_toml("demo grants", DEMO_GRANTS, &known).expect("grants");
-        let engine = Engine::open(lake, grants, options.engine.unwrap_or_default())
+        let policy = PolicySet::load(DEFAULT_MODEL, "policy.toml", DEMO_POLICY, &catalog)
             .await
-            .expect("engine");
+            .expect("policy");
+        let engine = Engine::open(
+            lake,
+            policy,
+            shared.keys.clone(),
+            options.engine.unwrap_or_default(),
+        )
+        .await
+        .expect("engine");
         let service = lakegate_flight_server::flight_service(
             engine,
             Arc::clone(&shared.users),
@@ -103,4 +111,46 @@ impl TestServer {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+}
+
+/// Plain DataFusion over the same Parquet files, with no policy: the oracle that governed
+/// results are compared against.
+pub async fn raw_query(sql: &str) -> Vec<datafusion::arrow::array::RecordBatch> {
+    use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(false));
+    let lake = lake_path();
+    for (schema, table) in [
+        ("clinical", "patients"),
+        ("clinical", "encounters"),
+        ("clinical", "conditions"),
+        ("clinical", "observations"),
+        ("omics", "variants"),
+    ] {
+        let path = lake.join("curated").join(schema).join(table);
+        ctx.register_parquet(
+            format!("{schema}_{table}"),
+            path.to_str().expect("utf8"),
+            ParquetReadOptions::default(),
+        )
+        .await
+        .expect("register");
+    }
+    // Raw tables are named schema_table here so the same SQL text is not accidentally shared.
+    ctx.sql(sql)
+        .await
+        .expect("raw sql")
+        .collect()
+        .await
+        .expect("raw collect")
+}
+
+/// The single i64 of a one-row, one-column result.
+pub fn scalar_i64(batches: &[datafusion::arrow::array::RecordBatch]) -> i64 {
+    use datafusion::arrow::array::{Array, Int64Array};
+    let b = batches.iter().find(|b| b.num_rows() > 0).expect("a row");
+    b.column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .expect("int64")
+        .value(0)
 }

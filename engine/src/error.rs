@@ -18,6 +18,9 @@ pub enum EngineError {
     /// A memory, size or time limit was reached.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A configuration file (keys, policy) is unusable.
+    #[error("{0}")]
+    InvalidConfig(String),
     /// The lake or the catalog cannot be read.
     #[error(transparent)]
     Catalog(#[from] lakegate_catalogs::CatalogError),

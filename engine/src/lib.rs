@@ -8,22 +8,30 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), lakegate_engine::EngineError> {
-//! use lakegate_catalogs::Lake;
-//! use lakegate_engine::{Engine, EngineConfig};
-//! use lakegate_policies::{GrantPolicy, Principal};
+//! use lakegate_catalogs::{Catalog, Lake};
+//! use lakegate_engine::{Engine, EngineConfig, KeyRing};
+//! use lakegate_policies::{PolicySet, Principal, DEFAULT_MODEL};
 //!
 //! let lake = Lake::open("./demo-lake")?;
-//! let engine = Engine::open(lake, GrantPolicy::default(), EngineConfig::default()).await?;
+//! let catalog = Catalog::load(&lake).await?;
+//! let text = std::fs::read_to_string("policies/demo/policy.toml").unwrap();
+//! let policy = PolicySet::load(DEFAULT_MODEL, "policy.toml", &text, &catalog).await.unwrap();
+//! let keys = KeyRing::generate(["oncology"]);
+//! let engine = Engine::open(lake, policy, keys, EngineConfig::default()).await?;
 //! let alice = Principal { name: "alice".into(), attributes: Default::default() };
-//! let query = engine.session(&alice)?.plan("SELECT count(*) FROM clinical.patients").await?;
+//! let query = engine.session(&alice).await?.plan("SELECT count(*) FROM clinical.patients").await?;
 //! let _stream = query.execute(None).await?;
 //! # Ok(()) }
 //! ```
 
 mod error;
+mod governed;
+mod keys;
+pub mod masks;
 mod session;
 
 pub use error::EngineError;
+pub use keys::KeyRing;
 pub use session::{Engine, EngineConfig, PlannedQuery, Session};
 
 pub use datafusion::execution::SendableRecordBatchStream;

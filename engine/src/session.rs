@@ -4,16 +4,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
+use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{
     CatalogProvider, MemoryCatalogProvider, MemoryCatalogProviderList, MemorySchemaProvider,
     SchemaProvider, TableProvider,
 };
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::Column;
 use datafusion::common::ParamValues;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use datafusion::datasource::source_as_provider;
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::disk_manager::DiskManagerBuilder;
 use datafusion::execution::memory_pool::FairSpillPool;
@@ -21,11 +25,20 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::logical_expr::{col, lit, Aggregate, Expr, LogicalPlanBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
 use datafusion::sql::parser::Statement as DFStatement;
 use lakegate_catalogs::{Catalog, Dataset, Lake};
-use lakegate_policies::{GrantPolicy, Principal};
+use lakegate_policies::{
+    Action, Decision, FilterValue, Obligations, PolicySet, Principal, RequestContext, RowFilter,
+    SubjectSet, Threshold,
+};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::governed::{verify_physical, GovernedTable, InSubjectSet};
+use crate::keys::KeyRing;
+use crate::masks::mask_expr;
 use sqlparser::ast::{Expr as SqlExpr, Statement as SqlStatement, Value as SqlValue};
 
 use crate::{EngineError, Result};
@@ -69,8 +82,12 @@ struct Inner {
     catalog: Catalog,
     tables: HashMap<String, Arc<dyn TableProvider>>,
     template: SessionState,
-    grants: GrantPolicy,
+    policy: PolicySet,
+    keys: KeyRing,
     config: EngineConfig,
+    /// Subject sets (e.g. consenting patients) computed once per filter: the lake is read-only
+    /// while served.
+    subject_sets: AsyncMutex<HashMap<String, Arc<std::collections::HashSet<String>>>>,
 }
 
 /// What every request shares. Cheap to clone.
@@ -84,7 +101,12 @@ impl Engine {
     ///
     /// Fails if any dataset's files are missing, corrupt or disagree with the catalog: the
     /// server never starts over a lake it cannot vouch for.
-    pub async fn open(lake: Lake, grants: GrantPolicy, config: EngineConfig) -> Result<Self> {
+    pub async fn open(
+        lake: Lake,
+        policy: PolicySet,
+        keys: KeyRing,
+        config: EngineConfig,
+    ) -> Result<Self> {
         let catalog = Catalog::load(&lake).await?;
         catalog.verify(&lake).await?;
 
@@ -119,8 +141,10 @@ impl Engine {
                 catalog,
                 tables,
                 template,
-                grants,
+                policy,
+                keys,
                 config,
+                subject_sets: AsyncMutex::new(HashMap::new()),
             }),
         })
     }
@@ -133,30 +157,69 @@ impl Engine {
         &self.inner.config
     }
 
-    /// The datasets `principal` may query, in catalog order. Everything else is invisible to
-    /// them: absent from metadata and "not found" in SQL.
+    /// The policy's version, recorded with every decision.
+    pub fn policy_version(&self) -> &str {
+        self.inner.policy.version()
+    }
+
+    fn decisions(
+        &self,
+        principal: &Principal,
+        d: &Dataset,
+        ctx: &RequestContext,
+    ) -> (Decision, Decision) {
+        (
+            self.inner
+                .policy
+                .decide(principal, d, Action::RowQuery, ctx),
+            self.inner
+                .policy
+                .decide(principal, d, Action::AggregateQuery, ctx),
+        )
+    }
+
+    /// The datasets `principal` may query in some way, in catalog order. Everything else is
+    /// invisible to them: absent from metadata and "not found" in SQL.
     pub fn visible_datasets(&self, principal: &Principal) -> Vec<&Dataset> {
+        let ctx = RequestContext::default();
         self.inner
             .catalog
             .datasets
             .iter()
-            .filter(|d| self.inner.grants.decide(principal, &d.name).is_allowed())
+            .filter(|d| {
+                let (row, agg) = self.decisions(principal, d, &ctx);
+                row.is_allowed() || agg.is_allowed()
+            })
             .collect()
     }
 
-    /// A fresh session for one request, holding only the caller's visible datasets.
-    pub fn session(&self, principal: &Principal) -> Result<Session> {
+    /// A fresh session for one request, holding only the caller's visible datasets, each
+    /// already filtered and masked for this caller.
+    pub async fn session(&self, principal: &Principal) -> Result<Session> {
         let state = SessionStateBuilder::new_from_existing(self.inner.template.clone())
             .with_catalog_list(Arc::new(MemoryCatalogProviderList::new()))
             .build();
         let ctx = SessionContext::new_with_state(state);
         let catalog = MemoryCatalogProvider::new();
         let mut schemas: BTreeMap<String, Arc<MemorySchemaProvider>> = BTreeMap::new();
-        for d in self.visible_datasets(principal) {
+        let request = RequestContext::default();
+        let mut decisions = HashMap::new();
+        for d in &self.inner.catalog.datasets {
+            let (row, agg) = self.decisions(principal, d, &request);
+            let obligations = match (&row, &agg) {
+                (Decision::Allow { obligations, rule }, _)
+                | (_, Decision::Allow { obligations, rule }) => {
+                    (Arc::clone(obligations), rule.clone())
+                }
+                _ => continue,
+            };
+            let table = self
+                .governed_table(principal, d, &obligations.0, &obligations.1)
+                .await?;
             let q = d.qualified();
             let schema = schemas.entry(q.schema.clone()).or_default();
-            let table = Arc::clone(&self.inner.tables[&d.name]);
-            schema.register_table(q.table, table)?;
+            schema.register_table(q.table, Arc::new(table))?;
+            decisions.insert(d.name.clone(), (row, agg));
         }
         for (name, schema) in schemas {
             catalog.register_schema(&name, schema)?;
@@ -165,7 +228,143 @@ impl Engine {
         Ok(Session {
             ctx,
             max_sql_bytes: self.inner.config.max_sql_bytes,
+            decisions,
         })
+    }
+
+    async fn governed_table(
+        &self,
+        principal: &Principal,
+        d: &Dataset,
+        obligations: &Obligations,
+        rule: &str,
+    ) -> Result<GovernedTable> {
+        let refuse = |why: String| EngineError::PermissionDenied(format!("{why} (rule: {rule})"));
+        let mut filter: Option<Expr> = None;
+        for f in &obligations.row_filters {
+            let e = self.filter_expr(f, principal, rule).await?;
+            filter = Some(match filter {
+                Some(prev) => prev.and(e),
+                None => e,
+            });
+        }
+        let key = principal
+            .attribute("project")
+            .and_then(|p| self.inner.keys.get(p));
+        let mut columns = Vec::with_capacity(d.columns.len());
+        let mut masked = Vec::with_capacity(d.columns.len());
+        for c in &d.columns {
+            let raw = Expr::Column(Column::new_unqualified(&c.name));
+            match obligations.masks.get(&c.name) {
+                Some(mask) => {
+                    let subject = match mask {
+                        lakegate_policies::Mask::DateShift { subject, .. } => {
+                            Some(Expr::Column(Column::new_unqualified(subject)))
+                        }
+                        _ => None,
+                    };
+                    let e = mask_expr(mask, raw, &c.data_type.to_arrow(), key, subject).map_err(
+                        |e| {
+                            refuse(format!(
+                                "cannot mask {}.{}: {e} (project '{}')",
+                                d.name,
+                                c.name,
+                                principal.attribute("project").unwrap_or("")
+                            ))
+                        },
+                    )?;
+                    columns.push(e);
+                    masked.push(true);
+                }
+                None => {
+                    columns.push(raw);
+                    masked.push(false);
+                }
+            }
+        }
+        Ok(GovernedTable::new(
+            d.name.clone(),
+            Arc::clone(&self.inner.tables[&d.name]),
+            filter,
+            columns,
+            &masked,
+        ))
+    }
+
+    fn filter_expr<'a>(
+        &'a self,
+        f: &'a RowFilter,
+        principal: &'a Principal,
+        rule: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Expr>> {
+        Box::pin(async move {
+            let column = Expr::Column(Column::new_unqualified(&f.column));
+            if let Some(v) = &f.equals {
+                let value = match v {
+                    FilterValue::Bool(b) => lit(*b),
+                    FilterValue::Int(i) => lit(*i),
+                    FilterValue::Str(s) => lit(s.clone()),
+                    FilterValue::Attribute { attribute } => {
+                        let v = principal.attribute(attribute).filter(|v| !v.is_empty()).ok_or_else(|| {
+                            EngineError::PermissionDenied(format!(
+                                "the principal has no '{attribute}' attribute, which its row filter needs (rule: {rule})"
+                            ))
+                        })?;
+                        lit(v.to_string())
+                    }
+                };
+                return Ok(column.eq(value));
+            }
+            match &f.in_set {
+                Some(set) => {
+                    let members = self.subject_set(set, principal, rule).await?;
+                    Ok(InSubjectSet::expr(members, column))
+                }
+                None => Err(EngineError::Internal(
+                    "row filter without a condition".into(),
+                )),
+            }
+        })
+    }
+
+    async fn subject_set(
+        &self,
+        spec: &SubjectSet,
+        principal: &Principal,
+        rule: &str,
+    ) -> Result<Arc<std::collections::HashSet<String>>> {
+        let inner_filter = self.filter_expr(&spec.filter, principal, rule).await?;
+        let cache_key = format!("{}|{}|{}", spec.dataset, spec.key, inner_filter);
+        let mut cache = self.inner.subject_sets.lock().await;
+        if let Some(set) = cache.get(&cache_key) {
+            return Ok(Arc::clone(set));
+        }
+        // Policy-internal read of the raw dataset: never part of the caller's plan.
+        let raw =
+            Arc::clone(self.inner.tables.get(&spec.dataset).ok_or_else(|| {
+                EngineError::Internal(format!("unknown dataset {}", spec.dataset))
+            })?);
+        let ctx = SessionContext::new_with_state(self.inner.template.clone());
+        let batches = ctx
+            .read_table(raw)?
+            .filter(inner_filter)?
+            .select(vec![Expr::Column(Column::new_unqualified(&spec.key))])?
+            .distinct()?
+            .collect()
+            .await?;
+        let mut set = std::collections::HashSet::new();
+        for b in &batches {
+            let strings = b.column(0).as_string_opt::<i32>().ok_or_else(|| {
+                EngineError::Internal(format!(
+                    "subject key {}.{} is not utf8",
+                    spec.dataset, spec.key
+                ))
+            })?;
+            set.extend(strings.iter().flatten().map(str::to_string));
+        }
+        let set = Arc::new(set);
+        cache.insert(cache_key, Arc::clone(&set));
+        Ok(set)
     }
 }
 
@@ -183,6 +382,8 @@ fn listing_table(d: &Dataset) -> Result<Arc<dyn TableProvider>> {
 pub struct Session {
     ctx: SessionContext,
     max_sql_bytes: usize,
+    /// Dataset -> (row-query decision, aggregate-query decision), for visible datasets.
+    decisions: HashMap<String, (Decision, Decision)>,
 }
 
 /// A planned (not yet executed) query: its result schema and parameters are known, nothing
@@ -236,6 +437,7 @@ impl Session {
             .verify_plan(&plan)
             .map_err(|_| EngineError::InvalidQuery("only read-only queries are accepted".into()))?;
 
+        let plan = self.govern(plan)?;
         let schema = Arc::new(plan.schema().as_arrow().clone());
         let parameters = parameter_schema(&plan)?;
         Ok(PlannedQuery {
@@ -244,6 +446,228 @@ impl Session {
             schema,
             parameters,
         })
+    }
+}
+
+impl Session {
+    /// Decide each dataset the plan reads for the action the query performs on it, and apply
+    /// aggregation thresholds. Refusals name the rule.
+    fn govern(&self, plan: LogicalPlan) -> Result<LogicalPlan> {
+        let mut scans = Vec::new();
+        collect_scans(&plan, false, &mut scans)?;
+        let mut actions: BTreeMap<String, Action> = BTreeMap::new();
+        for (dataset, under_aggregate) in scans {
+            let a = if under_aggregate {
+                Action::AggregateQuery
+            } else {
+                Action::RowQuery
+            };
+            let e = actions.entry(dataset).or_insert(a);
+            if a == Action::RowQuery {
+                *e = Action::RowQuery;
+            }
+        }
+        let mut thresholds: HashMap<String, (Threshold, String)> = HashMap::new();
+        for (dataset, action) in &actions {
+            let (row, agg) = self
+                .decisions
+                .get(dataset)
+                .ok_or_else(|| EngineError::Internal(format!("no decision for {dataset}")))?;
+            let decision = if *action == Action::RowQuery {
+                row
+            } else {
+                agg
+            };
+            match decision {
+                Decision::Allow { obligations, rule } => {
+                    if let Some(t) = &obligations.threshold {
+                        thresholds.insert(dataset.clone(), (t.clone(), rule.clone()));
+                    }
+                }
+                Decision::Deny { .. } => {
+                    let hint = if *action == Action::RowQuery && agg.is_allowed() {
+                        "; only aggregate queries are allowed on it"
+                    } else {
+                        ""
+                    };
+                    return Err(EngineError::PermissionDenied(format!(
+                        "{} on {dataset} is refused (rule: {}){hint}",
+                        action.as_str(),
+                        decision.rule_name()
+                    )));
+                }
+            }
+        }
+        if thresholds.is_empty() {
+            return Ok(plan);
+        }
+        apply_thresholds(plan, &thresholds)
+    }
+}
+
+fn governed_dataset(scan: &datafusion::logical_expr::TableScan) -> Option<String> {
+    let provider = source_as_provider(&scan.source).ok()?;
+    (provider.as_ref() as &dyn std::any::Any)
+        .downcast_ref::<GovernedTable>()
+        .map(|g| g.dataset.clone())
+}
+
+/// Every governed scan in the plan (subqueries included), and whether an aggregate sits
+/// between it and the result.
+fn collect_scans(
+    plan: &LogicalPlan,
+    under_aggregate: bool,
+    out: &mut Vec<(String, bool)>,
+) -> Result<()> {
+    let here = under_aggregate || matches!(plan, LogicalPlan::Aggregate(_));
+    if let LogicalPlan::TableScan(scan) = plan {
+        if let Some(d) = governed_dataset(scan) {
+            out.push((d, under_aggregate));
+        }
+    }
+    let mut err = None;
+    plan.apply_subqueries(|sub| {
+        if let Err(e) = collect_scans(sub, here, out) {
+            err = Some(e);
+        }
+        Ok(TreeNodeRecursion::Jump)
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    for input in plan.inputs() {
+        collect_scans(input, here, out)?;
+    }
+    Ok(())
+}
+
+/// The threshold (and its rule) that protects data flowing into `plan` from governed scans
+/// below it, not counting data that already passed through an aggregate.
+fn protected_below(
+    plan: &LogicalPlan,
+    thresholds: &HashMap<String, (Threshold, String)>,
+) -> Option<(Threshold, String)> {
+    let mut found: Option<(Threshold, String)> = None;
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            if let Some(t) = governed_dataset(scan).and_then(|d| thresholds.get(&d)) {
+                if found.as_ref().is_none_or(|(f, _)| t.0.k > f.k) {
+                    found = Some(t.clone());
+                }
+            }
+        }
+        Ok(
+            if matches!(node, LogicalPlan::Aggregate(_)) && !std::ptr::eq(node, plan) {
+                TreeNodeRecursion::Jump
+            } else {
+                TreeNodeRecursion::Continue
+            },
+        )
+    });
+    found
+}
+
+/// Aggregates allowed over protected data: their result over a group of at least k units does
+/// not reveal any single unit's value.
+const SAFE_AGGREGATES: &[&str] = &[
+    "count",
+    "sum",
+    "avg",
+    "mean",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "var",
+    "var_pop",
+    "var_samp",
+    "variance",
+];
+
+fn apply_thresholds(
+    plan: LogicalPlan,
+    thresholds: &HashMap<String, (Threshold, String)>,
+) -> Result<LogicalPlan> {
+    let refuse =
+        |why: String, rule: &str| EngineError::PermissionDenied(format!("{why} (rule: {rule})"));
+    let rewritten = plan.transform_up_with_subqueries(|node| {
+        let Some((threshold, rule)) = protected_below(&node, thresholds) else {
+            return Ok(Transformed::no(node));
+        };
+        let fail = |e: EngineError| datafusion::error::DataFusionError::External(Box::new(e));
+        match &node {
+            LogicalPlan::Window(_) => Err(fail(refuse(
+                "window functions over data under an aggregation threshold are refused".into(),
+                &rule,
+            ))),
+            LogicalPlan::Join(j) => {
+                let both = protected_below(&j.left, thresholds).is_some() && protected_below(&j.right, thresholds).is_some();
+                let on_unit = j.filter.is_none()
+                    && !j.on.is_empty()
+                    && j.on.iter().all(|(l, r)| {
+                        matches!((l, r), (Expr::Column(a), Expr::Column(b)) if a.name == threshold.unit && b.name == threshold.unit)
+                    });
+                if both && !on_unit {
+                    return Err(fail(refuse(
+                        format!("datasets under an aggregation threshold may be joined only on {}", threshold.unit),
+                        &rule,
+                    )));
+                }
+                Ok(Transformed::no(node))
+            }
+            LogicalPlan::Aggregate(agg) => {
+                if agg.group_expr.iter().any(|e| matches!(e, Expr::GroupingSet(_))) {
+                    return Err(fail(refuse(
+                        "GROUPING SETS, ROLLUP and CUBE over data under an aggregation threshold are refused".into(),
+                        &rule,
+                    )));
+                }
+                for e in &agg.aggr_expr {
+                    let name = match e.clone().unalias_nested().data {
+                        Expr::AggregateFunction(f) => f.func.name().to_ascii_lowercase(),
+                        other => other.schema_name().to_string(),
+                    };
+                    if !SAFE_AGGREGATES.contains(&name.as_str()) {
+                        return Err(fail(refuse(
+                            format!(
+                                "aggregate {name} is refused over data under an aggregation threshold; allowed: count, sum, avg, stddev, variance"
+                            ),
+                            &rule,
+                        )));
+                    }
+                }
+                let unit = agg
+                    .input
+                    .schema()
+                    .columns()
+                    .into_iter()
+                    .find(|c| c.name == threshold.unit)
+                    .ok_or_else(|| {
+                        fail(refuse(
+                            format!("the privacy unit {} must reach every aggregate over protected data", threshold.unit),
+                            &rule,
+                        ))
+                    })?;
+                let mut aggr = agg.aggr_expr.clone();
+                aggr.push(datafusion::functions_aggregate::expr_fn::count_distinct(Expr::Column(unit)).alias("__lg_units"));
+                let counted = LogicalPlan::Aggregate(Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr)?);
+                let output: Vec<Expr> = agg.schema.columns().into_iter().map(Expr::Column).collect();
+                // Groups with fewer than k distinct units are suppressed, not rounded: nothing about them leaves.
+                let suppressed = LogicalPlanBuilder::from(counted)
+                    .filter(col("__lg_units").gt_eq(lit(i64::from(threshold.k))))?
+                    .project(output)?
+                    .build()?;
+                Ok(Transformed::yes(suppressed))
+            }
+            _ => Ok(Transformed::no(node)),
+        }
+    });
+    match rewritten {
+        Ok(t) => Ok(t.data),
+        Err(datafusion::error::DataFusionError::External(e)) => match e.downcast::<EngineError>() {
+            Ok(engine) => Err(*engine),
+            Err(other) => Err(EngineError::Internal(other.to_string())),
+        },
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -334,6 +758,14 @@ impl PlannedQuery {
             _ => self.plan,
         };
         let df = self.ctx.execute_logical_plan(plan).await?;
-        Ok(df.execute_stream().await?)
+        let task = Arc::new(df.task_ctx());
+        let physical = df.create_physical_plan().await?;
+        verify_physical(&physical).map_err(|why| {
+            tracing::error!(%why, "plan verification refused a query");
+            EngineError::PermissionDenied(format!(
+                "the query plan failed verification: {why} (rule: plan-verifier)"
+            ))
+        })?;
+        Ok(datafusion::physical_plan::execute_stream(physical, task)?)
     }
 }

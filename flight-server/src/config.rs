@@ -29,9 +29,16 @@ pub struct ServeArgs {
     /// Users file for Basic authentication (TOML, Argon2 hashes). Without one nobody can log in.
     #[arg(long, env = "LAKEGATE_USERS")]
     pub users: Option<PathBuf>,
-    /// Grant policy file (TOML). Without one every dataset is denied to everyone.
-    #[arg(long, env = "LAKEGATE_GRANTS")]
-    pub grants: Option<PathBuf>,
+    /// Policy file (TOML rules with their obligations; docs/policies.md). Without one every
+    /// dataset is denied to everyone.
+    #[arg(long, env = "LAKEGATE_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// casbin model file [default: the built-in model, policies/demo/model.conf].
+    #[arg(long, env = "LAKEGATE_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Key file: per-project secrets for pseudonyms and date shifts (TOML `[projects]`).
+    #[arg(long, env = "LAKEGATE_KEYS")]
+    pub keys: Option<PathBuf>,
     /// Memory all queries may use together, in MiB; beyond it operators spill to disk
     /// [default: 2048].
     #[arg(long, env = "LAKEGATE_MEMORY_LIMIT_MB")]
@@ -56,7 +63,9 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     lake: Option<String>,
     users: Option<PathBuf>,
-    grants: Option<PathBuf>,
+    policy: Option<PathBuf>,
+    model: Option<PathBuf>,
+    keys: Option<PathBuf>,
     memory_limit_mb: Option<u64>,
     max_sql_bytes: Option<usize>,
     session_ttl_secs: Option<u64>,
@@ -70,7 +79,9 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub lake: String,
     pub users: Option<PathBuf>,
-    pub grants: Option<PathBuf>,
+    pub policy: Option<PathBuf>,
+    pub model: Option<PathBuf>,
+    pub keys: Option<PathBuf>,
     pub engine: EngineConfig,
     pub lifetimes: Lifetimes,
     pub allow_plaintext: bool,
@@ -121,8 +132,10 @@ impl ServeArgs {
                 .or(file.listen)
                 .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("static address")),
             lake,
-            users: self.users.clone().or(file.users.map(rel)),
-            grants: self.grants.clone().or(file.grants.map(rel)),
+            users: self.users.clone().or(file.users.map(&rel)),
+            policy: self.policy.clone().or(file.policy.map(&rel)),
+            model: self.model.clone().or(file.model.map(&rel)),
+            keys: self.keys.clone().or(file.keys.map(&rel)),
             engine: EngineConfig {
                 memory_limit: self
                     .memory_limit_mb

@@ -44,8 +44,11 @@ pub const PERSONAS: &[(&str, &[(&str, &str)])] = &[
     ("mallory", &[]),
 ];
 
-/// The demo grant policy (policies/demo/grants.toml).
-pub const DEMO_GRANTS: &str = include_str!("../../policies/demo/grants.toml");
+/// The demo policy (policies/demo/policy.toml).
+pub const DEMO_POLICY: &str = include_str!("../../policies/demo/policy.toml");
+
+/// Projects that get a pseudonymization key in the demo's key file.
+pub const DEMO_PROJECTS: &[&str] = &["oncology", "cardiology", "readmissions"];
 
 /// The demo users, with Argon2-hashed passwords. Hashing is slow by design: call it off the
 /// async workers.

@@ -9,10 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lakegate_catalogs::demo::{build_demo_lake, DemoOptions};
 use lakegate_catalogs::Lake;
-use lakegate_engine::Engine;
+use lakegate_engine::{Engine, KeyRing};
 use lakegate_flight_server::config::{ServeArgs, Settings};
 use lakegate_flight_server::demo;
-use lakegate_policies::{GrantPolicy, UserStore};
+use lakegate_policies::{PolicySet, UserStore, DEFAULT_MODEL};
 
 #[derive(Parser)]
 #[command(
@@ -121,14 +121,18 @@ async fn demo(args: DemoArgs) -> Result<(), AnyError> {
         Some(path) => load_users(path)?,
         None => tokio::task::spawn_blocking(demo::demo_users).await??,
     };
-    let grants_text = match &settings.grants {
-        Some(path) => (path.display().to_string(), std::fs::read_to_string(path)?),
+    let policy = match &settings.policy {
+        Some(path) => (path.display().to_string(), read(path)?),
         None => (
-            "policies/demo/grants.toml".to_string(),
-            demo::DEMO_GRANTS.to_string(),
+            "policies/demo/policy.toml".to_string(),
+            demo::DEMO_POLICY.to_string(),
         ),
     };
-    run(settings, lake, users, Some(grants_text), true).await
+    let keys = match &settings.keys {
+        Some(path) => KeyRing::from_toml(&path.display().to_string(), &read(path)?)?,
+        None => demo_keys(&settings.lake)?,
+    };
+    run(settings, lake, users, Some(policy), keys, true).await
 }
 
 async fn build_lake(lake: &Lake, patients: u64, seed: u64) -> Result<(), AnyError> {
@@ -155,6 +159,48 @@ async fn build_lake(lake: &Lake, patients: u64, seed: u64) -> Result<(), AnyErro
     Ok(())
 }
 
+fn read(path: &std::path::Path) -> Result<String, AnyError> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()).into())
+}
+
+/// The demo's key file lives beside the lake folder (never inside it: whoever can read the lake
+/// must not get the keys). Created with fresh random keys on first use.
+fn demo_keys(lake: &str) -> Result<KeyRing, AnyError> {
+    let path = if lake.contains("://") {
+        std::path::PathBuf::from("demo-keys.toml")
+    } else {
+        let lake = std::path::Path::new(lake.trim_end_matches('/'));
+        let name = lake
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "lake".into());
+        lake.with_file_name(format!("{name}.keys.toml"))
+    };
+    if path.exists() {
+        return Ok(KeyRing::from_toml(
+            &path.display().to_string(),
+            &read(&path)?,
+        )?);
+    }
+    let ring = KeyRing::generate(demo::DEMO_PROJECTS.iter().copied());
+    write_secret(&path, &ring.to_toml())?;
+    eprintln!("lakegate: wrote new project keys to {}", path.display());
+    Ok(ring)
+}
+
+fn write_secret(path: &std::path::Path, text: &str) -> Result<(), AnyError> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
 fn load_users(path: &std::path::Path) -> Result<UserStore, AnyError> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(UserStore::from_toml(&path.display().to_string(), &text)?)
@@ -170,33 +216,44 @@ async fn serve(args: ServeArgs) -> Result<(), AnyError> {
             UserStore::default()
         }
     };
-    let grants = match &settings.grants {
-        Some(path) => Some((
-            path.display().to_string(),
-            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
-        )),
+    let policy = match &settings.policy {
+        Some(path) => Some((path.display().to_string(), read(path)?)),
         None => {
-            tracing::warn!("no --grants file: every dataset is denied to everyone");
+            tracing::warn!("no --policy file: every dataset is denied to everyone");
             None
         }
     };
-    run(settings, lake, users, grants, false).await
+    let keys = match &settings.keys {
+        Some(path) => KeyRing::from_toml(&path.display().to_string(), &read(path)?)?,
+        None => {
+            tracing::warn!(
+                "no --keys file: pseudonym and date-shift masks refuse every query that needs them"
+            );
+            KeyRing::default()
+        }
+    };
+    run(settings, lake, users, policy, keys, false).await
 }
 
 async fn run(
     settings: Settings,
     lake: Lake,
     users: UserStore,
-    grants: Option<(String, String)>,
+    policy: Option<(String, String)>,
+    keys: KeyRing,
     demo: bool,
 ) -> Result<(), AnyError> {
     let catalog = lakegate_catalogs::Catalog::load(&lake).await?;
     let known: Vec<String> = catalog.datasets.iter().map(|d| d.name.clone()).collect();
-    let grants = match grants {
-        Some((file, text)) => GrantPolicy::from_toml(&file, &text, &known)?,
-        None => GrantPolicy::default(),
+    let model = match &settings.model {
+        Some(path) => read(path)?,
+        None => DEFAULT_MODEL.to_string(),
     };
-    let engine = Engine::open(lake.clone(), grants, settings.engine.clone()).await?;
+    let (file, text) =
+        policy.unwrap_or_else(|| ("(no policy)".into(), "version = \"deny-all\"\n".into()));
+    let policy = PolicySet::load(&model, &file, &text, &catalog).await?;
+    tracing::info!(version = policy.version(), "policy loaded");
+    let engine = Engine::open(lake.clone(), policy, keys, settings.engine.clone()).await?;
     if !settings.listen.ip().is_loopback() {
         tracing::warn!(listen = %settings.listen, "serving plaintext gRPC off loopback: credentials and data cross the network unencrypted");
     }

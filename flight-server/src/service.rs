@@ -192,6 +192,7 @@ impl LakegateService {
         let planned = self
             .engine
             .session(principal)
+            .await
             .map_err(engine_status)?
             .plan(sql)
             .await
@@ -397,6 +398,7 @@ impl FlightSqlService for LakegateService {
         let planned = self
             .engine
             .session(&principal)
+            .await
             .map_err(engine_status)?
             .plan(&query.query)
             .await
@@ -425,6 +427,7 @@ impl FlightSqlService for LakegateService {
         let planned = self
             .engine
             .session(&principal)
+            .await
             .map_err(engine_status)?
             .plan(&handle.sql)
             .await
@@ -532,6 +535,7 @@ impl FlightSqlService for LakegateService {
         let planned = self
             .engine
             .session(&principal)
+            .await
             .map_err(engine_status)?
             .plan(&query.query)
             .await

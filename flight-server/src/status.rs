@@ -11,6 +11,10 @@ pub fn engine_status(e: EngineError) -> Status {
         EngineError::InvalidQuery(m) => Status::invalid_argument(m),
         EngineError::PermissionDenied(m) => Status::permission_denied(m),
         EngineError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        EngineError::InvalidConfig(c) => {
+            tracing::error!(error = %c, "configuration unusable");
+            Status::unavailable("the server's policy configuration is unusable")
+        }
         EngineError::Catalog(c) => {
             tracing::error!(error = %c, "lake or catalog unreadable");
             Status::unavailable("the lake cannot be read right now")

@@ -3,10 +3,13 @@
 //! Attributes come only from the identity source (the users file today, an identity provider's
 //! token later), never from anything a client sends with a query.
 
-mod grants;
+mod policy;
 mod users;
 
-pub use grants::{Decision, GrantPolicy, GrantRule};
+pub use policy::{
+    Action, Decision, FilterValue, Mask, Obligations, PolicySet, RequestContext, RowFilter,
+    SubjectSet, Threshold, ATTRIBUTES, DEFAULT_MODEL,
+};
 pub use users::{Principal, UserStore};
 
 /// Errors of identity and policy handling.

@@ -16,7 +16,7 @@ use arrow_flight::{FlightDescriptor, FlightInfo, Ticket};
 use futures::TryStreamExt;
 use lakegate_engine::EngineConfig;
 use lakegate_flight_server::Lifetimes;
-use lakegate_tests::{ServerOptions, TestServer, TEST_PATIENTS};
+use lakegate_tests::{raw_query, scalar_i64, ServerOptions, TestServer, TEST_PATIENTS};
 use prost::Message;
 use tonic::transport::Channel;
 
@@ -97,12 +97,25 @@ async fn wrong_password_and_missing_token_are_unauthenticated() {
 
 #[tokio::test]
 async fn statement_query_streams_results() {
-    let server = TestServer::start().await;
+    // Small batches so that streaming is visible on a small lake.
+    let server = TestServer::start_with(ServerOptions {
+        engine: Some(EngineConfig {
+            batch_size: 512,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
     let mut alice = login(&server, "alice").await;
     let batches = query(&mut alice, "SELECT count(*) FROM clinical.patients")
         .await
         .unwrap();
-    assert_eq!(single_i64(&batches), TEST_PATIENTS as i64);
+    // alice sees consenting patients only.
+    let consenting = scalar_i64(
+        &raw_query("SELECT count(*) FROM clinical_patients WHERE research_consent").await,
+    );
+    assert_eq!(single_i64(&batches), consenting);
+    assert!(consenting < TEST_PATIENTS as i64);
 
     // Every encounter row streams back, over several batches from several files.
     let info = alice
@@ -412,9 +425,10 @@ async fn non_queries_paths_and_bad_sql_are_refused_clearly() {
         .await
         .unwrap_err();
     assert_code(err, "InvalidArgument");
-    // Casting a patient's SSN fails without echoing it.
+    // Casting a patient's (partly shown) SSN fails without echoing it.
+    let mut carol = login(&server, "carol").await;
     let err = query(
-        &mut alice,
+        &mut carol,
         "SELECT CAST(ssn AS BIGINT) FROM clinical.patients",
     )
     .await
@@ -459,8 +473,11 @@ async fn memory_limit_fails_cleanly_or_spills_and_server_keeps_serving() {
          JOIN clinical.encounters e ON o.encounter_id = e.encounter_id GROUP BY o.patient_id ORDER BY 1",
     )
     .await;
+    let consenting = scalar_i64(
+        &raw_query("SELECT count(*) FROM clinical_patients WHERE research_consent").await,
+    );
     match result {
-        Ok(b) => assert_eq!(rows(&b) as u64, TEST_PATIENTS),
+        Ok(b) => assert_eq!(rows(&b) as i64, consenting),
         Err(e) => {
             assert_code(e, "ResourceExhausted");
         }
@@ -468,5 +485,5 @@ async fn memory_limit_fails_cleanly_or_spills_and_server_keeps_serving() {
     let batches = query(&mut alice, "SELECT count(*) FROM clinical.patients")
         .await
         .unwrap();
-    assert_eq!(single_i64(&batches), TEST_PATIENTS as i64);
+    assert_eq!(single_i64(&batches), consenting);
 }

@@ -1,0 +1,488 @@
+//! Column masks as DataFusion expressions: type-preserving, NULL in -> NULL out, safe on any
+//! UTF-8 input. The keyed masks (pseudonym, date shift) are UDFs that carry their project's key;
+//! they are never registered in a session, so no query can call them with another key.
+
+use std::sync::Arc;
+
+use chrono::Datelike;
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, Date32Array, StringBuilder, TimestampMicrosecondArray,
+};
+use datafusion::arrow::datatypes::{DataType, TimeUnit};
+use datafusion::common::{exec_err, Result as DFResult, ScalarValue};
+use datafusion::logical_expr::{
+    cast, lit, when, ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    Volatility,
+};
+use hmac::{Hmac, Mac};
+use lakegate_policies::Mask;
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// ZIP3 areas with fewer than 20,000 people (HIPAA Safe Harbor, 2000 census), which must become
+/// `000`. Versioned so a policy decision can say which list it used.
+pub const RESTRICTED_ZIP3_VERSION: &str = "safe-harbor-census-2000";
+pub const RESTRICTED_ZIP3: &[&str] = &[
+    "036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831", "878",
+    "879", "884", "890", "893",
+];
+
+const DAY_MICROS: i64 = 86_400_000_000;
+
+/// A 32-byte secret of one project: pseudonyms and date shifts are stable within a project and
+/// unrelated across projects.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ProjectKey(pub [u8; 32]);
+
+impl std::fmt::Debug for ProjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProjectKey(<redacted>)")
+    }
+}
+
+impl ProjectKey {
+    fn mac(&self, domain: &[u8]) -> HmacSha256 {
+        let mut m = HmacSha256::new_from_slice(&self.0).expect("any key length");
+        m.update(domain);
+        m
+    }
+}
+
+/// What one masking UDF computes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Kernel {
+    Pseudonym(ProjectKey),
+    DateShift {
+        key: ProjectKey,
+        max_days: u32,
+    },
+    ShowLast(usize),
+    ShowFirst(usize),
+    Zip3,
+    YearOnly {
+        collapse_age_over: Option<u32>,
+        this_year: i32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct MaskUdf {
+    name: &'static str,
+    kernel: Kernel,
+    signature: Signature,
+}
+
+impl MaskUdf {
+    fn udf(name: &'static str, kernel: Kernel, arity: usize) -> ScalarUDF {
+        ScalarUDF::from(Self {
+            name,
+            kernel,
+            signature: Signature::any(arity, Volatility::Immutable),
+        })
+    }
+}
+
+fn map_strings(a: &ArrayRef, mut f: impl FnMut(&str, &mut String)) -> DFResult<ArrayRef> {
+    let strings = a
+        .as_string_opt::<i32>()
+        .ok_or_else(|| datafusion::error::DataFusionError::Execution("mask expects utf8".into()))?;
+    let mut out = StringBuilder::with_capacity(
+        strings.len(),
+        strings.value_data().len() + 16 * strings.len(),
+    );
+    let mut buf = String::new();
+    for v in strings.iter() {
+        match v {
+            Some(s) => {
+                buf.clear();
+                f(s, &mut buf);
+                out.append_value(&buf);
+            }
+            None => out.append_null(),
+        }
+    }
+    Ok(Arc::new(out.finish()))
+}
+
+fn keep(s: &str, n: usize, from_end: bool, out: &mut String) {
+    let len = s.chars().count();
+    let shown = n.min(len);
+    for (i, c) in s.chars().enumerate() {
+        let visible = if from_end {
+            i >= len - shown
+        } else {
+            i < shown
+        };
+        // Separators stay so the shape of an SSN or phone number is still recognisable.
+        out.push(if visible || c == '-' { c } else { '*' });
+    }
+}
+
+fn shift_days(key: &ProjectKey, max_days: u32, subject: &str) -> i64 {
+    let mut m = key.mac(b"date-shift\0");
+    m.update(subject.as_bytes());
+    let d = m.finalize().into_bytes();
+    let n = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
+    let span = 2 * u64::from(max_days) + 1;
+    (n % span) as i64 - i64::from(max_days)
+}
+
+fn year_start_days(year: i32) -> i32 {
+    chrono::NaiveDate::from_ymd_opt(year, 1, 1)
+        .map(|d| {
+            (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch")).num_days() as i32
+        })
+        .unwrap_or(0)
+}
+
+fn year_of_days(days: i32) -> i32 {
+    (chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch")
+        + chrono::Duration::days(i64::from(days)))
+    .year()
+}
+
+impl ScalarUDFImpl for MaskUdf {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> DFResult<DataType> {
+        Ok(arg_types[0].clone())
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let a = &arrays[0];
+        let out: ArrayRef = match &self.kernel {
+            Kernel::Pseudonym(key) => {
+                let base = key.mac(b"pseudonym\0");
+                map_strings(a, |s, out| {
+                    let mut m = base.clone();
+                    m.update(s.as_bytes());
+                    let d = m.finalize().into_bytes();
+                    out.push_str("ps_");
+                    for b in &d[..12] {
+                        out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+                        out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+                    }
+                })?
+            }
+            Kernel::ShowLast(n) => map_strings(a, |s, out| keep(s, *n, true, out))?,
+            Kernel::ShowFirst(n) => map_strings(a, |s, out| keep(s, *n, false, out))?,
+            Kernel::Zip3 => map_strings(a, |s, out| {
+                let prefix: String = s.chars().take(3).collect();
+                if prefix.len() == 3
+                    && prefix.bytes().all(|b| b.is_ascii_digit())
+                    && !RESTRICTED_ZIP3.contains(&prefix.as_str())
+                {
+                    out.push_str(&prefix);
+                } else {
+                    out.push_str("000");
+                }
+            })?,
+            Kernel::DateShift { key, max_days } => {
+                let subjects = arrays[1].as_string_opt::<i32>().ok_or_else(|| {
+                    datafusion::error::DataFusionError::Execution(
+                        "date shift subject must be utf8".into(),
+                    )
+                })?;
+                let offset = |i: usize| {
+                    (!subjects.is_null(i)).then(|| shift_days(key, *max_days, subjects.value(i)))
+                };
+                match a.data_type() {
+                    DataType::Date32 => {
+                        let d = a.as_primitive::<datafusion::arrow::datatypes::Date32Type>();
+                        Arc::new(Date32Array::from_iter((0..d.len()).map(|i| {
+                            // A row without a subject cannot be shifted consistently: hide it.
+                            if d.is_null(i) {
+                                None
+                            } else {
+                                offset(i).map(|o| d.value(i) + o as i32)
+                            }
+                        })))
+                    }
+                    DataType::Timestamp(TimeUnit::Microsecond, tz) => {
+                        let t = a
+                            .as_primitive::<datafusion::arrow::datatypes::TimestampMicrosecondType>(
+                            );
+                        Arc::new(
+                            TimestampMicrosecondArray::from_iter((0..t.len()).map(|i| {
+                                if t.is_null(i) {
+                                    None
+                                } else {
+                                    offset(i).map(|o| t.value(i) + o * DAY_MICROS)
+                                }
+                            }))
+                            .with_timezone_opt(tz.clone()),
+                        )
+                    }
+                    other => return exec_err!("date shift does not apply to {other}"),
+                }
+            }
+            Kernel::YearOnly {
+                collapse_age_over,
+                this_year,
+            } => {
+                let floor_year = |y: i32| match collapse_age_over {
+                    Some(limit) if this_year - y > *limit as i32 => this_year - *limit as i32 - 1,
+                    _ => y,
+                };
+                match a.data_type() {
+                    DataType::Date32 => {
+                        let d = a.as_primitive::<datafusion::arrow::datatypes::Date32Type>();
+                        Arc::new(Date32Array::from_iter(d.iter().map(|v| {
+                            v.map(|x| year_start_days(floor_year(year_of_days(x))))
+                        })))
+                    }
+                    DataType::Timestamp(TimeUnit::Microsecond, tz) => {
+                        let t = a
+                            .as_primitive::<datafusion::arrow::datatypes::TimestampMicrosecondType>(
+                            );
+                        Arc::new(
+                            TimestampMicrosecondArray::from_iter(t.iter().map(|v| {
+                                v.map(|x| {
+                                    let days = x.div_euclid(DAY_MICROS) as i32;
+                                    i64::from(year_start_days(floor_year(year_of_days(days))))
+                                        * DAY_MICROS
+                                })
+                            }))
+                            .with_timezone_opt(tz.clone()),
+                        )
+                    }
+                    other => return exec_err!("year_only does not apply to {other}"),
+                }
+            }
+        };
+        Ok(ColumnarValue::Array(out))
+    }
+}
+
+/// The expression that replaces `column` (of type `data_type`) under `mask`.
+///
+/// `key` is the principal's project key (required by pseudonym and date shift) and
+/// `subject` the column expression the date shift keys on.
+pub fn mask_expr(
+    mask: &Mask,
+    column: Expr,
+    data_type: &DataType,
+    key: Option<&ProjectKey>,
+    subject: Option<Expr>,
+) -> Result<Expr, String> {
+    let this_year = chrono::Utc::now().year();
+    Ok(match mask {
+        Mask::Nullify => lit(ScalarValue::try_from(data_type).map_err(|e| e.to_string())?),
+        Mask::Redact { text } => when(column.is_null(), lit(ScalarValue::Utf8(None)))
+            .otherwise(lit(text.clone()))
+            .map_err(|e| e.to_string())?,
+        Mask::ShowLast { n } => {
+            MaskUdf::udf("lg_show_last", Kernel::ShowLast(*n), 1).call(vec![column])
+        }
+        Mask::ShowFirst { n } => {
+            MaskUdf::udf("lg_show_first", Kernel::ShowFirst(*n), 1).call(vec![column])
+        }
+        Mask::Zip3 => MaskUdf::udf("lg_zip3", Kernel::Zip3, 1).call(vec![column]),
+        Mask::YearOnly { collapse_age_over } => MaskUdf::udf(
+            "lg_year_only",
+            Kernel::YearOnly {
+                collapse_age_over: *collapse_age_over,
+                this_year,
+            },
+            1,
+        )
+        .call(vec![column]),
+        Mask::Pseudonym => {
+            let key = key.ok_or("pseudonym mask needs a project key")?.clone();
+            MaskUdf::udf("lg_pseudonym", Kernel::Pseudonym(key), 1).call(vec![column])
+        }
+        Mask::DateShift { max_days, .. } => {
+            let key = key.ok_or("date shift needs a project key")?.clone();
+            let subject = subject.ok_or("date shift needs its subject column")?;
+            MaskUdf::udf(
+                "lg_date_shift",
+                Kernel::DateShift {
+                    key,
+                    max_days: *max_days,
+                },
+                2,
+            )
+            .call(vec![column, subject])
+        }
+        Mask::Bucket { width } => {
+            let bucketed = datafusion::functions::math::expr_fn::floor(
+                cast(column, DataType::Float64) / lit(*width),
+            ) * lit(*width);
+            cast(bucketed, data_type.clone())
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::StringArray;
+
+    fn run(
+        expr_mask: &Mask,
+        input: ArrayRef,
+        key: Option<&ProjectKey>,
+        subject: Option<ArrayRef>,
+    ) -> ArrayRef {
+        let dt = input.data_type().clone();
+        let udf_expr = mask_expr(
+            expr_mask,
+            datafusion::prelude::col("x"),
+            &dt,
+            key,
+            subject.as_ref().map(|_| datafusion::prelude::col("s")),
+        )
+        .unwrap();
+        let Expr::ScalarFunction(f) = udf_expr else {
+            panic!("expected a UDF")
+        };
+        let mut args = vec![ColumnarValue::Array(input.clone())];
+        if let Some(s) = subject {
+            args.push(ColumnarValue::Array(s));
+        }
+        let n = input.len();
+        let r = f
+            .func
+            .invoke_with_args(ScalarFunctionArgs {
+                args,
+                arg_fields: vec![],
+                number_rows: n,
+                return_field: Arc::new(datafusion::arrow::datatypes::Field::new("x", dt, true)),
+                config_options: Default::default(),
+            })
+            .unwrap();
+        r.into_array(n).unwrap()
+    }
+
+    fn strings(a: &ArrayRef) -> Vec<Option<String>> {
+        a.as_string::<i32>()
+            .iter()
+            .map(|v| v.map(str::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn show_last_keeps_shape_and_handles_non_ascii_and_nulls() {
+        let input: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("123-45-6789"),
+            None,
+            Some("Zoë"),
+            Some(""),
+        ]));
+        let out = strings(&run(&Mask::ShowLast { n: 4 }, input, None, None));
+        assert_eq!(
+            out,
+            vec![
+                Some("***-**-6789".into()),
+                None,
+                Some("Zoë".into()),
+                Some("".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn pseudonyms_are_stable_per_project_and_differ_across_projects() {
+        let a = ProjectKey([1; 32]);
+        let b = ProjectKey([2; 32]);
+        let input: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("P1"),
+            Some("P1"),
+            Some("李"),
+            None,
+        ]));
+        let x = strings(&run(&Mask::Pseudonym, input.clone(), Some(&a), None));
+        let y = strings(&run(&Mask::Pseudonym, input, Some(&b), None));
+        assert_eq!(x[0], x[1]);
+        assert_ne!(x[0], y[0]);
+        assert_ne!(x[0], x[2]);
+        assert!(x[0].as_ref().unwrap().starts_with("ps_"));
+        assert_eq!(x[3], None);
+    }
+
+    #[test]
+    fn zip3_restricted_areas_become_000() {
+        let input: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("02139"),
+            Some("03601"),
+            Some("89012"),
+            Some("1"),
+            None,
+        ]));
+        let out = strings(&run(&Mask::Zip3, input, None, None));
+        assert_eq!(
+            out,
+            vec![
+                Some("021".into()),
+                Some("000".into()),
+                Some("000".into()),
+                Some("000".into()),
+                None
+            ]
+        );
+    }
+
+    #[test]
+    fn year_only_collapses_ages_over_89() {
+        let this_year = chrono::Utc::now().year();
+        let born_1980 = chrono::NaiveDate::from_ymd_opt(1980, 7, 14).unwrap();
+        let born_old = chrono::NaiveDate::from_ymd_opt(this_year - 95, 3, 2).unwrap();
+        let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap();
+        let days = |d: chrono::NaiveDate| (d - epoch).num_days() as i32;
+        let input: ArrayRef = Arc::new(Date32Array::from(vec![
+            Some(days(born_1980)),
+            Some(days(born_old)),
+            None,
+        ]));
+        let out = run(
+            &Mask::YearOnly {
+                collapse_age_over: Some(89),
+            },
+            input,
+            None,
+            None,
+        );
+        let out = out.as_primitive::<datafusion::arrow::datatypes::Date32Type>();
+        assert_eq!(year_of_days(out.value(0)), 1980);
+        assert_eq!(out.value(0), year_start_days(1980));
+        assert_eq!(year_of_days(out.value(1)), this_year - 90);
+        assert!(out.is_null(2));
+    }
+
+    #[test]
+    fn date_shift_is_per_subject_bounded_and_stable() {
+        let key = ProjectKey([7; 32]);
+        let input: ArrayRef = Arc::new(Date32Array::from(vec![
+            Some(20_000),
+            Some(20_010),
+            Some(20_000),
+            None,
+        ]));
+        let subjects: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("P1"),
+            Some("P1"),
+            Some("P2"),
+            Some("P3"),
+        ]));
+        let mask = Mask::DateShift {
+            subject: "s".into(),
+            max_days: 30,
+        };
+        let out = run(&mask, input, Some(&key), Some(subjects));
+        let out = out.as_primitive::<datafusion::arrow::datatypes::Date32Type>();
+        // Intervals within a subject are preserved.
+        assert_eq!(out.value(1) - out.value(0), 10);
+        for i in 0..3 {
+            assert!((out.value(i) - [20_000, 20_010, 20_000][i]).abs() <= 30);
+        }
+        assert!(out.is_null(3));
+    }
+}

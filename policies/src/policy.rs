@@ -1,0 +1,878 @@
+//! Attribute-based policy: casbin decides allow/deny; each allowing rule carries typed
+//! obligations (row filters, column masks, an aggregation threshold) checked against the
+//! catalog when the policy loads.
+//!
+//! A policy file is TOML (`[[rule]]` tables); each rule becomes one casbin policy line
+//! `(subject condition, object condition, action, effect, rule name)` evaluated by the casbin
+//! model (`model.conf`) with `eval()`. The request is `(principal attributes, dataset
+//! attributes, action, context)`. Deny beats allow; no matching allow denies.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use casbin::{CoreApi, DefaultModel, Enforcer, MemoryAdapter, MgmtApi};
+use chrono::{DateTime, Datelike, NaiveDate, Timelike, Utc};
+use lakegate_catalogs::{Catalog, ColumnType, Dataset};
+use serde::Deserialize;
+
+use crate::{PolicyError, Principal, Result};
+
+/// The casbin model used when a policy names none.
+pub const DEFAULT_MODEL: &str = include_str!("../demo/model.conf");
+
+/// Attributes a rule may refer to (`r.sub.NAME`). Anything else is a typo and refused at load.
+pub const ATTRIBUTES: &[&str] = &["name", "role", "project", "purpose", "environment", "site"];
+/// Dataset attributes (`r.obj.NAME`).
+const OBJECT_ATTRIBUTES: &[&str] = &["name", "schema", "table", "zone", "tags", "owner"];
+/// Context attributes (`r.ctx.NAME`).
+const CONTEXT_ATTRIBUTES: &[&str] = &["now", "hour", "weekday", "environment"];
+
+/// What a query does with a dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Individual rows leave (possibly masked and filtered).
+    RowQuery,
+    /// Only aggregates over the dataset leave.
+    AggregateQuery,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::RowQuery => "row_query",
+            Action::AggregateQuery => "aggregate_query",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Effect {
+    Allow,
+    Deny,
+}
+
+/// A literal or a principal attribute in a row filter.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum FilterValue {
+    Bool(bool),
+    Int(i64),
+    Str(String),
+    Attribute { attribute: String },
+}
+
+/// A set of subjects: the `key` values of `dataset` rows that pass `filter`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectSet {
+    pub dataset: String,
+    pub key: String,
+    #[serde(rename = "where")]
+    pub filter: Box<RowFilter>,
+}
+
+/// A row filter: `column = value` or `column IN (subject set)`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RowFilter {
+    pub column: String,
+    #[serde(default)]
+    pub equals: Option<FilterValue>,
+    #[serde(default, rename = "in")]
+    pub in_set: Option<SubjectSet>,
+}
+
+/// A column mask. All are type-preserving and map NULL to NULL.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Mask {
+    /// Always NULL.
+    Nullify,
+    /// A constant text in place of every non-null value.
+    Redact { text: String },
+    /// Keep the last `n` characters, replace the others with `*`.
+    ShowLast { n: usize },
+    /// Keep the first `n` characters, replace the others with `*`.
+    ShowFirst { n: usize },
+    /// Keyed HMAC-SHA256 pseudonym, with the key of the principal's project.
+    Pseudonym,
+    /// A date truncated to 1 January of its year; with `collapse_age_over`, birth years of
+    /// people older than that are collapsed into one (HIPAA Safe Harbor's 90+).
+    YearOnly {
+        #[serde(default)]
+        collapse_age_over: Option<u32>,
+    },
+    /// ZIP code to its first three digits, or `000` in a restricted area.
+    Zip3,
+    /// Shift dates and times by a per-subject offset (keyed HMAC of the subject id, stable within
+    /// a project) of at most `max_days` either way.
+    DateShift { subject: String, max_days: u32 },
+    /// Numbers to the lower bound of their bucket of `width`.
+    Bucket { width: f64 },
+}
+
+impl Mask {
+    fn accepts(&self, t: ColumnType) -> bool {
+        use ColumnType::*;
+        match self {
+            Mask::Nullify => true,
+            Mask::Redact { .. }
+            | Mask::ShowLast { .. }
+            | Mask::ShowFirst { .. }
+            | Mask::Pseudonym
+            | Mask::Zip3 => t == Utf8,
+            Mask::YearOnly { .. } => matches!(t, Date32 | TimestampUtc),
+            Mask::DateShift { .. } => matches!(t, Date32 | TimestampUtc),
+            Mask::Bucket { .. } => matches!(t, Float64 | Int32 | Int64),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MaskSpec {
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    columns: Vec<String>,
+    mask: Mask,
+}
+
+/// An aggregation threshold: every released group must hold at least `k` distinct values of
+/// `unit` (the privacy unit, e.g. `patient_id`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Threshold {
+    pub k: u32,
+    pub unit: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSpec {
+    name: String,
+    effect: Effect,
+    /// casbin condition over `r.sub.*` and `r.ctx.*`.
+    subject: String,
+    /// casbin condition over `r.obj.*`.
+    object: String,
+    actions: Vec<Action>,
+    /// First day the rule applies (a TOML date, UTC).
+    #[serde(default)]
+    valid_from: Option<toml::value::Datetime>,
+    /// First day the rule no longer applies.
+    #[serde(default)]
+    valid_until: Option<toml::value::Datetime>,
+    #[serde(default)]
+    row_filters: Vec<RowFilter>,
+    #[serde(default)]
+    masks: Vec<MaskSpec>,
+    #[serde(default)]
+    threshold: Option<Threshold>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    version: String,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RuleSpec>,
+}
+
+/// What an allowing rule obliges the engine to do for one dataset.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Obligations {
+    pub row_filters: Vec<RowFilter>,
+    /// Column name -> mask, for the columns of this dataset that a mask covers.
+    pub masks: BTreeMap<String, Mask>,
+    pub threshold: Option<Threshold>,
+}
+
+/// The outcome of one decision.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    Allow {
+        rule: String,
+        obligations: Arc<Obligations>,
+    },
+    /// `rule` is the deny rule that matched, or None when no allow rule matched.
+    Deny { rule: Option<String> },
+}
+
+impl Decision {
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allow { .. })
+    }
+
+    /// The rule to name in a refusal.
+    pub fn rule_name(&self) -> &str {
+        match self {
+            Decision::Allow { rule, .. } => rule,
+            Decision::Deny { rule: Some(r) } => r,
+            Decision::Deny { rule: None } => "default-deny",
+        }
+    }
+}
+
+/// Context of a request that is not an attribute of the principal.
+#[derive(Clone, Debug)]
+pub struct RequestContext {
+    pub now: DateTime<Utc>,
+}
+
+impl Default for RequestContext {
+    fn default() -> Self {
+        Self { now: Utc::now() }
+    }
+}
+
+/// A loaded, validated policy.
+pub struct PolicySet {
+    version: String,
+    enforcer: Enforcer,
+    /// (rule name, dataset name) -> obligations.
+    obligations: HashMap<(String, String), Arc<Obligations>>,
+}
+
+impl std::fmt::Debug for PolicySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicySet")
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+fn line_of(text: &str, rule: &str) -> usize {
+    let needle = format!("\"{rule}\"");
+    text.lines()
+        .position(|l| l.trim_start().starts_with("name") && l.contains(&needle))
+        .map(|i| i + 1)
+        .unwrap_or(0)
+}
+
+fn referenced<'a>(expr: &'a str, prefix: &str) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find(prefix) {
+        let after = &rest[i + prefix.len()..];
+        let end = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        out.push(&after[..end]);
+        rest = &after[end..];
+    }
+    out
+}
+
+fn object_map(d: &Dataset) -> BTreeMap<String, casbin::rhai::Dynamic> {
+    let q = d.qualified();
+    let mut m = BTreeMap::new();
+    m.insert("name".into(), d.name.clone().into());
+    m.insert("schema".into(), q.schema.into());
+    m.insert("table".into(), q.table.into());
+    m.insert("zone".into(), d.zone.clone().into());
+    m.insert("owner".into(), d.owner.clone().into());
+    let tags: casbin::rhai::Array = d.tags.iter().map(|t| t.clone().into()).collect();
+    m.insert("tags".into(), tags.into());
+    m
+}
+
+#[derive(serde::Serialize, Hash)]
+struct ObjectReq<'a> {
+    name: &'a str,
+    schema: &'a str,
+    table: &'a str,
+    zone: &'a str,
+    owner: &'a str,
+    tags: &'a [String],
+}
+
+#[derive(serde::Serialize, Hash)]
+struct ContextReq {
+    now: i64,
+    hour: i64,
+    weekday: i64,
+    environment: String,
+}
+
+impl PolicySet {
+    /// Parse, validate against `catalog`, and load into casbin. Errors name the file, the line
+    /// of the offending rule and the reason.
+    pub async fn load(model: &str, file: &str, text: &str, catalog: &Catalog) -> Result<Self> {
+        let fail = |line: usize, reason: String| PolicyError::InvalidFile {
+            file: if line > 0 {
+                format!("{file}:{line}")
+            } else {
+                file.to_string()
+            },
+            reason,
+        };
+        let parsed: PolicyFile = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+                .unwrap_or(0);
+            fail(line, e.message().to_string())
+        })?;
+        let model = DefaultModel::from_str(model)
+            .await
+            .map_err(|e| fail(0, format!("casbin model: {e}")))?;
+        let mut enforcer = Enforcer::new(model, MemoryAdapter::default())
+            .await
+            .map_err(|e| fail(0, format!("casbin: {e}")))?;
+
+        let mut names = BTreeSet::new();
+        let mut lines = Vec::new();
+        let mut obligations = HashMap::new();
+        for rule in &parsed.rules {
+            let line = line_of(text, &rule.name);
+            let bad = |reason: String| fail(line, format!("rule '{}': {reason}", rule.name));
+            if !names.insert(rule.name.clone()) {
+                return Err(bad("the name is used twice".into()));
+            }
+            for attr in referenced(&rule.subject, "r.sub.") {
+                if !ATTRIBUTES.contains(&attr) {
+                    return Err(bad(format!(
+                        "unknown attribute r.sub.{attr} (known: {})",
+                        ATTRIBUTES.join(", ")
+                    )));
+                }
+            }
+            for attr in referenced(&rule.subject, "r.ctx.")
+                .into_iter()
+                .chain(referenced(&rule.object, "r.ctx."))
+            {
+                if !CONTEXT_ATTRIBUTES.contains(&attr) {
+                    return Err(bad(format!("unknown context attribute r.ctx.{attr}")));
+                }
+            }
+            for attr in referenced(&rule.object, "r.obj.") {
+                if !OBJECT_ATTRIBUTES.contains(&attr) {
+                    return Err(bad(format!("unknown dataset attribute r.obj.{attr}")));
+                }
+            }
+            if rule.object.contains("r.sub.") || rule.subject.contains("r.obj.") {
+                return Err(bad(
+                    "subject conditions use r.sub/r.ctx, object conditions r.obj".into(),
+                ));
+            }
+            if rule.actions.is_empty() {
+                return Err(bad("no actions".into()));
+            }
+            if rule.effect == Effect::Deny
+                && (!rule.row_filters.is_empty()
+                    || !rule.masks.is_empty()
+                    || rule.threshold.is_some())
+            {
+                return Err(bad("a deny rule carries no obligations".into()));
+            }
+            // Which datasets does the object condition cover? Evaluate it now, with rhai.
+            let engine = casbin::rhai::Engine::new();
+            let mut covered = Vec::new();
+            for d in &catalog.datasets {
+                let mut scope = casbin::rhai::Scope::new();
+                let mut r = casbin::rhai::Map::new();
+                r.insert(
+                    "obj".into(),
+                    object_map(d)
+                        .into_iter()
+                        .map(|(k, v)| (k.into(), v))
+                        .collect::<casbin::rhai::Map>()
+                        .into(),
+                );
+                scope.push("r", r);
+                let hit: bool = engine
+                    .eval_with_scope(&mut scope, &rule.object)
+                    .map_err(|e| bad(format!("object condition does not evaluate: {e}")))?;
+                if hit {
+                    covered.push(d);
+                }
+            }
+            if covered.is_empty() {
+                return Err(bad(
+                    "the object condition matches no dataset in the catalog".into(),
+                ));
+            }
+            for d in &covered {
+                let o = obligations_for(rule, d, catalog).map_err(&bad)?;
+                obligations.insert((rule.name.clone(), d.name.clone()), Arc::new(o));
+            }
+            if let Some(t) = &rule.threshold {
+                if t.k < 2 {
+                    return Err(bad("a threshold's k must be at least 2".into()));
+                }
+            }
+            let mut subject = format!("({})", rule.subject);
+            if let Some(from) = &rule.valid_from {
+                subject.push_str(&format!(
+                    " && r.ctx.now >= {}",
+                    day_start(from).map_err(&bad)?
+                ));
+            }
+            if let Some(until) = &rule.valid_until {
+                subject.push_str(&format!(
+                    " && r.ctx.now < {}",
+                    day_start(until).map_err(&bad)?
+                ));
+            }
+            let effect = match rule.effect {
+                Effect::Allow => "allow",
+                Effect::Deny => "deny",
+            };
+            for a in &rule.actions {
+                lines.push(vec![
+                    subject.clone(),
+                    format!("({})", rule.object),
+                    a.as_str().to_string(),
+                    effect.to_string(),
+                    rule.name.clone(),
+                ]);
+            }
+        }
+        enforcer
+            .add_policies(lines)
+            .await
+            .map_err(|e| fail(0, format!("casbin: {e}")))?;
+        Ok(Self {
+            version: parsed.version,
+            enforcer,
+            obligations,
+        })
+    }
+
+    /// The policy's version string, recorded with every decision.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Decide whether `principal` may perform `action` on `dataset`.
+    pub fn decide(
+        &self,
+        principal: &Principal,
+        dataset: &Dataset,
+        action: Action,
+        ctx: &RequestContext,
+    ) -> Decision {
+        let mut sub: BTreeMap<&str, &str> = ATTRIBUTES.iter().map(|a| (*a, "")).collect();
+        for (k, v) in &principal.attributes {
+            if let Some(slot) = sub.get_mut(k.as_str()) {
+                *slot = v;
+            }
+        }
+        sub.insert("name", &principal.name);
+        let q = dataset.qualified();
+        let obj = ObjectReq {
+            name: &dataset.name,
+            schema: &q.schema,
+            table: &q.table,
+            zone: &dataset.zone,
+            owner: &dataset.owner,
+            tags: &dataset.tags,
+        };
+        let c = ContextReq {
+            now: ctx.now.timestamp(),
+            hour: i64::from(ctx.now.hour()),
+            weekday: i64::from(ctx.now.weekday().num_days_from_monday()),
+            environment: principal.attribute("environment").unwrap_or("").to_string(),
+        };
+        match self.enforcer.enforce_ex((sub, obj, action.as_str(), c)) {
+            Ok((true, rules)) => {
+                let rule = rules
+                    .first()
+                    .and_then(|r| r.get(4))
+                    .cloned()
+                    .unwrap_or_default();
+                match self.obligations.get(&(rule.clone(), dataset.name.clone())) {
+                    Some(o) => Decision::Allow {
+                        rule,
+                        obligations: Arc::clone(o),
+                    },
+                    // Fail closed: an allow we cannot attach obligations to is not an allow.
+                    None => Decision::Deny { rule: Some(rule) },
+                }
+            }
+            Ok((false, rules)) => Decision::Deny {
+                rule: rules.first().and_then(|r| r.get(4)).cloned(),
+            },
+            Err(_) => Decision::Deny { rule: None },
+        }
+    }
+}
+
+/// Unix time of 00:00 UTC on a TOML date.
+fn day_start(d: &toml::value::Datetime) -> std::result::Result<i64, String> {
+    let date = d
+        .date
+        .and_then(|x| {
+            NaiveDate::from_ymd_opt(i32::from(x.year), u32::from(x.month), u32::from(x.day))
+        })
+        .ok_or_else(|| format!("'{d}' is not a date"))?;
+    Ok(date
+        .and_hms_opt(0, 0, 0)
+        .map(|t| t.and_utc().timestamp())
+        .unwrap_or(0))
+}
+
+fn column_type(d: &Dataset, column: &str) -> std::result::Result<ColumnType, String> {
+    d.column(column)
+        .map(|c| c.data_type)
+        .ok_or_else(|| format!("dataset {} has no column '{column}'", d.name))
+}
+
+fn check_filter(f: &RowFilter, d: &Dataset, catalog: &Catalog) -> std::result::Result<(), String> {
+    let t = column_type(d, &f.column)?;
+    match (&f.equals, &f.in_set) {
+        (Some(v), None) => {
+            let ok = match v {
+                FilterValue::Bool(_) => t == ColumnType::Bool,
+                FilterValue::Int(_) => matches!(t, ColumnType::Int32 | ColumnType::Int64),
+                FilterValue::Str(_) => t == ColumnType::Utf8,
+                FilterValue::Attribute { attribute } => {
+                    if !ATTRIBUTES.contains(&attribute.as_str()) {
+                        return Err(format!("unknown attribute '{attribute}' in a row filter"));
+                    }
+                    t == ColumnType::Utf8
+                }
+            };
+            if !ok {
+                return Err(format!(
+                    "row filter value does not fit column {}.{} ({t:?})",
+                    d.name, f.column
+                ));
+            }
+            Ok(())
+        }
+        (None, Some(set)) => {
+            let other = catalog
+                .dataset(&set.dataset)
+                .ok_or_else(|| format!("row filter names unknown dataset '{}'", set.dataset))?;
+            let kt = column_type(other, &set.key)?;
+            if kt != t {
+                return Err(format!(
+                    "row filter key {}.{} and {}.{} differ in type",
+                    other.name, set.key, d.name, f.column
+                ));
+            }
+            check_filter(&set.filter, other, catalog)
+        }
+        _ => Err(format!(
+            "row filter on '{}' needs exactly one of `equals` or `in`",
+            f.column
+        )),
+    }
+}
+
+fn obligations_for(
+    rule: &RuleSpec,
+    d: &Dataset,
+    catalog: &Catalog,
+) -> std::result::Result<Obligations, String> {
+    for f in &rule.row_filters {
+        check_filter(f, d, catalog)?;
+    }
+    let mut masks = BTreeMap::new();
+    for spec in &rule.masks {
+        let mut targets: Vec<&str> = Vec::new();
+        if let Some(label) = &spec.label {
+            if !lakegate_catalogs::LABELS.contains(&label.as_str()) {
+                return Err(format!("unknown label '{label}'"));
+            }
+            targets.extend(
+                d.columns
+                    .iter()
+                    .filter(|c| &c.label == label)
+                    .map(|c| c.name.as_str()),
+            );
+        }
+        for c in &spec.columns {
+            let exists_somewhere = catalog.datasets.iter().any(|x| x.column(c).is_some());
+            if !exists_somewhere {
+                return Err(format!("mask names unknown column '{c}'"));
+            }
+            if d.column(c).is_some() {
+                targets.push(c);
+            }
+        }
+        if spec.label.is_none() && spec.columns.is_empty() {
+            return Err("a mask needs a `label` or `columns`".into());
+        }
+        if let Mask::DateShift { subject, max_days } = &spec.mask {
+            if *max_days == 0 || *max_days > 3650 {
+                return Err("date_shift max_days must be between 1 and 3650".into());
+            }
+            if !targets.is_empty() {
+                column_type(d, subject)?;
+            }
+        }
+        if let Mask::Bucket { width } = &spec.mask {
+            if !(width.is_finite() && *width > 0.0) {
+                return Err("bucket width must be a positive number".into());
+            }
+        }
+        for t in targets {
+            let ct = column_type(d, t)?;
+            if !spec.mask.accepts(ct) {
+                return Err(format!(
+                    "mask {:?} does not apply to {}.{t} ({ct:?})",
+                    spec.mask, d.name
+                ));
+            }
+            // The first mask listed for a column wins; later ones cannot weaken it silently.
+            masks
+                .entry(t.to_string())
+                .or_insert_with(|| spec.mask.clone());
+        }
+    }
+    if let Some(t) = &rule.threshold {
+        if d.column(&t.unit).is_none() {
+            return Err(format!(
+                "threshold unit '{}' is not a column of {}",
+                t.unit, d.name
+            ));
+        }
+    }
+    Ok(Obligations {
+        row_filters: rule.row_filters.clone(),
+        masks,
+        threshold: rule.threshold.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lakegate_catalogs::demo::demo_catalog;
+
+    const DEMO: &str = include_str!("../demo/policy.toml");
+
+    fn who(name: &str, attrs: &[(&str, &str)]) -> Principal {
+        Principal {
+            name: name.into(),
+            attributes: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    async fn demo() -> (PolicySet, Catalog) {
+        let catalog = demo_catalog();
+        let p = PolicySet::load(DEFAULT_MODEL, "policy.toml", DEMO, &catalog)
+            .await
+            .unwrap();
+        (p, catalog)
+    }
+
+    #[tokio::test]
+    async fn personas_get_what_the_scenario_says() {
+        let (p, c) = demo().await;
+        let ctx = RequestContext::default();
+        let patients = c.dataset("clinical.patients").unwrap();
+        let variants = c.dataset("omics.variants").unwrap();
+        let alice = who(
+            "alice",
+            &[
+                ("role", "data_scientist"),
+                ("project", "oncology"),
+                ("purpose", "model_training"),
+                ("environment", "sandbox"),
+            ],
+        );
+        let dave = who(
+            "dave",
+            &[
+                ("role", "data_scientist"),
+                ("project", "cardiology"),
+                ("purpose", "model_training"),
+                ("environment", "production"),
+            ],
+        );
+        let bob = who(
+            "bob",
+            &[
+                ("role", "analyst"),
+                ("project", "readmissions"),
+                ("purpose", "operations"),
+            ],
+        );
+        let carol = who(
+            "carol",
+            &[
+                ("role", "clinician"),
+                ("site", "SITE_A"),
+                ("purpose", "treatment"),
+            ],
+        );
+        let erin = who("erin", &[("role", "compliance_auditor")]);
+        let mallory = who("mallory", &[]);
+
+        let d = p.decide(&alice, patients, Action::RowQuery, &ctx);
+        assert_eq!(d.rule_name(), "research-deidentified");
+        let Decision::Allow { obligations, .. } = d else {
+            panic!()
+        };
+        assert_eq!(obligations.masks["ssn"], Mask::Nullify);
+        assert_eq!(obligations.masks["patient_id"], Mask::Pseudonym);
+        assert_eq!(obligations.masks["zip"], Mask::Zip3);
+        assert_eq!(obligations.row_filters.len(), 1);
+        assert!(p
+            .decide(&alice, variants, Action::RowQuery, &ctx)
+            .is_allowed());
+
+        assert!(p
+            .decide(&dave, patients, Action::RowQuery, &ctx)
+            .is_allowed());
+        assert_eq!(
+            p.decide(&dave, variants, Action::RowQuery, &ctx),
+            Decision::Deny {
+                rule: Some("no-omics-in-production".into())
+            }
+        );
+
+        assert_eq!(
+            p.decide(&bob, patients, Action::RowQuery, &ctx),
+            Decision::Deny { rule: None }
+        );
+        let Decision::Allow { obligations, .. } =
+            p.decide(&bob, patients, Action::AggregateQuery, &ctx)
+        else {
+            panic!()
+        };
+        assert_eq!(
+            obligations.threshold,
+            Some(Threshold {
+                k: 11,
+                unit: "patient_id".into()
+            })
+        );
+        assert!(!p
+            .decide(&bob, variants, Action::AggregateQuery, &ctx)
+            .is_allowed());
+
+        let Decision::Allow { obligations, .. } =
+            p.decide(&carol, patients, Action::RowQuery, &ctx)
+        else {
+            panic!()
+        };
+        assert_eq!(obligations.masks["ssn"], Mask::ShowLast { n: 4 });
+        assert!(!p
+            .decide(&carol, variants, Action::RowQuery, &ctx)
+            .is_allowed());
+
+        for nobody in [&erin, &mallory] {
+            for d in &c.datasets {
+                for a in [Action::RowQuery, Action::AggregateQuery] {
+                    assert!(
+                        !p.decide(nobody, d, a, &ctx).is_allowed(),
+                        "{} {}",
+                        nobody.name,
+                        d.name
+                    );
+                }
+            }
+        }
+
+        // Attributes, not names: a new user with alice's attributes gets alice's view.
+        let twin = who(
+            "alice2",
+            &[
+                ("role", "data_scientist"),
+                ("project", "oncology"),
+                ("purpose", "model_training"),
+                ("environment", "sandbox"),
+            ],
+        );
+        assert_eq!(
+            p.decide(&twin, variants, Action::RowQuery, &ctx),
+            p.decide(&alice, variants, Action::RowQuery, &ctx)
+        );
+    }
+
+    #[tokio::test]
+    async fn validity_window_is_enforced() {
+        let catalog = demo_catalog();
+        let text = r#"
+version = "t"
+[[rule]]
+name = "trial-access"
+effect = "allow"
+subject = 'r.sub.role == "analyst"'
+object = 'r.obj.name == "clinical.patients"'
+actions = ["row_query"]
+valid_from = 2026-01-01
+valid_until = 2026-02-01
+"#;
+        let p = PolicySet::load(DEFAULT_MODEL, "p.toml", text, &catalog)
+            .await
+            .unwrap();
+        let d = catalog.dataset("clinical.patients").unwrap();
+        let bob = who("bob", &[("role", "analyst")]);
+        let at = |s: &str| RequestContext {
+            now: s.parse().unwrap(),
+        };
+        assert!(p
+            .decide(&bob, d, Action::RowQuery, &at("2026-01-15T12:00:00Z"))
+            .is_allowed());
+        assert!(!p
+            .decide(&bob, d, Action::RowQuery, &at("2026-02-01T00:00:01Z"))
+            .is_allowed());
+        assert!(!p
+            .decide(&bob, d, Action::RowQuery, &at("2025-12-31T23:59:59Z"))
+            .is_allowed());
+    }
+
+    async fn load_err(rule_body: &str) -> String {
+        let text = format!(
+            "version = \"t\"\n\n[[rule]]\nname = \"bad\"\neffect = \"allow\"\n{rule_body}\n"
+        );
+        PolicySet::load(DEFAULT_MODEL, "p.toml", &text, &demo_catalog())
+            .await
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn bad_rules_are_refused_with_file_line_and_reason() {
+        let base = "subject = 'r.sub.role == \"x\"'\nobject = 'r.obj.schema == \"clinical\"'\nactions = [\"row_query\"]";
+        let e = load_err(&format!(
+            "{base}\nmasks = [{{ columns = [\"sssn\"], mask = \"nullify\" }}]"
+        ))
+        .await;
+        assert_eq!(e, "p.toml:4: rule 'bad': mask names unknown column 'sssn'");
+        let e = load_err(&format!(
+            "{base}\nmasks = [{{ label = \"phi.secret\", mask = \"nullify\" }}]"
+        ))
+        .await;
+        assert!(e.contains("unknown label 'phi.secret'"), "{e}");
+        let e = load_err(&format!(
+            "{base}\nmasks = [{{ columns = [\"ssn\"], mask = \"scramble\" }}]"
+        ))
+        .await;
+        assert!(e.starts_with("p.toml:"), "{e}");
+        let e = load_err(&format!(
+            "{base}\nmasks = [{{ columns = [\"total_cost\"], mask = \"zip3\" }}]"
+        ))
+        .await;
+        assert!(
+            e.contains("does not apply to clinical.encounters.total_cost"),
+            "{e}"
+        );
+        let e = load_err("subject = 'r.sub.rank == \"x\"'\nobject = 'r.obj.schema == \"clinical\"'\nactions = [\"row_query\"]").await;
+        assert!(e.contains("unknown attribute r.sub.rank"), "{e}");
+        let e = load_err(&format!("{base}\nrow_filters = [{{ column = \"site_id\", equals = {{ attribute = \"clearance\" }} }}]")).await;
+        assert!(
+            e.contains("dataset clinical.conditions has no column 'site_id'")
+                || e.contains("unknown attribute"),
+            "{e}"
+        );
+        let e = load_err("subject = 'r.sub.role == \"x\"'\nobject = 'r.obj.schema == \"finance\"'\nactions = [\"row_query\"]").await;
+        assert!(e.contains("matches no dataset"), "{e}");
+        let e = load_err(&format!(
+            "{base}\nthreshold = {{ k = 1, unit = \"patient_id\" }}"
+        ))
+        .await;
+        assert!(e.contains("at least 2"), "{e}");
+    }
+}
