@@ -1,3 +1,6 @@
 //! Integration tests: a real Lakegate server on 127.0.0.1:0, the arrow-flight Flight SQL client.
 
+mod attacks;
+mod common;
 mod flight_sql;
+mod personas;

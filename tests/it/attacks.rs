@@ -1,0 +1,183 @@
+//! An analyst who wants the raw SSNs: bypass attempts, each asserting refusal or compliant
+//! data. Every attempt is run through the real server with the arrow-flight client.
+
+use arrow::array::RecordBatch;
+use arrow_flight::error::FlightError;
+use lakegate_tests::{raw_query, TestServer};
+
+use crate::common::{code_of, column_text, first_i64, login, rows, sql, Client};
+
+/// What an attempt must produce.
+enum Expect {
+    /// Refused with this gRPC code; the message must contain the text.
+    Refused(&'static str, &'static str),
+    /// Answered; the check says whether the answer is compliant.
+    Answer(fn(&[RecordBatch]) -> bool),
+}
+use Expect::*;
+
+fn no_rows(b: &[RecordBatch]) -> bool {
+    rows(b) == 0
+}
+fn zero(b: &[RecordBatch]) -> bool {
+    first_i64(b) == 0
+}
+fn all_null(b: &[RecordBatch]) -> bool {
+    column_text(b, 0).iter().all(|v| v == "NULL")
+}
+fn nothing_looks_like_an_ssn(b: &[RecordBatch]) -> bool {
+    (0..b.first().map_or(0, |b| b.num_columns()))
+        .all(|i| column_text(b, i).iter().all(|v| !looks_like_ssn(v)))
+}
+fn any_answer(_: &[RecordBatch]) -> bool {
+    true
+}
+
+pub fn looks_like_ssn(text: &str) -> bool {
+    text.as_bytes().windows(11).any(|w| {
+        w.iter().enumerate().all(|(i, c)| match i {
+            3 | 6 => *c == b'-',
+            _ => c.is_ascii_digit(),
+        })
+    })
+}
+
+const ATTACKS: &[(&str, &str, Expect)] = &[
+    // Predicates, ordering and grouping on masked columns see only the masked value.
+    ("alice", "SELECT ssn FROM clinical.patients WHERE ssn IS NOT NULL", Answer(no_rows)),
+    ("alice", "SELECT count(*) FROM clinical.patients WHERE ssn LIKE '1%'", Answer(zero)),
+    ("alice", "SELECT count(*) FROM clinical.patients WHERE substr(ssn, 1, 1) = '1'", Answer(zero)),
+    ("alice", "SELECT ssn FROM clinical.patients ORDER BY ssn DESC LIMIT 3", Answer(all_null)),
+    ("alice", "SELECT ssn, count(*) FROM clinical.patients GROUP BY ssn", Answer(all_null)),
+    ("alice", "SELECT count(*) FROM clinical.patients a JOIN clinical.patients b ON a.ssn = b.ssn", Answer(zero)),
+    ("alice", "SELECT count(*) FROM clinical.patients WHERE first_name = 'José' OR last_name = 'Nguyễn'", Answer(zero)),
+    ("alice", "SELECT count(*) FROM clinical.patients WHERE patient_id = 'P00000001'", Answer(zero)),
+    ("alice", "SELECT count(*) FROM clinical.patients WHERE patient_id LIKE 'P%'", Answer(zero)),
+    ("alice", "SELECT max(length(ssn)), max(mrn), max(email) FROM clinical.patients", Answer(all_null)),
+    // CTE, view-like, subquery and UNION routes.
+    ("alice", "WITH x AS (SELECT * FROM clinical.patients) SELECT ssn FROM x WHERE ssn IS NOT NULL", Answer(no_rows)),
+    ("alice", "SELECT ssn FROM (SELECT * FROM (SELECT ssn FROM clinical.patients) s) t WHERE ssn IS NOT NULL", Answer(no_rows)),
+    ("alice", "SELECT ssn FROM clinical.patients UNION SELECT ssn FROM clinical.patients", Answer(all_null)),
+    ("alice", "SELECT (SELECT max(ssn) FROM clinical.patients)", Answer(all_null)),
+    ("alice", "SELECT count(*) FROM clinical.encounters WHERE patient_id IN (SELECT patient_id FROM clinical.patients WHERE NOT research_consent)", Answer(zero)),
+    ("alice", "SELECT count(*) FROM clinical.encounters e WHERE EXISTS (SELECT 1 FROM clinical.patients p WHERE p.patient_id = e.patient_id AND NOT p.research_consent)", Answer(zero)),
+    ("alice", "SELECT count(*) FROM clinical.patients WHERE NOT research_consent", Answer(zero)),
+    ("alice", "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT p.ssn FROM r, clinical.patients p WHERE p.ssn IS NOT NULL", Answer(no_rows)),
+    // Files, paths, DDL, DML, COPY, SET, catalogs.
+    ("alice", "SELECT * FROM '/etc/passwd'", Refused("InvalidArgument", "not found")),
+    ("alice", "SELECT * FROM 'curated/clinical/patients/'", Refused("InvalidArgument", "not found")),
+    ("alice", "SELECT * FROM 'lakegate://lake/curated/clinical/patients/part-00000.parquet'", Refused("InvalidArgument", "not found")),
+    ("alice", "CREATE EXTERNAL TABLE raw STORED AS PARQUET LOCATION 'curated/clinical/patients/'", Refused("InvalidArgument", "CREATE statements are refused")),
+    ("alice", "CREATE VIEW v AS SELECT * FROM clinical.patients", Refused("InvalidArgument", "CREATE statements are refused")),
+    ("alice", "COPY clinical.patients TO '/tmp/leak.csv'", Refused("InvalidArgument", "COPY statements are refused")),
+    ("alice", "INSERT INTO clinical.patients SELECT * FROM clinical.patients", Refused("InvalidArgument", "INSERT statements are refused")),
+    ("alice", "SET datafusion.execution.batch_size = 1", Refused("InvalidArgument", "SET statements are refused")),
+    ("alice", "SELECT * INTO leak FROM clinical.patients", Refused("InvalidArgument", "read-only")),
+    ("alice", "SELECT * FROM information_schema.columns", Refused("InvalidArgument", "not found")),
+    ("alice", "EXPLAIN SELECT ssn FROM clinical.patients", Refused("PermissionDenied", "explain-admin-only")),
+    ("alice", "EXPLAIN ANALYZE SELECT ssn FROM clinical.patients", Refused("PermissionDenied", "explain-admin-only")),
+    // Error oracles: the row filter runs before any user expression.
+    ("alice", "SELECT count(*) FROM clinical.patients WHERE 1 / (CASE WHEN research_consent THEN 1 ELSE 0 END) = 1", Answer(any_answer)),
+    ("carol", "SELECT count(*) FROM clinical.patients WHERE 1 / (CASE WHEN site_id = 'SITE_A' THEN 1 ELSE 0 END) = 1", Answer(any_answer)),
+    ("carol", "SELECT CAST(ssn AS BIGINT) FROM clinical.patients", Refused("InvalidArgument", "could not be converted")),
+    ("carol", "SELECT CAST(first_name AS INT) FROM clinical.patients", Refused("InvalidArgument", "could not be converted")),
+    ("carol", "SELECT count(*) FROM clinical.patients WHERE ssn LIKE '1%' OR ssn LIKE '2%'", Answer(zero)),
+    ("carol", "SELECT ssn FROM clinical.patients", Answer(nothing_looks_like_an_ssn)),
+    ("carol", "SELECT count(*) FROM clinical.patients WHERE site_id <> 'SITE_A'", Answer(zero)),
+    ("carol", "SELECT count(*) FROM clinical.encounters WHERE site_id = 'SITE_B'", Answer(zero)),
+    // Aggregation thresholds.
+    ("bob", "SELECT patient_id FROM clinical.patients", Refused("PermissionDenied", "row_query on clinical.patients is refused")),
+    ("bob", "SELECT DISTINCT site_id FROM clinical.patients", Refused("PermissionDenied", "row_query")),
+    ("bob", "SELECT min(birth_date) FROM clinical.patients", Refused("PermissionDenied", "aggregate min is refused")),
+    ("bob", "SELECT site_id, max(total_cost) FROM clinical.encounters GROUP BY site_id", Refused("PermissionDenied", "aggregate max is refused")),
+    ("bob", "SELECT array_agg(ssn) FROM clinical.patients", Refused("PermissionDenied", "aggregate array_agg is refused")),
+    ("bob", "SELECT string_agg(code, ',') FROM clinical.conditions", Refused("PermissionDenied", "aggregate string_agg is refused")),
+    ("bob", "SELECT median(total_cost) FROM clinical.encounters", Refused("PermissionDenied", "is refused")),
+    ("bob", "SELECT site_id, sex, count(*) FROM clinical.patients GROUP BY ROLLUP(site_id, sex)", Refused("PermissionDenied", "GROUPING SETS, ROLLUP and CUBE")),
+    ("bob", "SELECT site_id, count(*) FROM clinical.patients GROUP BY GROUPING SETS ((site_id), ())", Refused("PermissionDenied", "GROUPING SETS")),
+    ("bob", "SELECT site_id, count(*) OVER (PARTITION BY site_id) FROM clinical.patients", Refused("PermissionDenied", "row_query")),
+    ("bob", "SELECT count(*) FROM clinical.conditions WHERE code = 'D81.0'", Answer(no_rows)),
+    ("bob", "SELECT patient_id, count(*) FROM clinical.observations GROUP BY patient_id", Answer(no_rows)),
+    ("bob", "SELECT code, count(*) FROM clinical.conditions GROUP BY code HAVING count(DISTINCT patient_id) < 11", Answer(no_rows)),
+    ("bob", "SELECT birth_date, count(*) FROM clinical.patients GROUP BY birth_date", Answer(no_rows)),
+    ("bob", "SELECT count(*) FROM clinical.encounters e JOIN clinical.patients p ON e.site_id = p.site_id", Refused("PermissionDenied", "joined only on patient_id")),
+    ("bob", "SELECT x, count(*) FROM (SELECT site_id AS x FROM clinical.patients) s GROUP BY x", Refused("PermissionDenied", "privacy unit patient_id")),
+    ("bob", "SELECT count(*) FROM omics.variants", Refused("InvalidArgument", "not found")),
+    // Nothing at all for those without grants.
+    ("mallory", "SELECT * FROM clinical.patients", Refused("InvalidArgument", "not found")),
+    ("erin", "SELECT count(*) FROM clinical.encounters", Refused("InvalidArgument", "not found")),
+    ("dave", "SELECT * FROM omics.variants", Refused("InvalidArgument", "not found")),
+];
+
+#[tokio::test]
+async fn bypass_attempts_are_refused_or_compliant() {
+    assert!(ATTACKS.len() >= 40);
+    let server = TestServer::start().await;
+    let mut clients: Vec<(&str, Client)> = Vec::new();
+    for user in ["alice", "bob", "carol", "dave", "erin", "mallory"] {
+        clients.push((user, login(&server, user).await));
+    }
+    let mut failures = Vec::new();
+    for (user, query, expect) in ATTACKS {
+        let client = &mut clients
+            .iter_mut()
+            .find(|(u, _)| u == user)
+            .expect("persona")
+            .1;
+        let result: Result<Vec<RecordBatch>, FlightError> = sql(client, query).await;
+        let ok = match (expect, &result) {
+            (Refused(code, text), Err(e)) => {
+                code_of(e) == *code
+                    && e.to_string().contains(text)
+                    && !looks_like_ssn(&e.to_string())
+            }
+            (Answer(check), Ok(batches)) => check(batches),
+            _ => false,
+        };
+        if !ok {
+            let got = match &result {
+                Ok(b) => format!(
+                    "{} rows: {:?}",
+                    rows(b),
+                    b.first().map(|b| column_text(std::slice::from_ref(b), 0))
+                ),
+                Err(e) => format!("{}: {e}", code_of(e)),
+            };
+            failures.push(format!("{user}: {query}\n    got {got}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} attempts not handled:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn released_bob_counts_never_describe_fewer_than_eleven_patients() {
+    // Overlapping filters: every group released, whatever the slicing, holds at least 11.
+    let server = TestServer::start().await;
+    let mut bob = login(&server, "bob").await;
+    for q in [
+        "SELECT site_id, sex, race, count(*) AS n, count(DISTINCT patient_id) AS u FROM clinical.patients GROUP BY site_id, sex, race",
+        "SELECT encounter_class, payer, count(DISTINCT patient_id) AS u, avg(total_cost) FROM clinical.encounters GROUP BY encounter_class, payer",
+        "SELECT reason_code, readmitted_30d, count(DISTINCT patient_id) AS u FROM clinical.encounters WHERE total_cost > 40000 GROUP BY reason_code, readmitted_30d",
+    ] {
+        let b = sql(&mut bob, q).await.unwrap();
+        let units_col = b.first().map(|b| b.schema().index_of("u").unwrap()).unwrap_or(0);
+        for u in column_text(&b, units_col) {
+            assert!(u.parse::<i64>().unwrap() >= 11, "{q}: released a group of {u}");
+        }
+    }
+    // And what is released matches plain DataFusion with the same HAVING.
+    let governed = sql(
+        &mut bob,
+        "SELECT sex, count(*) FROM clinical.patients GROUP BY sex ORDER BY sex",
+    )
+    .await
+    .unwrap();
+    let plain =
+        raw_query("SELECT sex, count(*) FROM clinical_patients GROUP BY sex ORDER BY sex").await;
+    assert_eq!(column_text(&governed, 1), column_text(&plain, 1));
+}
