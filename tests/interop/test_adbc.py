@@ -33,12 +33,14 @@ def test_wrong_password_is_refused(server):
     assert "invalid user name or password" in str(err.value)
 
 
-def test_execute_and_fetch_arrow(alice):
+def test_execute_and_fetch_arrow(alice, server):
     cur = alice.cursor()
     cur.execute("SELECT count(*) AS n FROM clinical.patients")
     table = cur.fetch_arrow_table()
     assert table.column_names == ["n"]
-    assert table.to_pylist() == [{"n": PATIENTS}]
+    # alice sees consenting patients only; carol sees her site only; together fewer than all.
+    consenting = table.to_pylist()[0]["n"]
+    assert 0 < consenting < PATIENTS
 
 
 def test_bound_parameters_match_literals(alice):
@@ -91,6 +93,45 @@ def test_pandas_and_polars(alice):
     assert len(df) == 10 and list(df.columns) == ["loinc_code", "mean"]
     pdf = pl.read_database("SELECT gene, count(*) AS n FROM omics.variants GROUP BY gene", connection=alice)
     assert pdf.height == 10 and pdf["n"].sum() > 0
+
+
+def test_personas_through_adbc(server):
+    """The scenario's personas, as an analyst's notebook would see them."""
+    alice = connect(server, "alice")
+    cur = alice.cursor()
+    cur.execute("SELECT patient_id, ssn, first_name, birth_date, zip FROM clinical.patients LIMIT 20")
+    rows = cur.fetch_arrow_table().to_pylist()
+    assert rows and all(r["ssn"] is None and r["first_name"] is None for r in rows)
+    assert all(r["patient_id"].startswith("ps_") and len(r["zip"]) == 3 for r in rows)
+    assert all(r["birth_date"].month == 1 and r["birth_date"].day == 1 for r in rows)
+    alice.close()
+
+    carol = connect(server, "carol")
+    cur = carol.cursor()
+    cur.execute("SELECT DISTINCT site_id FROM clinical.patients")
+    assert cur.fetchall() == [("SITE_A",)]
+    cur.execute("SELECT ssn FROM clinical.patients LIMIT 5")
+    assert all(s.startswith("***-**-") for (s,) in cur.fetchall())
+    carol.close()
+
+    bob = connect(server, "bob")
+    cur = bob.cursor()
+    with pytest.raises(adbc_driver_manager.Error) as err:
+        cur.execute("SELECT * FROM clinical.patients")
+    assert "PERMISSION_DENIED" in str(err.value) or "UNAUTHORIZED" in str(err.value)
+    assert "only aggregate queries" in str(err.value)
+    cur.execute("SELECT site_id, count(DISTINCT patient_id) AS n FROM clinical.patients GROUP BY site_id")
+    assert all(n >= 11 for (_, n) in cur.fetchall())
+    with pytest.raises(adbc_driver_manager.Error) as err:
+        cur.execute("SELECT min(birth_date) FROM clinical.patients")
+    assert "aggregate min is refused" in str(err.value)
+    bob.close()
+
+    dave = connect(server, "dave")
+    with pytest.raises(adbc_driver_manager.Error) as err:
+        dave.cursor().execute("SELECT * FROM omics.variants")
+    assert "not found" in str(err.value)
+    dave.close()
 
 
 def test_mallory_sees_nothing(server):

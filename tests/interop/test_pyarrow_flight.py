@@ -39,7 +39,7 @@ def test_statement_via_raw_flight(server):
     assert info.schema.names == ["n"]
     assert all(not ep.locations for ep in info.endpoints)
     table = client.do_get(info.endpoints[0].ticket, options).read_all()
-    assert table.to_pylist() == [{"n": PATIENTS}]
+    assert 0 < table.to_pylist()[0]["n"] < PATIENTS  # consenting patients only
 
 
 def test_training_stream_arrives_in_batches(server):
@@ -52,7 +52,7 @@ def test_training_stream_arrives_in_batches(server):
     for chunk in reader:
         batches += 1
         rows += chunk.data.num_rows
-    assert batches > 1 and rows >= PATIENTS * 5
+    assert batches >= 1 and rows >= PATIENTS * 2
 
 
 def test_no_token_and_forged_tickets_are_refused(server):
@@ -74,8 +74,9 @@ def test_no_token_and_forged_tickets_are_refused(server):
         carol.do_get(info.endpoints[0].ticket, carol_options).read_all()
     assert "another caller" in str(err.value)
 
-    # The server still serves the owner.
-    assert client.do_get(info.endpoints[0].ticket, options).read_all().num_rows == PATIENTS
+    # The server still serves the owner, with masked values.
+    table = client.do_get(info.endpoints[0].ticket, options).read_all()
+    assert table.num_rows > 0 and table.column("ssn").null_count == table.num_rows
 
 
 def test_wrong_password(server):
