@@ -63,11 +63,14 @@ pub fn lake_path() -> PathBuf {
 pub struct ServerOptions {
     pub engine: Option<EngineConfig>,
     pub lifetimes: Option<Lifetimes>,
+    /// Policy text instead of the demo policy.
+    pub policy: Option<String>,
 }
 
 /// A running server; it stops when the test's runtime ends.
 pub struct TestServer {
     pub addr: SocketAddr,
+    pub engine: Engine,
 }
 
 impl TestServer {
@@ -81,7 +84,11 @@ impl TestServer {
         let catalog = lakegate_catalogs::Catalog::load(&lake)
             .await
             .expect("catalog");
-        let policy = PolicySet::load(DEFAULT_MODEL, "policy.toml", DEMO_POLICY, &catalog)
+        let text = options
+            .policy
+            .clone()
+            .unwrap_or_else(|| DEMO_POLICY.to_string());
+        let policy = PolicySet::load(DEFAULT_MODEL, "policy.toml", &text, &catalog)
             .await
             .expect("policy");
         let engine = Engine::open(
@@ -93,7 +100,7 @@ impl TestServer {
         .await
         .expect("engine");
         let service = lakegate_flight_server::flight_service(
-            engine,
+            engine.clone(),
             Arc::clone(&shared.users),
             options.lifetimes.unwrap_or_default(),
         );
@@ -105,7 +112,7 @@ impl TestServer {
             service,
             std::future::pending(),
         ));
-        Self { addr }
+        Self { addr, engine }
     }
 
     pub fn url(&self) -> String {

@@ -82,7 +82,8 @@ struct Inner {
     catalog: Catalog,
     tables: HashMap<String, Arc<dyn TableProvider>>,
     template: SessionState,
-    policy: PolicySet,
+    /// Swapped whole on reload; each session keeps the snapshot it started with.
+    policy: std::sync::RwLock<Arc<PolicySet>>,
     keys: KeyRing,
     config: EngineConfig,
     /// Subject sets (e.g. consenting patients) computed once per filter: the lake is read-only
@@ -141,7 +142,7 @@ impl Engine {
                 catalog,
                 tables,
                 template,
-                policy,
+                policy: std::sync::RwLock::new(Arc::new(policy)),
                 keys,
                 config,
                 subject_sets: AsyncMutex::new(HashMap::new()),
@@ -157,24 +158,34 @@ impl Engine {
         &self.inner.config
     }
 
-    /// The policy's version, recorded with every decision.
-    pub fn policy_version(&self) -> &str {
-        self.inner.policy.version()
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<PolicySet> {
+        match self.inner.policy.read() {
+            Ok(p) => Arc::clone(&p),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Replace the policy atomically: requests already planning keep the old one, every new
+    /// request gets the new one. Cached subject sets (which depend on row filters) are dropped.
+    pub async fn replace_policy(&self, policy: PolicySet) {
+        let policy = Arc::new(policy);
+        match self.inner.policy.write() {
+            Ok(mut p) => *p = policy,
+            Err(poisoned) => *poisoned.into_inner() = policy,
+        }
+        self.inner.subject_sets.lock().await.clear();
     }
 
     fn decisions(
-        &self,
+        policy: &PolicySet,
         principal: &Principal,
         d: &Dataset,
         ctx: &RequestContext,
     ) -> (Decision, Decision) {
         (
-            self.inner
-                .policy
-                .decide(principal, d, Action::RowQuery, ctx),
-            self.inner
-                .policy
-                .decide(principal, d, Action::AggregateQuery, ctx),
+            policy.decide(principal, d, Action::RowQuery, ctx),
+            policy.decide(principal, d, Action::AggregateQuery, ctx),
         )
     }
 
@@ -182,12 +193,13 @@ impl Engine {
     /// invisible to them: absent from metadata and "not found" in SQL.
     pub fn visible_datasets(&self, principal: &Principal) -> Vec<&Dataset> {
         let ctx = RequestContext::default();
+        let policy = self.policy();
         self.inner
             .catalog
             .datasets
             .iter()
             .filter(|d| {
-                let (row, agg) = self.decisions(principal, d, &ctx);
+                let (row, agg) = Self::decisions(&policy, principal, d, &ctx);
                 row.is_allowed() || agg.is_allowed()
             })
             .collect()
@@ -203,9 +215,10 @@ impl Engine {
         let catalog = MemoryCatalogProvider::new();
         let mut schemas: BTreeMap<String, Arc<MemorySchemaProvider>> = BTreeMap::new();
         let request = RequestContext::default();
+        let policy = self.policy();
         let mut decisions = HashMap::new();
         for d in &self.inner.catalog.datasets {
-            let (row, agg) = self.decisions(principal, d, &request);
+            let (row, agg) = Self::decisions(&policy, principal, d, &request);
             let obligations = match (&row, &agg) {
                 (Decision::Allow { obligations, rule }, _)
                 | (_, Decision::Allow { obligations, rule }) => {
@@ -229,6 +242,7 @@ impl Engine {
             ctx,
             max_sql_bytes: self.inner.config.max_sql_bytes,
             decisions,
+            policy_version: policy.version().to_string(),
         })
     }
 
@@ -384,6 +398,14 @@ pub struct Session {
     max_sql_bytes: usize,
     /// Dataset -> (row-query decision, aggregate-query decision), for visible datasets.
     decisions: HashMap<String, (Decision, Decision)>,
+    policy_version: String,
+}
+
+impl Session {
+    /// The version of the policy this session's decisions came from.
+    pub fn policy_version(&self) -> &str {
+        &self.policy_version
+    }
 }
 
 /// A planned (not yet executed) query: its result schema and parameters are known, nothing

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod reload;
 pub mod service;
 pub mod signing;
 pub mod status;

@@ -254,6 +254,17 @@ async fn run(
     let policy = PolicySet::load(&model, &file, &text, &catalog).await?;
     tracing::info!(version = policy.version(), "policy loaded");
     let engine = Engine::open(lake.clone(), policy, keys, settings.engine.clone()).await?;
+    if let Some(path) = &settings.policy {
+        let source = lakegate_flight_server::reload::PolicySource {
+            policy: path.clone(),
+            model: settings.model.clone(),
+        };
+        lakegate_flight_server::reload::spawn_watcher(
+            engine.clone(),
+            source,
+            std::time::Duration::from_secs(2),
+        );
+    }
     if !settings.listen.ip().is_loopback() {
         tracing::warn!(listen = %settings.listen, "serving plaintext gRPC off loopback: credentials and data cross the network unencrypted");
     }

@@ -138,9 +138,14 @@ impl LakegateService {
             .signer
             .verify("session", token.as_bytes())
             .map_err(token_status)?;
-        self.users
+        let principal = self
+            .users
             .principal(&sub)
-            .ok_or_else(|| Status::unauthenticated("this user no longer exists or is disabled"))
+            .ok_or_else(|| Status::unauthenticated("this user no longer exists or is disabled"))?;
+        narrow_purpose(
+            principal,
+            request.metadata().get(PURPOSE_HEADER).map(|v| v.to_str()),
+        )
     }
 
     fn ticket_info(
@@ -266,6 +271,45 @@ impl LakegateService {
             .verify_for::<HandleBody>("prepared statement handle", raw, &principal.name)
             .map_err(token_status)
     }
+}
+
+/// Request header by which a client narrows its purpose of use (per call; ADBC sets it per
+/// connection with `adbc.flight.sql.rpc.call_header.x-lakegate-purpose`).
+pub const PURPOSE_HEADER: &str = "x-lakegate-purpose";
+
+/// A principal's `purpose` attribute lists the purposes of use its identity allows
+/// (comma-separated). A client may pick one of them, never add one; without a choice the first
+/// applies. Nothing else a client sends changes an attribute.
+fn narrow_purpose(
+    mut principal: Principal,
+    requested: Option<Result<&str, tonic::metadata::errors::ToStrError>>,
+) -> Result<Principal, Status> {
+    let allowed: Vec<String> = principal
+        .attribute("purpose")
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
+    let chosen = match requested {
+        None => allowed.first().cloned(),
+        Some(Ok(want)) if allowed.iter().any(|a| a == want.trim()) => Some(want.trim().to_string()),
+        Some(_) => {
+            return Err(Status::permission_denied(
+                "the requested purpose of use is not one this principal's identity allows (rule: purpose-of-use)",
+            ))
+        }
+    };
+    match chosen {
+        Some(p) => {
+            principal.attributes.insert("purpose".into(), p);
+        }
+        None => {
+            principal.attributes.remove("purpose");
+        }
+    }
+    Ok(principal)
 }
 
 fn lakegate_engine_catalog() -> &'static str {

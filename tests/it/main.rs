@@ -4,3 +4,4 @@ mod attacks;
 mod common;
 mod flight_sql;
 mod personas;
+mod policy_admin;
