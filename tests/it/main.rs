@@ -2,6 +2,7 @@
 
 mod attacks;
 mod common;
+mod differential;
 mod flight_sql;
 mod personas;
 mod policy_admin;
