@@ -48,9 +48,19 @@ fn shared() -> &'static Shared {
             _dir: dir,
             lake_path,
             users: Arc::new(demo_users().expect("users")),
-            keys: KeyRing::generate(DEMO_PROJECTS.iter().copied()),
+            keys: test_keys(),
         }
     })
+}
+
+/// Fixed project keys, so that pseudonyms and date shifts in expected results are stable.
+pub fn test_keys() -> KeyRing {
+    let text: String = DEMO_PROJECTS
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{p} = \"{}\"\n", format!("{:02x}", i + 1).repeat(32)))
+        .collect();
+    KeyRing::from_toml("test keys", &format!("[projects]\n{text}")).expect("test keys")
 }
 
 /// Path of the shared test lake.

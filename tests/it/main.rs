@@ -6,3 +6,4 @@ mod differential;
 mod flight_sql;
 mod personas;
 mod policy_admin;
+mod slt;
