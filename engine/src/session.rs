@@ -693,6 +693,36 @@ fn apply_thresholds(
     }
 }
 
+/// Optimize to a physical plan and verify it; nothing is read yet.
+async fn physical_plan(
+    ctx: &SessionContext,
+    plan: LogicalPlan,
+) -> Result<(
+    Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    Arc<datafusion::execution::TaskContext>,
+)> {
+    let df = ctx.execute_logical_plan(plan).await?;
+    let task = Arc::new(df.task_ctx());
+    let physical = df.create_physical_plan().await?;
+    verify_physical(&physical).map_err(|why| {
+        tracing::error!(%why, "plan verification refused a query");
+        EngineError::PermissionDenied(format!(
+            "the query plan failed verification: {why} (rule: plan-verifier)"
+        ))
+    })?;
+    Ok((physical, task))
+}
+
+impl PlannedQuery {
+    /// The verified physical plan, as [`PlannedQuery::execute`] would run it (for benchmarks
+    /// and tests of planning cost).
+    pub async fn verified_physical_plan(
+        &self,
+    ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        Ok(physical_plan(&self.ctx, self.plan.clone()).await?.0)
+    }
+}
+
 fn explain_refused() -> EngineError {
     EngineError::PermissionDenied(
         "EXPLAIN is refused (rule: explain-admin-only): plans reveal storage internals".into(),
@@ -779,15 +809,7 @@ impl PlannedQuery {
             }
             _ => self.plan,
         };
-        let df = self.ctx.execute_logical_plan(plan).await?;
-        let task = Arc::new(df.task_ctx());
-        let physical = df.create_physical_plan().await?;
-        verify_physical(&physical).map_err(|why| {
-            tracing::error!(%why, "plan verification refused a query");
-            EngineError::PermissionDenied(format!(
-                "the query plan failed verification: {why} (rule: plan-verifier)"
-            ))
-        })?;
+        let (physical, task) = physical_plan(&self.ctx, plan).await?;
         Ok(datafusion::physical_plan::execute_stream(physical, task)?)
     }
 }
