@@ -7,7 +7,10 @@ use std::sync::{Arc, OnceLock};
 
 use lakegate_catalogs::demo::{build_demo_lake, DemoOptions};
 use lakegate_catalogs::Lake;
+use lakegate_engine::audit::{AuditKey, AuditLog};
 use lakegate_engine::{Engine, EngineConfig, KeyRing};
+use lakegate_flight_server::audited::open_audit;
+use lakegate_flight_server::config::AuditSettings;
 use lakegate_flight_server::demo::{demo_users, DEMO_POLICY, DEMO_PROJECTS};
 use lakegate_flight_server::Lifetimes;
 use lakegate_policies::{PolicySet, UserStore, DEFAULT_MODEL};
@@ -20,37 +23,42 @@ struct Shared {
     lake_path: PathBuf,
     users: Arc<UserStore>,
     keys: KeyRing,
+    audit_pem: String,
 }
 
 fn shared() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let lake_path = dir.path().join("lake");
-        let lake = Lake::open(lake_path.to_str().expect("utf8 path")).expect("lake");
-        // Built on a private runtime: each #[tokio::test] has its own, which may end first.
-        std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .expect("runtime")
-                .block_on(build_demo_lake(
-                    &lake,
-                    &DemoOptions {
-                        patients: TEST_PATIENTS,
-                        seed: 42,
-                    },
-                    |_, _| {},
-                ))
-                .expect("demo lake")
-        })
-        .join()
-        .expect("builder thread");
+        let (dir, lake_path) = build_lake(TEST_PATIENTS);
         Shared {
             _dir: dir,
             lake_path,
             users: Arc::new(demo_users().expect("users")),
             keys: test_keys(),
+            audit_pem: AuditKey::generate().to_pem(),
         }
     })
+}
+
+/// A new demo lake of `patients` in a fresh temporary folder.
+pub fn build_lake(patients: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lake_path = dir.path().join("lake");
+    let lake = Lake::open(lake_path.to_str().expect("utf8 path")).expect("lake");
+    // Built on a private runtime: each #[tokio::test] has its own, which may end first.
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .expect("runtime")
+            .block_on(build_demo_lake(
+                &lake,
+                &DemoOptions { patients, seed: 42 },
+                |_, _| {},
+            ))
+            .expect("demo lake")
+    })
+    .join()
+    .expect("builder thread");
+    (dir, lake_path)
 }
 
 /// Fixed project keys, so that pseudonyms and date shifts in expected results are stable.
@@ -61,6 +69,11 @@ pub fn test_keys() -> KeyRing {
         .map(|(i, p)| format!("{p} = \"{}\"\n", format!("{:02x}", i + 1).repeat(32)))
         .collect();
     KeyRing::from_toml("test keys", &format!("[projects]\n{text}")).expect("test keys")
+}
+
+/// The key that signs the shared test lake's audit trail (every test server writes to it).
+pub fn test_audit_key() -> AuditKey {
+    AuditKey::from_pem(&shared().audit_pem).expect("audit key")
 }
 
 /// Path of the shared test lake.
@@ -75,12 +88,29 @@ pub struct ServerOptions {
     pub lifetimes: Option<Lifetimes>,
     /// Policy text instead of the demo policy.
     pub policy: Option<String>,
+    /// Audit settings instead of the defaults.
+    pub audit: Option<AuditSettings>,
+    /// Another lake than the shared one (for tests that damage it).
+    pub lake: Option<PathBuf>,
+}
+
+/// Audit settings as `lakegate serve` defaults them, with the test key.
+pub fn default_audit_settings() -> AuditSettings {
+    AuditSettings {
+        key: None,
+        checkpoint_every: 1000,
+        checkpoint_interval_secs: 60,
+        alert_webhook: None,
+        alerts: lakegate_flight_server::config::default_alerts(),
+    }
 }
 
 /// A running server; it stops when the test's runtime ends.
 pub struct TestServer {
     pub addr: SocketAddr,
     pub engine: Engine,
+    pub audit: AuditLog,
+    pub lake: Lake,
 }
 
 impl TestServer {
@@ -90,7 +120,11 @@ impl TestServer {
 
     pub async fn start_with(options: ServerOptions) -> Self {
         let shared = shared();
-        let lake = Lake::open(shared.lake_path.to_str().expect("utf8")).expect("lake");
+        let path = options
+            .lake
+            .clone()
+            .unwrap_or_else(|| shared.lake_path.clone());
+        let lake = Lake::open(path.to_str().expect("utf8")).expect("lake");
         let catalog = lakegate_catalogs::Catalog::load(&lake)
             .await
             .expect("catalog");
@@ -101,8 +135,16 @@ impl TestServer {
         let policy = PolicySet::load(DEFAULT_MODEL, "policy.toml", &text, &catalog)
             .await
             .expect("policy");
+        let audit = open_audit(
+            &lake,
+            &catalog,
+            test_audit_key(),
+            &options.audit.clone().unwrap_or_else(default_audit_settings),
+        )
+        .await
+        .expect("audit trail");
         let engine = Engine::open(
-            lake,
+            lake.clone(),
             policy,
             shared.keys.clone(),
             options.engine.unwrap_or_default(),
@@ -113,6 +155,7 @@ impl TestServer {
             engine.clone(),
             Arc::clone(&shared.users),
             options.lifetimes.unwrap_or_default(),
+            audit.clone(),
         );
         let (listener, addr) = lakegate_flight_server::bind("127.0.0.1:0".parse().expect("addr"))
             .await
@@ -122,7 +165,12 @@ impl TestServer {
             service,
             std::future::pending(),
         ));
-        Self { addr, engine }
+        Self {
+            addr,
+            engine,
+            audit,
+            lake,
+        }
     }
 
     pub fn url(&self) -> String {

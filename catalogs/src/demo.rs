@@ -252,6 +252,8 @@ pub fn demo_catalog() -> Catalog {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             owner: "demo-data-steward".into(),
             description: description.into(),
+            format: Default::default(),
+            retention_days: None,
         }
     };
     Catalog {

@@ -10,7 +10,10 @@ mod lake;
 mod model;
 
 pub use lake::Lake;
-pub use model::{Catalog, ColumnDef, ColumnType, Dataset, DatasetName, LABELS};
+pub use model::{
+    audit_dataset, Catalog, ColumnDef, ColumnType, Dataset, DatasetName, FileFormat, AUDIT_DATASET,
+    AUDIT_EVENTS_PREFIX, AUDIT_RETENTION_DAYS, LABELS,
+};
 
 /// Everything that can go wrong reading or checking a catalog.
 ///

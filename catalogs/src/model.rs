@@ -105,6 +105,94 @@ pub struct Dataset {
     pub owner: String,
     #[serde(default)]
     pub description: String,
+    /// How the files are stored: Parquet (the default) or newline-delimited JSON (the audit
+    /// trail, which is appended to one small immutable object per commit).
+    #[serde(default, skip_serializing_if = "FileFormat::is_parquet")]
+    pub format: FileFormat,
+    /// Minimum time the data must be kept, in days (HIPAA asks six years of audit records).
+    /// Lakegate never deletes data; this states the obligation for the store's lifecycle rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_days: Option<u32>,
+}
+
+/// The file format of a dataset's objects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    #[default]
+    Parquet,
+    /// One JSON object per line, files ending in `.jsonl`.
+    Ndjson,
+}
+
+impl FileFormat {
+    fn is_parquet(&self) -> bool {
+        *self == FileFormat::Parquet
+    }
+
+    /// The file name suffix of this format's data files.
+    pub fn extension(self) -> &'static str {
+        match self {
+            FileFormat::Parquet => ".parquet",
+            FileFormat::Ndjson => ".jsonl",
+        }
+    }
+}
+
+/// The name of the audit trail's dataset, present in every lake.
+pub const AUDIT_DATASET: &str = "audit.events";
+/// Where the audit trail's event segments live inside the lake.
+pub const AUDIT_EVENTS_PREFIX: &str = "audit/events/";
+/// Six years, HIPAA's retention for audit documentation (45 CFR 164.316(b)(2)).
+pub const AUDIT_RETENTION_DAYS: u32 = 6 * 366;
+
+/// The audit trail as a governed dataset: every column labelled `audit`, the dataset tagged
+/// `audit`, so policies grant it by tag (compliance officers) and nobody else sees it.
+pub fn audit_dataset() -> Dataset {
+    use ColumnType::*;
+    let c = |name: &str, data_type: ColumnType, nullable: bool| ColumnDef {
+        name: name.into(),
+        data_type,
+        nullable,
+        label: "audit".into(),
+    };
+    Dataset {
+        name: AUDIT_DATASET.into(),
+        zone: "audit".into(),
+        location: AUDIT_EVENTS_PREFIX.into(),
+        columns: vec![
+            c("seq", Int64, false),
+            c("time", TimestampUtc, false),
+            c("kind", Utf8, false),
+            c("query_id", Utf8, false),
+            c("principal", Utf8, false),
+            c("attributes", Utf8, false),
+            c("purpose", Utf8, false),
+            c("client", Utf8, false),
+            c("action", Utf8, false),
+            c("datasets", Utf8, false),
+            c("columns", Utf8, false),
+            c("policy_version", Utf8, false),
+            c("rules", Utf8, false),
+            c("fingerprint", Utf8, false),
+            c("fingerprint_sha256", Utf8, false),
+            c("rows", Int64, true),
+            c("bytes", Int64, true),
+            c("duration_us", Int64, true),
+            c("groups_suppressed", Int64, true),
+            c("outcome", Utf8, false),
+            c("reason", Utf8, false),
+            c("prev_hash", Utf8, false),
+            c("hash", Utf8, false),
+        ],
+        tags: vec!["audit".into()],
+        owner: "lakegate".into(),
+        description: "Every access decision: who, what, when, from where, why, under which \
+                      policy, and what left. Hash-chained, with signed checkpoints."
+            .into(),
+        format: FileFormat::Ndjson,
+        retention_days: Some(AUDIT_RETENTION_DAYS),
+    }
 }
 
 impl Dataset {
@@ -188,7 +276,7 @@ impl Dataset {
         let mut files: Vec<Path> = store
             .list(Some(&prefix))
             .map_ok(|m| m.location)
-            .try_filter(|p| futures::future::ready(p.as_ref().ends_with(".parquet")))
+            .try_filter(|p| futures::future::ready(p.as_ref().ends_with(self.format.extension())))
             .try_collect()
             .await?;
         files.sort();
@@ -240,7 +328,11 @@ impl Catalog {
             Err(object_store::Error::NotFound { .. }) => return Err(CatalogError::NoCatalog),
             Err(e) => return Err(e.into()),
         };
-        Self::from_json(&bytes)
+        let mut catalog = Self::from_json(&bytes)?;
+        // The audit trail's shape is Lakegate's own, whatever the catalog file says.
+        catalog.datasets.retain(|d| d.name != AUDIT_DATASET);
+        catalog.datasets.push(audit_dataset());
+        Ok(catalog)
     }
 
     /// Write this catalog into the lake (atomically, as object stores put whole objects).
@@ -262,7 +354,11 @@ impl Catalog {
     /// Parquet file whose schema matches the catalog's column names, types and order.
     pub async fn verify(&self, lake: &Lake) -> Result<()> {
         let store = lake.store();
-        for d in &self.datasets {
+        for d in self
+            .datasets
+            .iter()
+            .filter(|d| d.format == FileFormat::Parquet)
+        {
             let files = d.files(&store).await?;
             if files.is_empty() {
                 return Err(CatalogError::MissingFiles {
@@ -368,6 +464,8 @@ mod tests {
                 tags: vec![],
                 owner: "test".into(),
                 description: String::new(),
+                format: FileFormat::Parquet,
+                retention_days: None,
             }],
         }
     }
@@ -405,7 +503,8 @@ mod tests {
         let c = sample();
         c.save(&lake).await.unwrap();
         let loaded = Catalog::load(&lake).await.unwrap();
-        assert_eq!(loaded, c);
+        assert_eq!(loaded.datasets[0], c.datasets[0]);
+        assert_eq!(loaded.dataset(AUDIT_DATASET), Some(&audit_dataset()));
         let err = loaded.verify(&lake).await.unwrap_err().to_string();
         assert_eq!(err, "dataset 'clinical.things' has no data files");
     }

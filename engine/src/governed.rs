@@ -8,11 +8,12 @@
 use std::any::Any;
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use datafusion::catalog::{Session as DFSession, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DFSchema, Result as DFResult};
@@ -248,6 +249,80 @@ impl ScalarUDFImpl for InSubjectSet {
             .collect();
         Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
     }
+}
+
+/// The aggregation threshold's test, `units >= k`, counting the groups it suppresses so the
+/// audit trail can say how many were withheld.
+#[derive(Debug, Clone)]
+pub(crate) struct ThresholdCheck {
+    k: i64,
+    suppressed: Arc<AtomicU64>,
+    signature: Signature,
+}
+
+impl PartialEq for ThresholdCheck {
+    fn eq(&self, other: &Self) -> bool {
+        self.k == other.k && Arc::ptr_eq(&self.suppressed, &other.suppressed)
+    }
+}
+impl Eq for ThresholdCheck {}
+impl std::hash::Hash for ThresholdCheck {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.k.hash(state);
+        (Arc::as_ptr(&self.suppressed) as usize).hash(state)
+    }
+}
+
+impl ThresholdCheck {
+    pub(crate) fn expr(suppressed: Arc<AtomicU64>, units: Expr, k: i64) -> Expr {
+        ScalarUDF::from(Self {
+            k,
+            suppressed,
+            signature: Signature::exact(vec![DataType::Int64], Volatility::Volatile),
+        })
+        .call(vec![units])
+    }
+}
+
+impl ScalarUDFImpl for ThresholdCheck {
+    fn name(&self) -> &str {
+        "lg_threshold"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _arg_types: &[DataType]) -> DFResult<DataType> {
+        Ok(DataType::Boolean)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let units = arrays[0].as_primitive::<Int64Type>();
+        let out: BooleanArray = units
+            .iter()
+            .map(|n| Some(n.is_some_and(|n| n >= self.k)))
+            .collect();
+        let released = out.true_count();
+        self.suppressed
+            .fetch_add((out.len() - released) as u64, Ordering::Relaxed);
+        Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
+    }
+}
+
+/// The columns a verified plan reads, `dataset.column`, from its policy boundaries.
+pub(crate) fn touched_columns(plan: &Arc<dyn ExecutionPlan>) -> Vec<String> {
+    fn walk(plan: &Arc<dyn ExecutionPlan>, out: &mut BTreeSet<String>) {
+        if let Some(b) = (plan.as_ref() as &dyn Any).downcast_ref::<PolicyBoundaryExec>() {
+            for f in b.schema().fields() {
+                out.insert(format!("{}.{}", b.dataset, f.name()));
+            }
+        }
+        for c in plan.children() {
+            walk(c, out);
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(plan, &mut out);
+    out.into_iter().collect()
 }
 
 /// Node names allowed in an executed plan. Anything else (a file sink, a node a future

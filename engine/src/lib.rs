@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod audit;
 mod error;
 mod governed;
 mod keys;
@@ -32,7 +33,7 @@ mod session;
 
 pub use error::EngineError;
 pub use keys::KeyRing;
-pub use session::{Engine, EngineConfig, PlannedQuery, Session};
+pub use session::{AccessReport, Engine, EngineConfig, PlannedQuery, Session};
 
 pub use datafusion::execution::SendableRecordBatchStream;
 pub use datafusion::scalar::ScalarValue;

@@ -321,6 +321,21 @@ pub fn mask_expr(
     })
 }
 
+/// A mask's kind, as named in policy files (for the audit trail; never its parameters' secrets).
+pub fn mask_name(m: &Mask) -> &'static str {
+    match m {
+        Mask::Nullify => "nullify",
+        Mask::Redact { .. } => "redact",
+        Mask::ShowLast { .. } => "show_last",
+        Mask::ShowFirst { .. } => "show_first",
+        Mask::Pseudonym => "pseudonym",
+        Mask::YearOnly { .. } => "year_only",
+        Mask::Zip3 => "zip3",
+        Mask::DateShift { .. } => "date_shift",
+        Mask::Bucket { .. } => "bucket",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@ use datafusion::catalog::{
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::Column;
 use datafusion::common::ParamValues;
+use datafusion::datasource::file_format::json::JsonFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -29,14 +30,17 @@ use datafusion::logical_expr::{col, lit, Aggregate, Expr, LogicalPlanBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
 use datafusion::sql::parser::Statement as DFStatement;
-use lakegate_catalogs::{Catalog, Dataset, Lake};
+use lakegate_catalogs::{Catalog, Dataset, FileFormat, Lake};
 use lakegate_policies::{
     Action, Decision, FilterValue, Obligations, PolicySet, Principal, RequestContext, RowFilter,
     SubjectSet, Threshold,
 };
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::governed::{verify_physical, GovernedTable, InSubjectSet};
+use crate::governed::{
+    touched_columns, verify_physical, GovernedTable, InSubjectSet, ThresholdCheck,
+};
 use crate::keys::KeyRing;
 use crate::masks::mask_expr;
 use sqlparser::ast::{Expr as SqlExpr, Statement as SqlStatement, Value as SqlValue};
@@ -384,8 +388,11 @@ impl Engine {
 
 fn listing_table(d: &Dataset) -> Result<Arc<dyn TableProvider>> {
     let url = ListingTableUrl::parse(format!("{LAKE_URL}{}", d.location))?;
-    let options =
-        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let format: Arc<dyn datafusion::datasource::file_format::FileFormat> = match d.format {
+        FileFormat::Parquet => Arc::new(ParquetFormat::default()),
+        FileFormat::Ndjson => Arc::new(JsonFormat::default()),
+    };
+    let options = ListingOptions::new(format).with_file_extension(d.format.extension());
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
         .with_schema(d.schema());
@@ -415,6 +422,29 @@ pub struct PlannedQuery {
     plan: LogicalPlan,
     schema: SchemaRef,
     parameters: SchemaRef,
+    report: AccessReport,
+}
+
+/// What a query touches and which rules govern it, for the audit trail. Holds names only,
+/// never a value.
+#[derive(Clone, Debug, Default)]
+pub struct AccessReport {
+    /// Datasets the query reads, sorted.
+    pub datasets: Vec<String>,
+    /// Columns read, `dataset.column` (known once the physical plan exists).
+    pub columns: Vec<String>,
+    /// One entry per dataset: the action, the deciding rule and its obligations.
+    pub rules: Vec<String>,
+    /// Groups an aggregation threshold suppressed so far (grows while the query runs).
+    pub suppressed: Arc<AtomicU64>,
+    /// Whether any aggregation threshold applies.
+    pub thresholded: bool,
+}
+
+impl AccessReport {
+    pub fn groups_suppressed(&self) -> u64 {
+        self.suppressed.load(Ordering::Relaxed)
+    }
 }
 
 impl Session {
@@ -459,7 +489,7 @@ impl Session {
             .verify_plan(&plan)
             .map_err(|_| EngineError::InvalidQuery("only read-only queries are accepted".into()))?;
 
-        let plan = self.govern(plan)?;
+        let (plan, report) = self.govern(plan)?;
         let schema = Arc::new(plan.schema().as_arrow().clone());
         let parameters = parameter_schema(&plan)?;
         Ok(PlannedQuery {
@@ -467,6 +497,7 @@ impl Session {
             plan,
             schema,
             parameters,
+            report,
         })
     }
 }
@@ -474,7 +505,7 @@ impl Session {
 impl Session {
     /// Decide each dataset the plan reads for the action the query performs on it, and apply
     /// aggregation thresholds. Refusals name the rule.
-    fn govern(&self, plan: LogicalPlan) -> Result<LogicalPlan> {
+    fn govern(&self, plan: LogicalPlan) -> Result<(LogicalPlan, AccessReport)> {
         let mut scans = Vec::new();
         collect_scans(&plan, false, &mut scans)?;
         let mut actions: BTreeMap<String, Action> = BTreeMap::new();
@@ -490,6 +521,10 @@ impl Session {
             }
         }
         let mut thresholds: HashMap<String, (Threshold, String)> = HashMap::new();
+        let mut report = AccessReport {
+            datasets: actions.keys().cloned().collect(),
+            ..Default::default()
+        };
         for (dataset, action) in &actions {
             let (row, agg) = self
                 .decisions
@@ -505,6 +540,9 @@ impl Session {
                     if let Some(t) = &obligations.threshold {
                         thresholds.insert(dataset.clone(), (t.clone(), rule.clone()));
                     }
+                    report
+                        .rules
+                        .push(describe_rule(dataset, *action, rule, obligations));
                 }
                 Decision::Deny { .. } => {
                     let hint = if *action == Action::RowQuery && agg.is_allowed() {
@@ -521,9 +559,11 @@ impl Session {
             }
         }
         if thresholds.is_empty() {
-            return Ok(plan);
+            return Ok((plan, report));
         }
-        apply_thresholds(plan, &thresholds)
+        report.thresholded = true;
+        let plan = apply_thresholds(plan, &thresholds, &report.suppressed)?;
+        Ok((plan, report))
     }
 }
 
@@ -605,9 +645,46 @@ const SAFE_AGGREGATES: &[&str] = &[
     "variance",
 ];
 
+/// `dataset: action allowed by rule [obligations]`, naming columns and mask kinds only.
+fn describe_rule(dataset: &str, action: Action, rule: &str, o: &Obligations) -> String {
+    let mut parts = Vec::new();
+    for f in &o.row_filters {
+        let how = match (&f.equals, &f.in_set) {
+            (Some(FilterValue::Attribute { attribute }), _) => {
+                format!("= principal.{attribute}")
+            }
+            (Some(_), _) => "= constant".to_string(),
+            (None, Some(set)) => format!("in subject set of {}", set.dataset),
+            (None, None) => "?".to_string(),
+        };
+        parts.push(format!("row filter {} {how}", f.column));
+    }
+    if !o.masks.is_empty() {
+        let masks: Vec<String> = o
+            .masks
+            .iter()
+            .map(|(c, m)| format!("{c}={}", crate::masks::mask_name(m)))
+            .collect();
+        parts.push(format!("masks {}", masks.join(" ")));
+    }
+    if let Some(t) = &o.threshold {
+        parts.push(format!("threshold k={} distinct {}", t.k, t.unit));
+    }
+    let obligations = if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", parts.join("; "))
+    };
+    format!(
+        "{dataset}: {} allowed by rule {rule}{obligations}",
+        action.as_str()
+    )
+}
+
 fn apply_thresholds(
     plan: LogicalPlan,
     thresholds: &HashMap<String, (Threshold, String)>,
+    suppressed: &Arc<AtomicU64>,
 ) -> Result<LogicalPlan> {
     let refuse =
         |why: String, rule: &str| EngineError::PermissionDenied(format!("{why} (rule: {rule})"));
@@ -674,11 +751,11 @@ fn apply_thresholds(
                 let counted = LogicalPlan::Aggregate(Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr)?);
                 let output: Vec<Expr> = agg.schema.columns().into_iter().map(Expr::Column).collect();
                 // Groups with fewer than k distinct units are suppressed, not rounded: nothing about them leaves.
-                let suppressed = LogicalPlanBuilder::from(counted)
-                    .filter(col("__lg_units").gt_eq(lit(i64::from(threshold.k))))?
+                let released = LogicalPlanBuilder::from(counted)
+                    .filter(ThresholdCheck::expr(Arc::clone(suppressed), col("__lg_units"), i64::from(threshold.k)))?
                     .project(output)?
                     .build()?;
-                Ok(Transformed::yes(suppressed))
+                Ok(Transformed::yes(released))
             }
             _ => Ok(Transformed::no(node)),
         }
@@ -694,7 +771,7 @@ fn apply_thresholds(
 }
 
 /// Optimize to a physical plan and verify it; nothing is read yet.
-async fn physical_plan(
+pub(crate) async fn physical_plan(
     ctx: &SessionContext,
     plan: LogicalPlan,
 ) -> Result<(
@@ -775,11 +852,25 @@ impl PlannedQuery {
         Arc::clone(&self.parameters)
     }
 
+    /// What the query touches and the rules that govern it.
+    pub fn report(&self) -> &AccessReport {
+        &self.report
+    }
+
     /// Start executing; batches arrive as the scan proceeds, nothing is collected first.
     pub async fn execute(
         self,
         params: Option<Vec<ScalarValue>>,
     ) -> Result<SendableRecordBatchStream> {
+        Ok(self.execute_with_report(params).await?.0)
+    }
+
+    /// [`PlannedQuery::execute`], also returning the access report completed with the columns
+    /// the verified plan reads.
+    pub async fn execute_with_report(
+        self,
+        params: Option<Vec<ScalarValue>>,
+    ) -> Result<(SendableRecordBatchStream, AccessReport)> {
         let expected = self.parameters.fields().len();
         let given = params.as_ref().map_or(0, Vec::len);
         if expected != given {
@@ -787,6 +878,7 @@ impl PlannedQuery {
                 "the query has {expected} parameter(s) but {given} value(s) were bound"
             )));
         }
+        let mut report = self.report;
         let plan = match params {
             Some(values) if !values.is_empty() => {
                 // Clients bind whatever type their language has (Python ints are Int64); cast
@@ -810,6 +902,10 @@ impl PlannedQuery {
             _ => self.plan,
         };
         let (physical, task) = physical_plan(&self.ctx, plan).await?;
-        Ok(datafusion::physical_plan::execute_stream(physical, task)?)
+        report.columns = touched_columns(&physical);
+        Ok((
+            datafusion::physical_plan::execute_stream(physical, task)?,
+            report,
+        ))
     }
 }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use lakegate_engine::audit::{AlertKind, AlertRule};
 use lakegate_engine::EngineConfig;
 use serde::Deserialize;
 
@@ -55,6 +56,47 @@ pub struct ServeArgs {
     /// Serve plaintext gRPC on an address other than loopback (logs a warning) [default: false].
     #[arg(long, env = "LAKEGATE_ALLOW_PLAINTEXT")]
     pub allow_plaintext: bool,
+    /// Ed25519 private key (PKCS#8 PEM) that signs the audit trail's checkpoints. Keep it
+    /// outside the lake. `lakegate demo` creates one beside the lake when none is given.
+    #[arg(long, env = "LAKEGATE_AUDIT_KEY")]
+    pub audit_key: Option<PathBuf>,
+}
+
+/// The `[audit]` table of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditFileConfig {
+    key: Option<PathBuf>,
+    checkpoint_every: Option<u64>,
+    checkpoint_interval_secs: Option<u64>,
+    alert_webhook: Option<String>,
+    alerts: Option<Vec<AlertRule>>,
+}
+
+/// Audit trail settings.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub key: Option<PathBuf>,
+    pub checkpoint_every: u64,
+    pub checkpoint_interval_secs: u64,
+    /// URL that receives each alert as a JSON POST, besides the log.
+    pub alert_webhook: Option<String>,
+    pub alerts: Vec<AlertRule>,
+}
+
+/// Alerts in force unless the config file sets `[audit] alerts` (an empty list turns them off).
+pub fn default_alerts() -> Vec<AlertRule> {
+    let rule = |name: &str, kind, threshold, window_minutes| AlertRule {
+        name: name.into(),
+        kind,
+        threshold,
+        window_minutes,
+    };
+    vec![
+        rule("bulk-phi-read", AlertKind::PhiRows, 50_000, 10),
+        rule("refusal-burst", AlertKind::Refusals, 10, 1),
+        rule("auth-failure-burst", AlertKind::AuthFailures, 5, 5),
+    ]
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +113,7 @@ struct FileConfig {
     session_ttl_secs: Option<u64>,
     ticket_ttl_secs: Option<u64>,
     allow_plaintext: Option<bool>,
+    audit: Option<AuditFileConfig>,
 }
 
 /// Resolved settings.
@@ -85,6 +128,7 @@ pub struct Settings {
     pub engine: EngineConfig,
     pub lifetimes: Lifetimes,
     pub allow_plaintext: bool,
+    pub audit: AuditSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +204,16 @@ impl ServeArgs {
                 ..lifetimes
             },
             allow_plaintext: self.allow_plaintext || file.allow_plaintext.unwrap_or(false),
+            audit: {
+                let a = file.audit.unwrap_or_default();
+                AuditSettings {
+                    key: self.audit_key.clone().or(a.key.map(&rel)),
+                    checkpoint_every: a.checkpoint_every.unwrap_or(1000),
+                    checkpoint_interval_secs: a.checkpoint_interval_secs.unwrap_or(60),
+                    alert_webhook: a.alert_webhook,
+                    alerts: a.alerts.unwrap_or_else(default_alerts),
+                }
+            },
         };
         if !settings.listen.ip().is_loopback() && !settings.allow_plaintext {
             return Err(ConfigError::PlaintextNotLoopback(settings.listen));

@@ -3,6 +3,7 @@
 //! [`serve`] runs the gRPC service over an [`Engine`]; the `lakegate` binary (see `main.rs`)
 //! wires configuration, the demo lake and logging around it.
 
+pub mod audited;
 pub mod config;
 pub mod demo;
 pub mod reload;
@@ -14,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
+use lakegate_engine::audit::AuditLog;
 use lakegate_engine::Engine;
 use lakegate_policies::UserStore;
 use tokio::net::TcpListener;
@@ -29,8 +31,9 @@ pub fn flight_service(
     engine: Engine,
     users: Arc<UserStore>,
     lifetimes: Lifetimes,
+    audit: AuditLog,
 ) -> FlightServiceServer<LakegateService> {
-    FlightServiceServer::new(LakegateService::new(engine, users, lifetimes))
+    FlightServiceServer::new(LakegateService::new(engine, users, lifetimes, audit))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(usize::MAX)
 }

@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lakegate_catalogs::demo::{build_demo_lake, DemoOptions};
 use lakegate_catalogs::Lake;
+use lakegate_engine::audit::{public_key_from_pem, verify_trail, AuditKey};
 use lakegate_engine::{Engine, KeyRing};
+use lakegate_flight_server::audited::open_audit;
 use lakegate_flight_server::config::{ServeArgs, Settings};
 use lakegate_flight_server::demo;
 use lakegate_policies::{PolicySet, UserStore, DEFAULT_MODEL};
@@ -32,6 +34,28 @@ enum Cmd {
     Demo(DemoArgs),
     /// Serve a lake.
     Serve(ServeArgs),
+    /// The audit trail: verify it, or make a signing key for it.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the whole trail (hash chain, sequence, segments, signed checkpoints). Exits 0 and
+    /// says what it checked when intact; exits 1 naming the first bad position otherwise.
+    Verify {
+        /// The lake (local path or object store URL) [default: ./demo-lake].
+        #[arg(long, env = "LAKEGATE_LAKE")]
+        lake: Option<String>,
+        /// The trusted public key (PEM) [default: LAKE.audit-key.pub.pem beside a local lake].
+        #[arg(long, env = "LAKEGATE_AUDIT_PUBLIC_KEY")]
+        public_key: Option<std::path::PathBuf>,
+    },
+    /// Write a new Ed25519 signing key (FILE, mode 0600) and its public key (FILE.pub.pem).
+    Keygen {
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -78,6 +102,8 @@ fn main() -> ExitCode {
         match cli.command {
             Cmd::Demo(args) => demo(args).await,
             Cmd::Serve(args) => serve(args).await,
+            Cmd::Audit(AuditCmd::Verify { lake, public_key }) => verify(lake, public_key).await,
+            Cmd::Audit(AuditCmd::Keygen { out }) => keygen(&out),
         }
     });
     match result {
@@ -132,7 +158,11 @@ async fn demo(args: DemoArgs) -> Result<(), AnyError> {
         Some(path) => KeyRing::from_toml(&path.display().to_string(), &read(path)?)?,
         None => demo_keys(&settings.lake)?,
     };
-    run(settings, lake, users, Some(policy), keys, true).await
+    let audit_key = match &settings.audit.key {
+        Some(path) => load_audit_key(path)?,
+        None => demo_audit_key(&settings.lake)?,
+    };
+    run(settings, lake, users, Some(policy), keys, audit_key, true).await
 }
 
 async fn build_lake(lake: &Lake, patients: u64, seed: u64) -> Result<(), AnyError> {
@@ -163,19 +193,23 @@ fn read(path: &std::path::Path) -> Result<String, AnyError> {
     std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
-/// The demo's key file lives beside the lake folder (never inside it: whoever can read the lake
-/// must not get the keys). Created with fresh random keys on first use.
+/// `LAKE.<suffix>` beside a local lake folder (never inside it: whoever can read or write the
+/// lake must not get the keys); `demo.<suffix>` in the working folder for a remote lake.
+fn beside_lake(lake: &str, suffix: &str) -> std::path::PathBuf {
+    if lake.contains("://") {
+        return std::path::PathBuf::from(format!("demo.{suffix}"));
+    }
+    let lake = std::path::Path::new(lake.trim_end_matches('/'));
+    let name = lake
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "lake".into());
+    lake.with_file_name(format!("{name}.{suffix}"))
+}
+
+/// The demo's project keys, created with fresh random keys on first use.
 fn demo_keys(lake: &str) -> Result<KeyRing, AnyError> {
-    let path = if lake.contains("://") {
-        std::path::PathBuf::from("demo-keys.toml")
-    } else {
-        let lake = std::path::Path::new(lake.trim_end_matches('/'));
-        let name = lake
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "lake".into());
-        lake.with_file_name(format!("{name}.keys.toml"))
-    };
+    let path = beside_lake(lake, "keys.toml");
     if path.exists() {
         return Ok(KeyRing::from_toml(
             &path.display().to_string(),
@@ -186,6 +220,80 @@ fn demo_keys(lake: &str) -> Result<KeyRing, AnyError> {
     write_secret(&path, &ring.to_toml())?;
     eprintln!("lakegate: wrote new project keys to {}", path.display());
     Ok(ring)
+}
+
+/// The demo's audit signing key, beside the lake, created on first use with its public key.
+fn demo_audit_key(lake: &str) -> Result<AuditKey, AnyError> {
+    let path = beside_lake(lake, "audit-key.pem");
+    if path.exists() {
+        return load_audit_key(&path);
+    }
+    let key = write_audit_key(&path)?;
+    eprintln!(
+        "lakegate: wrote a new audit signing key to {} (public key: {})",
+        path.display(),
+        public_key_path(&path).display()
+    );
+    Ok(key)
+}
+
+fn public_key_path(private: &std::path::Path) -> std::path::PathBuf {
+    let name = private
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".pem").unwrap_or(&name);
+    private.with_file_name(format!("{stem}.pub.pem"))
+}
+
+fn write_audit_key(path: &std::path::Path) -> Result<AuditKey, AnyError> {
+    let key = AuditKey::generate();
+    write_secret(path, &key.to_pem())?;
+    std::fs::write(public_key_path(path), key.public_pem())
+        .map_err(|e| format!("{}: {e}", public_key_path(path).display()))?;
+    Ok(key)
+}
+
+fn load_audit_key(path: &std::path::Path) -> Result<AuditKey, AnyError> {
+    Ok(AuditKey::from_pem(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))?)
+}
+
+fn keygen(out: &std::path::Path) -> Result<(), AnyError> {
+    write_audit_key(out)?;
+    println!(
+        "lakegate: wrote {} (keep it outside the lake) and {}",
+        out.display(),
+        public_key_path(out).display()
+    );
+    Ok(())
+}
+
+async fn verify(
+    lake: Option<String>,
+    public_key: Option<std::path::PathBuf>,
+) -> Result<(), AnyError> {
+    let lake_url = lake.unwrap_or_else(|| "./demo-lake".into());
+    let key_path = match public_key {
+        Some(p) => p,
+        None => {
+            let p = public_key_path(&beside_lake(&lake_url, "audit-key.pem"));
+            if !p.exists() {
+                return Err(format!(
+                    "no trusted public key: pass --public-key (looked for {})",
+                    p.display()
+                )
+                .into());
+            }
+            p
+        }
+    };
+    let key = public_key_from_pem(&read(&key_path)?)
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
+    let lake = Lake::open(&lake_url)?;
+    let report = verify_trail(&lake.store(), &key).await?;
+    println!("{report}");
+    println!("  trusted key {}", key_path.display());
+    Ok(())
 }
 
 fn write_secret(path: &std::path::Path, text: &str) -> Result<(), AnyError> {
@@ -232,7 +340,16 @@ async fn serve(args: ServeArgs) -> Result<(), AnyError> {
             KeyRing::default()
         }
     };
-    run(settings, lake, users, policy, keys, false).await
+    // Nothing is served without an audit trail, and a trail needs its signing key.
+    let audit_key = match &settings.audit.key {
+        Some(path) => load_audit_key(path)?,
+        None => {
+            return Err("serve needs --audit-key: an Ed25519 PEM private key kept outside the \
+                 lake, which signs the audit trail (make one with `lakegate audit keygen --out FILE`)"
+                .into())
+        }
+    };
+    run(settings, lake, users, policy, keys, audit_key, false).await
 }
 
 async fn run(
@@ -241,6 +358,7 @@ async fn run(
     users: UserStore,
     policy: Option<(String, String)>,
     keys: KeyRing,
+    audit_key: AuditKey,
     demo: bool,
 ) -> Result<(), AnyError> {
     let catalog = lakegate_catalogs::Catalog::load(&lake).await?;
@@ -253,6 +371,7 @@ async fn run(
         policy.unwrap_or_else(|| ("(no policy)".into(), "version = \"deny-all\"\n".into()));
     let policy = PolicySet::load(&model, &file, &text, &catalog).await?;
     tracing::info!(version = policy.version(), "policy loaded");
+    let audit = open_audit(&lake, &catalog, audit_key, &settings.audit).await?;
     let engine = Engine::open(lake.clone(), policy, keys, settings.engine.clone()).await?;
     if let Some(path) = &settings.policy {
         let source = lakegate_flight_server::reload::PolicySource {
@@ -269,8 +388,12 @@ async fn run(
         tracing::warn!(listen = %settings.listen, "serving plaintext gRPC off loopback: credentials and data cross the network unencrypted");
     }
     let (listener, addr) = lakegate_flight_server::bind(settings.listen).await?;
-    let service =
-        lakegate_flight_server::flight_service(engine, Arc::new(users), settings.lifetimes.clone());
+    let service = lakegate_flight_server::flight_service(
+        engine,
+        Arc::new(users),
+        settings.lifetimes.clone(),
+        audit.clone(),
+    );
     println!(
         "lakegate: serving {} datasets from {} on grpc://{addr}",
         known.len(),
@@ -282,6 +405,8 @@ async fn run(
     use std::io::Write;
     let _ = std::io::stdout().flush();
     lakegate_flight_server::serve(listener, service, shutdown_signal()).await?;
+    // Sign what was written, so a clean stop leaves no unsigned tail.
+    audit.checkpoint().await?;
     eprintln!("lakegate: stopped");
     Ok(())
 }

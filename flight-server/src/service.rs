@@ -31,13 +31,15 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use datafusion::scalar::ScalarValue;
 use futures::{stream, Stream, TryStreamExt};
-use lakegate_engine::{Engine, EngineError};
+use lakegate_engine::audit::{fingerprint, AuditEvent, AuditLog};
+use lakegate_engine::{Engine, EngineError, PlannedQuery};
 use lakegate_policies::{Principal, UserStore};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::audited::{audit_unavailable, outcome_of, reason_of, with_report, AuditedStream};
 use crate::signing::{now_secs, Signer};
 use crate::status::{engine_status, token_status};
 
@@ -83,6 +85,7 @@ const MAX_BOUND_PARAMS: usize = 10_000;
 
 pub struct LakegateService {
     engine: Engine,
+    audit: AuditLog,
     users: Arc<UserStore>,
     signer: Signer,
     lifetimes: Lifetimes,
@@ -112,9 +115,15 @@ fn sql_info() -> SqlInfoData {
 }
 
 impl LakegateService {
-    pub fn new(engine: Engine, users: Arc<UserStore>, lifetimes: Lifetimes) -> Self {
+    pub fn new(
+        engine: Engine,
+        users: Arc<UserStore>,
+        lifetimes: Lifetimes,
+        audit: AuditLog,
+    ) -> Self {
         Self {
             engine,
+            audit,
             users,
             signer: Signer::random(),
             lifetimes,
@@ -123,9 +132,19 @@ impl LakegateService {
         }
     }
 
-    /// Authenticate a request from its bearer token. The principal is looked up afresh in the
-    /// user directory, so a removed user loses access on their next call.
-    fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+    /// Authenticate a request from its bearer token; a failure is audited. The principal is
+    /// looked up afresh in the user directory, so a removed user loses access on their next call.
+    async fn principal<T>(&self, request: &Request<T>, action: &str) -> Result<Principal, Status> {
+        self.bearer(request).inspect_err(|status| {
+            let mut e = AuditEvent::new("auth", action);
+            e.client = client_of(request);
+            e.outcome = outcome_of(status).into();
+            e.reason = reason_of(status);
+            self.audit.record_later(e);
+        })
+    }
+
+    fn bearer<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
         let header = request.metadata().get("authorization").ok_or_else(|| {
             Status::unauthenticated("no credentials: authenticate with Handshake (Basic) first")
         })?;
@@ -174,43 +193,134 @@ impl LakegateService {
         Ok(Response::new(info))
     }
 
-    fn metadata_info(
+    async fn metadata_info(
         &self,
         request: Request<FlightDescriptor>,
         command: Command,
         schema: &Schema,
     ) -> Result<Response<FlightInfo>, Status> {
-        let principal = self.principal(&request)?;
+        let action = format!("GetFlightInfo({})", command_name(&command));
+        let principal = self.principal(&request, &action).await?;
+        let mut e = AuditEvent::new("metadata", &action).by(&principal);
+        e.client = client_of(&request);
+        e.policy_version = self.engine.policy().version().to_string();
+        e.outcome = "allowed".into();
+        self.audit.record(e).await.map_err(audit_unavailable)?;
         let body = TicketBody::Metadata {
             command: STANDARD.encode(command.into_any().encode_to_vec()),
         };
         self.ticket_info(&principal, schema, body, request.into_inner())
     }
 
+    /// Plan `sql` for `principal` and audit the decision (`kind`: plan, prepare, query). An
+    /// allowed decision that cannot be recorded is refused.
+    async fn plan_audited(
+        &self,
+        principal: &Principal,
+        event: AuditEvent,
+        sql: &str,
+    ) -> Result<(PlannedQuery, AuditEvent), Status> {
+        let (normalized, digest) = fingerprint(sql);
+        let mut e = event.by(principal);
+        e.fingerprint = normalized;
+        e.fingerprint_sha256 = digest;
+        e.policy_version = self.engine.policy().version().to_string();
+        let planned = async {
+            let session = self.engine.session(principal).await?;
+            Ok::<_, EngineError>((
+                session.policy_version().to_string(),
+                session.plan(sql).await?,
+            ))
+        }
+        .await;
+        match planned {
+            Ok((version, planned)) => {
+                e.policy_version = version;
+                let e = with_report(e, planned.report());
+                Ok((planned, e))
+            }
+            Err(err) => {
+                let status = engine_status(err);
+                e.outcome = outcome_of(&status).into();
+                e.reason = reason_of(&status);
+                self.audit.record_later(e);
+                Err(status)
+            }
+        }
+    }
+
+    /// Plan only (GetFlightInfo, CreatePreparedStatement): the decision is audited, nothing runs.
+    async fn describe(
+        &self,
+        principal: &Principal,
+        event: AuditEvent,
+        sql: &str,
+    ) -> Result<PlannedQuery, Status> {
+        let started = std::time::Instant::now();
+        let (planned, mut e) = self.plan_audited(principal, event, sql).await?;
+        e.outcome = "allowed".into();
+        e.duration_us = Some(started.elapsed().as_micros() as u64);
+        self.audit.record(e).await.map_err(audit_unavailable)?;
+        Ok(planned)
+    }
+
     async fn run_query(
         &self,
         principal: &Principal,
+        client: String,
+        action: &str,
         sql: &str,
         params: Option<&str>,
     ) -> Result<DataStream, Status> {
-        let params = params.map(decode_params).transpose()?;
-        let planned = self
-            .engine
-            .session(principal)
+        let started = std::time::Instant::now();
+        let mut event = AuditEvent::new("query", action);
+        event.client = client;
+        event.query_id = random_id();
+        let (planned, template) = self.plan_audited(principal, event, sql).await?;
+        let refuse = |status: Status, mut e: AuditEvent| {
+            e.outcome = outcome_of(&status).into();
+            e.reason = reason_of(&status);
+            self.audit.record_later(e);
+            status
+        };
+        let params = match params.map(decode_params).transpose() {
+            Ok(p) => p,
+            Err(status) => return Err(refuse(status, template)),
+        };
+        let (stream, report) = match planned.execute_with_report(params).await {
+            Ok(x) => x,
+            Err(err) => return Err(refuse(engine_status(err), template)),
+        };
+        // The decision is durable before the first batch can leave.
+        let mut decision = with_report(template, &report);
+        decision.outcome = "allowed".into();
+        let mut end = decision.clone();
+        self.audit
+            .record(decision)
             .await
-            .map_err(engine_status)?
-            .plan(sql)
-            .await
-            .map_err(engine_status)?;
-        let stream = planned.execute(params).await.map_err(engine_status)?;
+            .map_err(audit_unavailable)?;
+        end.kind = "query_end".into();
+        let rows = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = Arc::clone(&rows);
         let schema = stream.schema();
-        let batches =
-            stream.map_err(|e| FlightError::Tonic(Box::new(engine_status(EngineError::from(e)))));
+        let batches = stream
+            .map_ok(move |b| {
+                counted.fetch_add(b.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
+                b
+            })
+            .map_err(|e| FlightError::Tonic(Box::new(engine_status(EngineError::from(e)))));
         let data = FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .build(batches)
             .map_err(Status::from);
-        Ok(Box::pin(data))
+        Ok(Box::pin(AuditedStream::new(
+            Box::pin(data),
+            rows,
+            self.audit.clone(),
+            end,
+            report,
+            started,
+        )))
     }
 
     fn metadata_batch(
@@ -366,6 +476,42 @@ fn decode_params(encoded: &str) -> Result<Vec<ScalarValue>, Status> {
     Ok(values)
 }
 
+fn client_of<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
+/// The Flight SQL command's message name, e.g. `CommandGetTables`.
+fn command_name(command: &Command) -> String {
+    let url = command.type_url();
+    url.rsplit('.').next().unwrap_or(url).to_string()
+}
+
+fn random_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    URL_SAFE_NO_PAD.encode(b)
+}
+
+impl LakegateService {
+    /// Every write is refused, and audited as refused.
+    async fn refuse_update<T>(&self, request: &Request<T>) -> Result<i64, Status> {
+        let principal = self.principal(request, "DoPut").await?;
+        let status = read_only();
+        let mut e = AuditEvent::new("update", "DoPut").by(&principal);
+        e.client = client_of(request);
+        e.policy_version = self.engine.policy().version().to_string();
+        e.outcome = "refused".into();
+        e.reason =
+            "Lakegate is read-only: updates and ingestion are refused (rule: read-only)".into();
+        self.audit.record_later(e);
+        Err(status)
+    }
+}
+
 fn read_only() -> Status {
     Status::invalid_argument("Lakegate is read-only: updates and ingestion are refused")
 }
@@ -407,15 +553,30 @@ impl FlightSqlService for LakegateService {
             .map(|(u, p)| (u.to_string(), p.to_string()))
             .ok_or_else(|| Status::unauthenticated("malformed Basic credentials"))?;
         // Argon2 verification is deliberately slow: keep it off the async workers.
+        let attempted = user.clone();
         let users = Arc::clone(&self.users);
         let result = tokio::task::spawn_blocking(move || users.authenticate(&user, &password))
             .await
             .map_err(|_| Status::internal("internal error"))?;
-        let principal = result.map_err(|e| {
-            tracing::info!("authentication failed");
-            Status::unauthenticated(e.to_string())
-        })?;
+        let mut event = AuditEvent::new("auth", "Handshake");
+        event.client = client_of(&request);
+        let principal = match result {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::info!("authentication failed");
+                let status = Status::unauthenticated(e.to_string());
+                event.principal = attempted;
+                event.outcome = outcome_of(&status).into();
+                event.reason = reason_of(&status);
+                self.audit.record_later(event);
+                return Err(status);
+            }
+        };
         tracing::info!(user = %principal.name, "authenticated");
+        let mut event = event.by(&principal);
+        event.policy_version = self.engine.policy().version().to_string();
+        event.outcome = "allowed".into();
+        self.audit.record(event).await.map_err(audit_unavailable)?;
         let token = self
             .signer
             .sign("session", &principal.name, self.lifetimes.session_secs, &());
@@ -437,16 +598,12 @@ impl FlightSqlService for LakegateService {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let principal = self.principal(&request)?;
+        let action = "GetFlightInfo(CommandStatementQuery)";
+        let principal = self.principal(&request, action).await?;
         // Plan only, to learn the schema and refuse bad SQL early; nothing is executed here.
-        let planned = self
-            .engine
-            .session(&principal)
-            .await
-            .map_err(engine_status)?
-            .plan(&query.query)
-            .await
-            .map_err(engine_status)?;
+        let mut event = AuditEvent::new("plan", action);
+        event.client = client_of(&request);
+        let planned = self.describe(&principal, event, &query.query).await?;
         let body = TicketBody::Query {
             sql: query.query,
             params: None,
@@ -459,7 +616,8 @@ impl FlightSqlService for LakegateService {
         cmd: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let principal = self.principal(&request)?;
+        let action = "GetFlightInfo(CommandPreparedStatementQuery)";
+        let principal = self.principal(&request, action).await?;
         let handle = self.handle(&principal, &cmd.prepared_statement_handle)?;
         let params = handle.params.or_else(|| {
             let bound = self.bound.lock().ok()?;
@@ -468,14 +626,9 @@ impl FlightSqlService for LakegateService {
                 .filter(|(owner, _, _)| owner == &principal.name)
                 .map(|(_, p, _)| p.clone())
         });
-        let planned = self
-            .engine
-            .session(&principal)
-            .await
-            .map_err(engine_status)?
-            .plan(&handle.sql)
-            .await
-            .map_err(engine_status)?;
+        let mut event = AuditEvent::new("plan", action);
+        event.client = client_of(&request);
+        let planned = self.describe(&principal, event, &handle.sql).await?;
         let body = TicketBody::Query {
             sql: handle.sql,
             params,
@@ -490,6 +643,7 @@ impl FlightSqlService for LakegateService {
     ) -> Result<Response<FlightInfo>, Status> {
         let schema = query.into_builder().schema();
         self.metadata_info(request, Command::CommandGetCatalogs(query), &schema)
+            .await
     }
 
     async fn get_flight_info_schemas(
@@ -499,6 +653,7 @@ impl FlightSqlService for LakegateService {
     ) -> Result<Response<FlightInfo>, Status> {
         let schema = query.clone().into_builder().schema();
         self.metadata_info(request, Command::CommandGetDbSchemas(query), &schema)
+            .await
     }
 
     async fn get_flight_info_tables(
@@ -508,6 +663,7 @@ impl FlightSqlService for LakegateService {
     ) -> Result<Response<FlightInfo>, Status> {
         let schema = query.clone().into_builder().schema();
         self.metadata_info(request, Command::CommandGetTables(query), &schema)
+            .await
     }
 
     async fn get_flight_info_table_types(
@@ -517,6 +673,7 @@ impl FlightSqlService for LakegateService {
     ) -> Result<Response<FlightInfo>, Status> {
         let schema = query.into_builder().schema();
         self.metadata_info(request, Command::CommandGetTableTypes(query), &schema)
+            .await
     }
 
     async fn get_flight_info_sql_info(
@@ -526,6 +683,7 @@ impl FlightSqlService for LakegateService {
     ) -> Result<Response<FlightInfo>, Status> {
         let schema = query.clone().into_builder(&self.sql_info).schema();
         self.metadata_info(request, Command::CommandGetSqlInfo(query), &schema)
+            .await
     }
 
     async fn do_get_statement(
@@ -533,14 +691,23 @@ impl FlightSqlService for LakegateService {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let principal = self.principal(&request)?;
+        let principal = self.principal(&request, "DoGet").await?;
+        let client = client_of(&request);
         let body: TicketBody = self
             .signer
             .verify_for("ticket", &ticket.statement_handle, &principal.name)
-            .map_err(token_status)?;
+            .map_err(token_status)
+            .inspect_err(|status| {
+                let mut e = AuditEvent::new("query", "DoGet").by(&principal);
+                e.client = client.clone();
+                e.outcome = outcome_of(status).into();
+                e.reason = reason_of(status);
+                self.audit.record_later(e);
+            })?;
         let stream = match body {
             TicketBody::Query { sql, params } => {
-                self.run_query(&principal, &sql, params.as_deref()).await?
+                self.run_query(&principal, client, "DoGet", &sql, params.as_deref())
+                    .await?
             }
             TicketBody::Metadata { command } => {
                 let bytes = STANDARD
@@ -550,7 +717,29 @@ impl FlightSqlService for LakegateService {
                     .map_err(|_| Status::invalid_argument("malformed ticket"))?;
                 let command = Command::try_from(any)
                     .map_err(|_| Status::invalid_argument("malformed ticket"))?;
-                one_batch(self.metadata_batch(&principal, command)?)
+                let mut e =
+                    AuditEvent::new("metadata", &format!("DoGet({})", command_name(&command)))
+                        .by(&principal);
+                e.client = client;
+                e.policy_version = self.engine.policy().version().to_string();
+                let listed = matches!(
+                    command,
+                    Command::CommandGetTables(_) | Command::CommandGetDbSchemas(_)
+                );
+                let batch = self.metadata_batch(&principal, command)?;
+                if listed {
+                    let names: Vec<String> = self
+                        .engine
+                        .visible_datasets(&principal)
+                        .iter()
+                        .map(|d| d.name.clone())
+                        .collect();
+                    e.datasets = names.join(", ");
+                }
+                e.rows = Some(batch.num_rows() as u64);
+                e.outcome = "allowed".into();
+                self.audit.record(e).await.map_err(audit_unavailable)?;
+                one_batch(batch)
             }
         };
         Ok(Response::new(stream))
@@ -562,10 +751,17 @@ impl FlightSqlService for LakegateService {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         // Some clients skip GetFlightInfo and send the handle itself as the ticket.
-        let principal = self.principal(&request)?;
+        let action = "DoGet(CommandPreparedStatementQuery)";
+        let principal = self.principal(&request, action).await?;
         let handle = self.handle(&principal, &query.prepared_statement_handle)?;
         let stream = self
-            .run_query(&principal, &handle.sql, handle.params.as_deref())
+            .run_query(
+                &principal,
+                client_of(&request),
+                action,
+                &handle.sql,
+                handle.params.as_deref(),
+            )
             .await?;
         Ok(Response::new(stream))
     }
@@ -575,15 +771,11 @@ impl FlightSqlService for LakegateService {
         query: ActionCreatePreparedStatementRequest,
         request: Request<arrow_flight::Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let principal = self.principal(&request)?;
-        let planned = self
-            .engine
-            .session(&principal)
-            .await
-            .map_err(engine_status)?
-            .plan(&query.query)
-            .await
-            .map_err(engine_status)?;
+        let action = "DoAction(CreatePreparedStatement)";
+        let principal = self.principal(&request, action).await?;
+        let mut event = AuditEvent::new("prepare", action);
+        event.client = client_of(&request);
+        let planned = self.describe(&principal, event, &query.query).await?;
         let id = {
             use rand::RngCore;
             let mut b = [0u8; 16];
@@ -612,7 +804,9 @@ impl FlightSqlService for LakegateService {
         query: CommandPreparedStatementQuery,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
-        let principal = self.principal(&request)?;
+        let principal = self
+            .principal(&request, "DoPut(CommandPreparedStatementQuery)")
+            .await?;
         let handle = self.handle(&principal, &query.prepared_statement_handle)?;
         let data = request.into_inner().map_err(FlightError::from);
         let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(data)
@@ -666,7 +860,9 @@ impl FlightSqlService for LakegateService {
         query: ActionClosePreparedStatementRequest,
         request: Request<arrow_flight::Action>,
     ) -> Result<(), Status> {
-        let principal = self.principal(&request)?;
+        let principal = self
+            .principal(&request, "DoAction(ClosePreparedStatement)")
+            .await?;
         let handle = self.handle(&principal, &query.prepared_statement_handle)?;
         if let Ok(mut bound) = self.bound.lock() {
             bound.remove(&handle.id);
@@ -679,8 +875,7 @@ impl FlightSqlService for LakegateService {
         _ticket: CommandStatementUpdate,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
-        self.principal(&request)?;
-        Err(read_only())
+        self.refuse_update(&request).await
     }
 
     async fn do_put_prepared_statement_update(
@@ -688,8 +883,7 @@ impl FlightSqlService for LakegateService {
         _query: CommandPreparedStatementUpdate,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
-        self.principal(&request)?;
-        Err(read_only())
+        self.refuse_update(&request).await
     }
 
     async fn do_put_statement_ingest(
@@ -697,8 +891,7 @@ impl FlightSqlService for LakegateService {
         _ticket: CommandStatementIngest,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
-        self.principal(&request)?;
-        Err(read_only())
+        self.refuse_update(&request).await
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}

@@ -658,7 +658,9 @@ mod tests {
     }
 
     async fn demo() -> (PolicySet, Catalog) {
-        let catalog = demo_catalog();
+        // As `Catalog::load` gives it: every lake has the audit trail's dataset.
+        let mut catalog = demo_catalog();
+        catalog.datasets.push(lakegate_catalogs::audit_dataset());
         let p = PolicySet::load(DEFAULT_MODEL, "policy.toml", DEMO, &catalog)
             .await
             .unwrap();
@@ -761,17 +763,32 @@ mod tests {
             .decide(&carol, variants, Action::RowQuery, &ctx)
             .is_allowed());
 
-        for nobody in [&erin, &mallory] {
+        // The audit trail is erin's alone; nothing clinical is.
+        for who in [&alice, &bob, &carol, &dave, &erin, &mallory] {
             for d in &c.datasets {
                 for a in [Action::RowQuery, Action::AggregateQuery] {
-                    assert!(
-                        !p.decide(nobody, d, a, &ctx).is_allowed(),
+                    let expected = if d.name == "audit.events" {
+                        who.name == "erin"
+                    } else {
+                        p.decide(who, d, a, &ctx).is_allowed() && who.name != "erin"
+                    };
+                    assert_eq!(
+                        p.decide(who, d, a, &ctx).is_allowed(),
+                        expected,
                         "{} {}",
-                        nobody.name,
+                        who.name,
                         d.name
                     );
                 }
             }
+        }
+        for d in c.datasets.iter().filter(|d| d.name != "audit.events") {
+            assert!(!p
+                .decide(&mallory, d, Action::AggregateQuery, &ctx)
+                .is_allowed());
+            assert!(!p
+                .decide(&erin, d, Action::AggregateQuery, &ctx)
+                .is_allowed());
         }
 
         // Attributes, not names: a new user with alice's attributes gets alice's view.

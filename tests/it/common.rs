@@ -11,7 +11,11 @@ use tonic::transport::Channel;
 pub type Client = FlightSqlServiceClient<Channel>;
 
 pub async fn login(server: &TestServer, user: &str) -> Client {
-    let channel = Channel::from_shared(server.url())
+    login_url(&server.url(), user).await
+}
+
+pub async fn login_url(url: &str, user: &str) -> Client {
+    let channel = Channel::from_shared(url.to_string())
         .unwrap()
         .connect()
         .await

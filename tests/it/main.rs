@@ -1,6 +1,7 @@
 //! Integration tests: a real Lakegate server on 127.0.0.1:0, the arrow-flight Flight SQL client.
 
 mod attacks;
+mod audit;
 mod common;
 mod differential;
 mod flight_sql;
