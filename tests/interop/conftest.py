@@ -24,37 +24,42 @@ def lakegate_binary() -> str:
     raise RuntimeError("build the server first: cargo build --bin lakegate (or set LAKEGATE_BIN)")
 
 
+def start_lakegate(lake: Path, patients: int = PATIENTS):
+    """Start `lakegate demo` on a free port; return (process, "127.0.0.1:PORT")."""
+    proc = subprocess.Popen(
+        [lakegate_binary(), "demo", "--patients", str(patients), "--lake", str(lake), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise RuntimeError(f"lakegate exited early: {proc.stderr.read()}")
+            continue
+        match = re.search(r"grpc://(\S+)", line)
+        if match:
+            return proc, match.group(1)
+    proc.kill()
+    raise RuntimeError("lakegate did not report its address in time")
+
+
+def stop_lakegate(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @pytest.fixture(scope="session")
 def server():
     """Yield the server's address ("127.0.0.1:PORT") and stop it afterwards."""
     with tempfile.TemporaryDirectory() as tmp:
-        lake = Path(tmp) / "lake"
-        proc = subprocess.Popen(
-            [lakegate_binary(), "demo", "--patients", str(PATIENTS), "--lake", str(lake), "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        address = None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"lakegate exited early: {proc.stderr.read()}")
-                continue
-            match = re.search(r"grpc://(\S+)", line)
-            if match:
-                address = match.group(1)
-                break
-        if address is None:
-            proc.kill()
-            raise RuntimeError("lakegate did not report its address in time")
+        proc, address = start_lakegate(Path(tmp) / "lake")
         try:
             yield address
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_lakegate(proc)
