@@ -63,7 +63,11 @@ pub async fn plain(lake: &str) -> SessionContext {
     let catalog = Catalog::load(&Lake::open(lake).expect("lake"))
         .await
         .expect("catalog");
-    for d in &catalog.datasets {
+    for d in catalog
+        .datasets
+        .iter()
+        .filter(|d| d.format == lakegate_catalogs::FileFormat::Parquet)
+    {
         let path = std::path::Path::new(lake).join(&d.location);
         ctx.register_parquet(
             d.name.as_str(),

@@ -13,6 +13,11 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures::TryStreamExt;
 use lakegate_benches::{governed, persona, plain, QUERIES};
+use lakegate_catalogs::Lake;
+use lakegate_engine::audit::{fingerprint, AuditConfig, AuditEvent, AuditKey, AuditLog};
+use lakegate_engine::Engine;
+use lakegate_flight_server::audited::with_report;
+use lakegate_policies::Principal;
 
 #[derive(Parser)]
 struct Args {
@@ -25,6 +30,15 @@ struct Args {
     /// Personas to measure.
     #[arg(long, value_delimiter = ',', default_value = "bob,carol,alice")]
     personas: Vec<String>,
+    /// Concurrent clients for the audit throughput comparison (0 skips it).
+    #[arg(long, default_value_t = 8)]
+    audit_clients: usize,
+    /// Rounds of the query mix each client runs, per mode.
+    #[arg(long, default_value_t = 2)]
+    audit_rounds: usize,
+    /// Skip the per-query table (run only the audit comparison).
+    #[arg(long)]
+    audit_only: bool,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -36,6 +50,118 @@ fn median(mut v: Vec<Duration>) -> Duration {
 async fn main() {
     let args = Args::parse();
     let engine = governed(&args.lake).await;
+    if !args.audit_only {
+        per_query(&args, &engine).await;
+    }
+    if args.audit_clients > 0 {
+        audit_throughput(&args, &engine).await;
+    }
+}
+
+/// One request as the server handles it: plan, (audit the decision durably), execute, consume,
+/// (audit the completion). Refusals count as requests too: they are audited as well.
+async fn request(engine: &Engine, who: &Principal, sql: &str, audit: Option<&AuditLog>) {
+    let started = Instant::now();
+    let planned = match engine.session(who).await {
+        Ok(s) => s.plan(sql).await,
+        Err(e) => Err(e),
+    };
+    let (normalized, digest) = fingerprint(sql);
+    let mut event = AuditEvent::new("query", "DoGet").by(who);
+    event.fingerprint = normalized;
+    event.fingerprint_sha256 = digest;
+    let planned = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(log) = audit {
+                event.outcome = "refused".into();
+                event.reason = e.to_string();
+                log.record_later(event);
+            }
+            return;
+        }
+    };
+    let (stream, report) = planned.execute_with_report(None).await.expect("execute");
+    let mut decision = with_report(event, &report);
+    decision.outcome = "allowed".into();
+    if let Some(log) = audit {
+        log.record(decision.clone()).await.expect("audit");
+    }
+    let batches: Vec<_> = stream.try_collect().await.expect("stream");
+    if let Some(log) = audit {
+        let mut end = decision;
+        end.kind = "query_end".into();
+        end.rows = Some(batches.iter().map(|b| b.num_rows() as u64).sum());
+        end.duration_us = Some(started.elapsed().as_micros() as u64);
+        end.outcome = "completed".into();
+        log.record_later(end);
+    }
+}
+
+/// Throughput of the query mix with N concurrent clients, without and with the audit trail
+/// (written to a local folder, as to a local lake), side by side.
+async fn audit_throughput(args: &Args, engine: &Engine) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trail = Lake::open(dir.path().to_str().expect("utf8")).expect("trail store");
+    let log = AuditLog::open(
+        trail.store(),
+        AuditKey::generate(),
+        AuditConfig::default(),
+        None,
+    )
+    .await
+    .expect("audit log");
+    let personas = ["alice", "bob", "carol", "dave"];
+    println!(
+        "\naudit throughput: {} clients x {} rounds of the {}-query mix",
+        args.audit_clients,
+        args.audit_rounds,
+        QUERIES.len()
+    );
+    println!(
+        "{:<10} {:>10} {:>12} {:>14}",
+        "mode", "requests", "seconds", "requests/s"
+    );
+    let mut rates = Vec::new();
+    // Alternate the modes so that cache warmth favours neither.
+    for audited in [false, true, false, true] {
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..args.audit_clients)
+            .map(|i| {
+                let engine = engine.clone();
+                let log = audited.then(|| log.clone());
+                let who = persona(personas[i % personas.len()]);
+                let rounds = args.audit_rounds;
+                tokio::spawn(async move {
+                    for _ in 0..rounds {
+                        for (_, sql) in QUERIES {
+                            request(&engine, &who, sql, log.as_ref()).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("client");
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let n = args.audit_clients * args.audit_rounds * QUERIES.len();
+        let mode = if audited { "audited" } else { "unaudited" };
+        println!("{mode:<10} {n:>10} {secs:>12.2} {:>14.2}", n as f64 / secs);
+        rates.push((audited, n as f64 / secs));
+    }
+    log.checkpoint().await.expect("checkpoint");
+    let mean = |a: bool| {
+        let v: Vec<f64> = rates.iter().filter(|r| r.0 == a).map(|r| r.1).collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    println!(
+        "audit cost: {:.1}% of unaudited throughput (mean of 2 runs each)",
+        (1.0 - mean(true) / mean(false)) * 100.0
+    );
+}
+
+async fn per_query(args: &Args, engine: &Engine) {
     let ctx = plain(&args.lake).await;
     println!(
         "{:<8} {:<16} {:>12} {:>12} {:>12} {:>12} {:>7}",

@@ -700,9 +700,23 @@ fn apply_thresholds(
             ))),
             LogicalPlan::Join(j) => {
                 let both = protected_below(&j.left, thresholds).is_some() && protected_below(&j.right, thresholds).is_some();
-                let on_unit = j.filter.is_none()
-                    && !j.on.is_empty()
-                    && j.on.iter().all(|(l, r)| {
+                // SQL's `JOIN ... ON a = b` arrives as a join filter (the optimizer turns it into
+                // equi-join keys later): accept keys and filter conjuncts alike, all of them unit = unit.
+                let mut pairs: Vec<(&Expr, &Expr)> = j.on.iter().map(|(l, r)| (l, r)).collect();
+                let mut other_conditions = false;
+                if let Some(f) = &j.filter {
+                    for c in datafusion::logical_expr::utils::split_conjunction(f) {
+                        match c {
+                            Expr::BinaryExpr(b) if b.op == datafusion::logical_expr::Operator::Eq => {
+                                pairs.push((b.left.as_ref(), b.right.as_ref()))
+                            }
+                            _ => other_conditions = true,
+                        }
+                    }
+                }
+                let on_unit = !other_conditions
+                    && !pairs.is_empty()
+                    && pairs.iter().all(|(l, r)| {
                         matches!((l, r), (Expr::Column(a), Expr::Column(b)) if a.name == threshold.unit && b.name == threshold.unit)
                     });
                 if both && !on_unit {

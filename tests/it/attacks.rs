@@ -101,6 +101,11 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("bob", "SELECT code, count(*) FROM clinical.conditions GROUP BY code HAVING count(DISTINCT patient_id) < 11", Answer(no_rows)),
     ("bob", "SELECT birth_date, count(*) FROM clinical.patients GROUP BY birth_date", Answer(no_rows)),
     ("bob", "SELECT count(*) FROM clinical.encounters e JOIN clinical.patients p ON e.site_id = p.site_id", Refused("PermissionDenied", "joined only on patient_id")),
+    ("bob", "SELECT count(*) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id AND e.site_id = p.site_id", Refused("PermissionDenied", "joined only on patient_id")),
+    ("bob", "SELECT count(*) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id OR e.site_id = p.site_id", Refused("PermissionDenied", "joined only on patient_id")),
+    // The privacy-unit join is what cohort analysts need; its small groups are still suppressed.
+    ("bob", "SELECT p.sex, count(DISTINCT p.patient_id) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id GROUP BY p.sex", Answer(any_answer)),
+    ("bob", "SELECT c.code, count(*) FROM clinical.conditions c JOIN clinical.patients p ON c.patient_id = p.patient_id WHERE c.code = 'D81.0' GROUP BY c.code", Answer(no_rows)),
     ("bob", "SELECT x, count(*) FROM (SELECT site_id AS x FROM clinical.patients) s GROUP BY x", Refused("PermissionDenied", "privacy unit patient_id")),
     ("bob", "SELECT count(*) FROM omics.variants", Refused("InvalidArgument", "not found")),
     // Nothing at all for those without grants.
