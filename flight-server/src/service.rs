@@ -476,6 +476,35 @@ fn decode_params(encoded: &str) -> Result<Vec<ScalarValue>, Status> {
     Ok(values)
 }
 
+/// `(user, password)` from a Basic authorization header.
+fn basic_credentials<T>(request: &Request<T>) -> Result<(String, String), Status> {
+    let basic = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "Handshake needs 'authorization: Basic <base64(user:password)>'",
+            )
+        })?;
+    // Clients differ on padding (Go's Flight client sends none): accept both.
+    let lenient = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let decoded = lenient
+        .decode(basic.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| Status::unauthenticated("malformed Basic credentials"))?;
+    decoded
+        .split_once(':')
+        .map(|(u, p)| (u.to_string(), p.to_string()))
+        .ok_or_else(|| Status::unauthenticated("malformed Basic credentials"))
+}
+
 fn client_of<T>(request: &Request<T>) -> String {
     request
         .remote_addr()
@@ -527,39 +556,23 @@ impl FlightSqlService for LakegateService {
         Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>,
         Status,
     > {
-        let basic = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Basic "))
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "Handshake needs 'authorization: Basic <base64(user:password)>'",
-                )
-            })?;
-        // Clients differ on padding (Go's Flight client sends none): accept both.
-        let lenient = base64::engine::GeneralPurpose::new(
-            &base64::alphabet::STANDARD,
-            base64::engine::GeneralPurposeConfig::new()
-                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
-        );
-        let decoded = lenient
-            .decode(basic.trim())
-            .ok()
-            .and_then(|b| String::from_utf8(b).ok())
-            .ok_or_else(|| Status::unauthenticated("malformed Basic credentials"))?;
-        let (user, password) = decoded
-            .split_once(':')
-            .map(|(u, p)| (u.to_string(), p.to_string()))
-            .ok_or_else(|| Status::unauthenticated("malformed Basic credentials"))?;
+        let mut event = AuditEvent::new("auth", "Handshake");
+        event.client = client_of(&request);
+        let (user, password) = match basic_credentials(&request) {
+            Ok(c) => c,
+            Err(status) => {
+                event.outcome = outcome_of(&status).into();
+                event.reason = reason_of(&status);
+                self.audit.record_later(event);
+                return Err(status);
+            }
+        };
         // Argon2 verification is deliberately slow: keep it off the async workers.
         let attempted = user.clone();
         let users = Arc::clone(&self.users);
         let result = tokio::task::spawn_blocking(move || users.authenticate(&user, &password))
             .await
             .map_err(|_| Status::internal("internal error"))?;
-        let mut event = AuditEvent::new("auth", "Handshake");
-        event.client = client_of(&request);
         let principal = match result {
             Ok(p) => p,
             Err(e) => {
