@@ -102,6 +102,7 @@ pub fn default_audit_settings() -> AuditSettings {
         checkpoint_interval_secs: 60,
         alert_webhook: None,
         alerts: lakegate_flight_server::config::default_alerts(),
+        retention_days: lakegate_catalogs::AUDIT_RETENTION_DAYS,
     }
 }
 

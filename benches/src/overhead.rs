@@ -60,7 +60,7 @@ async fn main() {
 
 /// One request as the server handles it: plan, (audit the decision durably), execute, consume,
 /// (audit the completion). Refusals count as requests too: they are audited as well.
-async fn request(engine: &Engine, who: &Principal, sql: &str, audit: Option<&AuditLog>) {
+async fn request(engine: &Engine, who: &Principal, sql: &str, audit: Option<&AuditLog>) -> bool {
     let started = Instant::now();
     let planned = match engine.session(who).await {
         Ok(s) => s.plan(sql).await,
@@ -78,16 +78,21 @@ async fn request(engine: &Engine, who: &Principal, sql: &str, audit: Option<&Aud
                 event.reason = e.to_string();
                 log.record_later(event);
             }
-            return;
+            return true;
         }
     };
-    let (stream, report) = planned.execute_with_report(None).await.expect("execute");
+    let Ok((stream, report)) = planned.execute_with_report(None).await else {
+        return false;
+    };
     let mut decision = with_report(event, &report);
     decision.outcome = "allowed".into();
     if let Some(log) = audit {
         log.record(decision.clone()).await.expect("audit");
     }
-    let batches: Vec<_> = stream.try_collect().await.expect("stream");
+    // A query can fail under load (memory exhausted): counted, like the server would answer it.
+    let Ok(batches) = stream.try_collect::<Vec<_>>().await else {
+        return false;
+    };
     if let Some(log) = audit {
         let mut end = decision;
         end.kind = "query_end".into();
@@ -96,6 +101,7 @@ async fn request(engine: &Engine, who: &Principal, sql: &str, audit: Option<&Aud
         end.outcome = "completed".into();
         log.record_later(end);
     }
+    true
 }
 
 /// Throughput of the query mix with N concurrent clients, without and with the audit trail
@@ -119,8 +125,8 @@ async fn audit_throughput(args: &Args, engine: &Engine) {
         QUERIES.len()
     );
     println!(
-        "{:<10} {:>10} {:>12} {:>14}",
-        "mode", "requests", "seconds", "requests/s"
+        "{:<10} {:>10} {:>12} {:>14} {:>8}",
+        "mode", "requests", "seconds", "requests/s", "failed"
     );
     let mut rates = Vec::new();
     // Alternate the modes so that cache warmth favours neither.
@@ -133,21 +139,29 @@ async fn audit_throughput(args: &Args, engine: &Engine) {
                 let who = persona(personas[i % personas.len()]);
                 let rounds = args.audit_rounds;
                 tokio::spawn(async move {
+                    let mut failed = 0usize;
                     for _ in 0..rounds {
                         for (_, sql) in QUERIES {
-                            request(&engine, &who, sql, log.as_ref()).await;
+                            if !request(&engine, &who, sql, log.as_ref()).await {
+                                failed += 1;
+                            }
                         }
                     }
+                    failed
                 })
             })
             .collect();
+        let mut failed = 0;
         for t in tasks {
-            t.await.expect("client");
+            failed += t.await.expect("client");
         }
         let secs = started.elapsed().as_secs_f64();
         let n = args.audit_clients * args.audit_rounds * QUERIES.len();
         let mode = if audited { "audited" } else { "unaudited" };
-        println!("{mode:<10} {n:>10} {secs:>12.2} {:>14.2}", n as f64 / secs);
+        println!(
+            "{mode:<10} {n:>10} {secs:>12.2} {:>14.2} {failed:>8}",
+            n as f64 / secs
+        );
         rates.push((audited, n as f64 / secs));
     }
     log.checkpoint().await.expect("checkpoint");

@@ -243,9 +243,20 @@ impl ScalarUDFImpl for InSubjectSet {
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
         let strings = arrays[0].as_string::<i32>();
+        // Adjacent rows usually belong to one subject: remember the last answer.
+        let mut last: Option<(&str, bool)> = None;
         let out: BooleanArray = strings
             .iter()
-            .map(|v| Some(v.is_some_and(|s| self.set.contains(s))))
+            .map(|v| {
+                Some(v.is_some_and(|s| match last {
+                    Some((l, member)) if l == s => member,
+                    _ => {
+                        let member = self.set.contains(s);
+                        last = Some((s, member));
+                        member
+                    }
+                }))
+            })
             .collect();
         Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
     }

@@ -119,8 +119,8 @@ fn keep(s: &str, n: usize, from_end: bool, out: &mut String) {
     }
 }
 
-fn shift_days(key: &ProjectKey, max_days: u32, subject: &str) -> i64 {
-    let mut m = key.mac(b"date-shift\0");
+fn shift_days(base: &HmacSha256, max_days: u32, subject: &str) -> i64 {
+    let mut m = base.clone();
     m.update(subject.as_bytes());
     let d = m.finalize().into_bytes();
     let n = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
@@ -161,15 +161,25 @@ impl ScalarUDFImpl for MaskUdf {
         let out: ArrayRef = match &self.kernel {
             Kernel::Pseudonym(key) => {
                 let base = key.mac(b"pseudonym\0");
+                // Rows of one subject tend to be adjacent (files are written per patient):
+                // reuse the last pseudonym instead of recomputing the HMAC.
+                let mut last_in = String::new();
+                let mut last_out = String::new();
                 map_strings(a, |s, out| {
-                    let mut m = base.clone();
-                    m.update(s.as_bytes());
-                    let d = m.finalize().into_bytes();
-                    out.push_str("ps_");
-                    for b in &d[..12] {
-                        out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-                        out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+                    if s != last_in || last_out.is_empty() {
+                        let mut m = base.clone();
+                        m.update(s.as_bytes());
+                        let d = m.finalize().into_bytes();
+                        last_out.clear();
+                        last_out.push_str("ps_");
+                        for b in &d[..12] {
+                            last_out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+                            last_out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+                        }
+                        last_in.clear();
+                        last_in.push_str(s);
                     }
+                    out.push_str(&last_out);
                 })?
             }
             Kernel::ShowLast(n) => map_strings(a, |s, out| keep(s, *n, true, out))?,
@@ -191,8 +201,22 @@ impl ScalarUDFImpl for MaskUdf {
                         "date shift subject must be utf8".into(),
                     )
                 })?;
-                let offset = |i: usize| {
-                    (!subjects.is_null(i)).then(|| shift_days(key, *max_days, subjects.value(i)))
+                let base = key.mac(b"date-shift\0");
+                // Adjacent rows usually share a subject: remember the last offset.
+                let mut last: Option<(usize, i64)> = None;
+                let mut offset = |i: usize| {
+                    if subjects.is_null(i) {
+                        return None;
+                    }
+                    let subject = subjects.value(i);
+                    if let Some((j, o)) = last {
+                        if subjects.value(j) == subject {
+                            return Some(o);
+                        }
+                    }
+                    let o = shift_days(&base, *max_days, subject);
+                    last = Some((i, o));
+                    Some(o)
                 };
                 match a.data_type() {
                     DataType::Date32 => {

@@ -36,6 +36,7 @@ pub async fn open_audit(
         checkpoint_interval: std::time::Duration::from_secs(settings.checkpoint_interval_secs),
         alerts: settings.alerts.clone(),
         phi_columns,
+        retention_days: settings.retention_days,
         ..Default::default()
     };
     let sink = settings.alert_webhook.clone().map(webhook_sink);

@@ -71,6 +71,7 @@ struct AuditFileConfig {
     checkpoint_interval_secs: Option<u64>,
     alert_webhook: Option<String>,
     alerts: Option<Vec<AlertRule>>,
+    retention_days: Option<u32>,
 }
 
 /// Audit trail settings.
@@ -82,6 +83,8 @@ pub struct AuditSettings {
     /// URL that receives each alert as a JSON POST, besides the log.
     pub alert_webhook: Option<String>,
     pub alerts: Vec<AlertRule>,
+    /// Minimum time the trail is kept, stated in every signed checkpoint (default six years).
+    pub retention_days: u32,
 }
 
 /// Alerts in force unless the config file sets `[audit] alerts` (an empty list turns them off).
@@ -212,6 +215,9 @@ impl ServeArgs {
                     checkpoint_interval_secs: a.checkpoint_interval_secs.unwrap_or(60),
                     alert_webhook: a.alert_webhook,
                     alerts: a.alerts.unwrap_or_else(default_alerts),
+                    retention_days: a
+                        .retention_days
+                        .unwrap_or(lakegate_catalogs::AUDIT_RETENTION_DAYS),
                 }
             },
         };

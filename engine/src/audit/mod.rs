@@ -165,6 +165,8 @@ pub struct Checkpoint {
     pub previous: String,
     /// The signer's public key (hex). Verification trusts only a key given to it, never this.
     pub key: String,
+    /// How long the trail must be kept, as configured when this checkpoint was signed.
+    pub retention_days: u32,
     /// Ed25519 over this checkpoint serialized with `signature = ""` (hex).
     pub signature: String,
 }
@@ -240,6 +242,8 @@ pub struct AuditConfig {
     pub alerts: Vec<AlertRule>,
     /// Columns whose labels start with `phi.` (`dataset.column`), for the PHI-volume alert.
     pub phi_columns: std::collections::HashSet<String>,
+    /// Minimum time the trail is kept (stated in every checkpoint; Lakegate never deletes it).
+    pub retention_days: u32,
 }
 
 impl Default for AuditConfig {
@@ -250,6 +254,7 @@ impl Default for AuditConfig {
             max_segment_events: 512,
             alerts: Vec::new(),
             phi_columns: Default::default(),
+            retention_days: lakegate_catalogs::AUDIT_RETENTION_DAYS,
         }
     }
 }
@@ -649,6 +654,7 @@ impl Writer {
             time: now_rfc3339(),
             previous: self.checkpoint_digest.clone(),
             key: hex(self.key.verifying_key().as_bytes()),
+            retention_days: self.config.retention_days,
             signature: String::new(),
         };
         cp.signature = hex(&self.key.sign(&cp.signed_bytes()).to_bytes());

@@ -20,6 +20,8 @@ pub struct VerifyReport {
     pub checkpoints: u64,
     /// Events covered by the last signed checkpoint.
     pub signed_events: u64,
+    /// The retention the last checkpoint states.
+    pub retention_days: u32,
     pub head_hash: String,
     pub first_time: Option<String>,
     pub last_time: Option<String>,
@@ -47,6 +49,12 @@ impl std::fmt::Display for VerifyReport {
                 self.events - self.signed_events
             )?;
         }
+        writeln!(
+            f,
+            "  retention: {} days ({:.1} years), as the last checkpoint states",
+            self.retention_days,
+            f64::from(self.retention_days) / 365.25
+        )?;
         write!(f, "  head hash {}", self.head_hash)
     }
 }
@@ -145,6 +153,7 @@ pub async fn verify_trail(
     }
     let mut previous = GENESIS_HASH.to_string();
     let mut signed_events = 0;
+    let mut retention_days = 0;
     for (n, path) in checkpoint_paths.iter().enumerate() {
         let position = format!("checkpoint {n} ({path})");
         let bytes = store.get(path).await?.bytes().await?;
@@ -196,12 +205,14 @@ pub async fn verify_trail(
         }
         previous = hex(&Sha256::digest(&bytes));
         signed_events = cp.events;
+        retention_days = cp.retention_days;
     }
     Ok(VerifyReport {
         events: hashes.len() as u64,
         segments: segments.len() as u64,
         checkpoints: checkpoint_paths.len() as u64,
         signed_events,
+        retention_days,
         head_hash: prev,
         first_time,
         last_time,
