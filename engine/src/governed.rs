@@ -16,9 +16,11 @@ use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray};
 use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use datafusion::catalog::{Session as DFSession, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DFSchema, Result as DFResult};
 use datafusion::datasource::TableType;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::TableProviderFilterPushDown;
 use datafusion::logical_expr::{
     ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
@@ -36,6 +38,8 @@ pub struct GovernedTable {
     filter: Option<Expr>,
     /// One expression per column, over the raw columns, masked where the policy says.
     columns: Vec<Expr>,
+    /// Columns the caller sees unmasked, by name.
+    clear: HashSet<String>,
 }
 
 impl GovernedTable {
@@ -53,12 +57,20 @@ impl GovernedTable {
             .zip(masked)
             .map(|(f, m)| f.as_ref().clone().with_nullable(f.is_nullable() || *m))
             .collect();
+        let clear = raw_schema
+            .fields()
+            .iter()
+            .zip(masked)
+            .filter(|(_, m)| !**m)
+            .map(|(f, _)| f.name().clone())
+            .collect();
         Self {
             dataset,
             raw,
             schema: Arc::new(Schema::new(fields)),
             filter,
             columns,
+            clear,
         }
     }
 }
@@ -81,15 +93,40 @@ impl TableProvider for GovernedTable {
         TableType::Base
     }
 
+    /// A caller's predicate that reads only columns it sees unmasked may run before the masks,
+    /// so masks are computed only for the rows it keeps. It still runs after the row filter
+    /// (behind a boundary no optimizer crosses), so it never sees a hidden row: it can reveal
+    /// nothing the caller could not SELECT. `Inexact`: DataFusion re-applies it above.
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DFResult<Vec<TableProviderFilterPushDown>> {
+        Ok(filters
+            .iter()
+            .map(|f| {
+                let refs = f.column_refs();
+                if !refs.is_empty()
+                    && refs.iter().all(|c| self.clear.contains(&c.name))
+                    && is_plain_predicate(f)
+                {
+                    TableProviderFilterPushDown::Inexact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
+                }
+            })
+            .collect())
+    }
+
     async fn scan(
         &self,
         state: &dyn DFSession,
         projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
+        filters: &[Expr],
         _limit: Option<usize>,
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
-        // User filters and limits are deliberately not pushed into the raw scan: they must only
-        // ever see rows that passed the policy filter, in masked form.
+        // User filters and limits are never pushed into the raw scan: they must only ever see
+        // rows that passed the policy filter. Predicates on unmasked columns (see
+        // `supports_filters_pushdown`) run between the row filter and the masks.
         let raw_schema = self.raw.schema();
         let wanted: Vec<usize> = projection
             .cloned()
@@ -99,6 +136,19 @@ impl TableProvider for GovernedTable {
             referenced_columns(&self.columns[*i], &raw_schema, &mut needed);
         }
         if let Some(f) = &self.filter {
+            referenced_columns(f, &raw_schema, &mut needed);
+        }
+        let early: Vec<Expr> = filters
+            .iter()
+            .filter(|f| {
+                let refs = f.column_refs();
+                !refs.is_empty()
+                    && refs.iter().all(|c| self.clear.contains(&c.name))
+                    && is_plain_predicate(f)
+            })
+            .map(|f| unqualified(f.clone()))
+            .collect::<DFResult<_>>()?;
+        for f in &early {
             referenced_columns(f, &raw_schema, &mut needed);
         }
         if needed.is_empty() {
@@ -112,6 +162,16 @@ impl TableProvider for GovernedTable {
             let predicate = state.create_physical_expr(f.clone(), &input_schema)?;
             let batch_size = state.config().batch_size();
             plan = Arc::new(FilterExec::try_new(predicate, plan)?.with_batch_size(batch_size)?);
+        }
+        if let Some(user) = early.into_iter().reduce(Expr::and) {
+            // The barrier keeps the physical optimizer from merging the caller's predicate into
+            // the row filter's (or below it), where it could run on hidden rows.
+            plan = Arc::new(PolicyBoundaryExec::stage(plan, self.dataset.clone()));
+            let predicate = state.create_physical_expr(user, &input_schema)?;
+            let batch_size = state.config().batch_size();
+            plan = Arc::new(FilterExec::try_new(predicate, plan)?.with_batch_size(batch_size)?);
+            // And one above it, or projection pushdown would move the masks below the filter.
+            plan = Arc::new(PolicyBoundaryExec::stage(plan, self.dataset.clone()));
         }
         let exprs = wanted
             .iter()
@@ -137,6 +197,9 @@ pub struct PolicyBoundaryExec {
     input: Arc<dyn ExecutionPlan>,
     dataset: String,
     properties: Arc<PlanProperties>,
+    /// An inner boundary: above the row filter, below the caller's early predicate and the
+    /// masks (its columns are raw, so it is not the dataset's output).
+    inner: bool,
 }
 
 impl PolicyBoundaryExec {
@@ -146,13 +209,22 @@ impl PolicyBoundaryExec {
             input,
             dataset,
             properties,
+            inner: false,
+        }
+    }
+
+    fn stage(input: Arc<dyn ExecutionPlan>, dataset: String) -> Self {
+        Self {
+            inner: true,
+            ..Self::new(input, dataset)
         }
     }
 }
 
 impl DisplayAs for PolicyBoundaryExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "PolicyBoundaryExec: dataset={}", self.dataset)
+        let stage = if self.inner { " stage=row-filter" } else { "" };
+        write!(f, "PolicyBoundaryExec: dataset={}{stage}", self.dataset)
     }
 }
 
@@ -184,10 +256,9 @@ impl ExecutionPlan for PolicyBoundaryExec {
         if children.len() != 1 {
             return datafusion::common::internal_err!("PolicyBoundaryExec takes one child");
         }
-        Ok(Arc::new(Self::new(
-            children.swap_remove(0),
-            self.dataset.clone(),
-        )))
+        let mut node = Self::new(children.swap_remove(0), self.dataset.clone());
+        node.inner = self.inner;
+        Ok(Arc::new(node))
     }
 
     fn execute(
@@ -197,6 +268,42 @@ impl ExecutionPlan for PolicyBoundaryExec {
     ) -> DFResult<SendableRecordBatchStream> {
         self.input.execute(partition, context)
     }
+}
+
+/// `e` with its columns unqualified, to evaluate over the raw scan's schema.
+fn unqualified(e: Expr) -> DFResult<Expr> {
+    e.transform(|node| {
+        Ok(match node {
+            Expr::Column(c) => Transformed::yes(Expr::Column(
+                datafusion::common::Column::new_unqualified(c.name),
+            )),
+            other => Transformed::no(other),
+        })
+    })
+    .map(|t| t.data)
+}
+
+/// Whether a pushed predicate is plain row-wise logic: no subquery, aggregate, window or
+/// placeholder (those are planned elsewhere and must not move below the masks).
+fn is_plain_predicate(e: &Expr) -> bool {
+    let mut plain = true;
+    let _ = e.apply(|node| {
+        if matches!(
+            node,
+            Expr::ScalarSubquery(_)
+                | Expr::Exists(_)
+                | Expr::InSubquery(_)
+                | Expr::AggregateFunction(_)
+                | Expr::WindowFunction(_)
+                | Expr::Placeholder(_)
+                | Expr::OuterReferenceColumn(..)
+        ) {
+            plain = false;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    plain
 }
 
 /// Membership in a precomputed subject set (e.g. the consenting patients): the typed form of
@@ -322,7 +429,10 @@ impl ScalarUDFImpl for ThresholdCheck {
 /// The columns a verified plan reads, `dataset.column`, from its policy boundaries.
 pub(crate) fn touched_columns(plan: &Arc<dyn ExecutionPlan>) -> Vec<String> {
     fn walk(plan: &Arc<dyn ExecutionPlan>, out: &mut BTreeSet<String>) {
-        if let Some(b) = (plan.as_ref() as &dyn Any).downcast_ref::<PolicyBoundaryExec>() {
+        if let Some(b) = (plan.as_ref() as &dyn Any)
+            .downcast_ref::<PolicyBoundaryExec>()
+            .filter(|b| !b.inner)
+        {
             for f in b.schema().fields() {
                 out.insert(format!("{}.{}", b.dataset, f.name()));
             }

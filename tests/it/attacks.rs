@@ -186,3 +186,71 @@ async fn released_bob_counts_never_describe_fewer_than_eleven_patients() {
         raw_query("SELECT sex, count(*) FROM clinical_patients GROUP BY sex ORDER BY sex").await;
     assert_eq!(column_text(&governed, 1), column_text(&plain, 1));
 }
+
+/// A caller's predicate on columns it sees unmasked runs early (so masks are computed only for
+/// the rows it keeps), but always above the row filter, behind a boundary: never on hidden rows.
+#[tokio::test]
+async fn early_predicates_run_after_the_row_filter_and_before_the_masks() {
+    use datafusion::physical_plan::displayable;
+    let server = TestServer::start().await;
+    let alice = lakegate_policies::Principal {
+        name: "alice".into(),
+        attributes: [
+            ("role", "data_scientist"),
+            ("project", "oncology"),
+            ("purpose", "model_training"),
+            ("environment", "sandbox"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    };
+    let planned = server
+        .engine
+        .session(&alice)
+        .await
+        .unwrap()
+        .plan("SELECT encounter_id FROM clinical.encounters WHERE total_cost > 49000")
+        .await
+        .unwrap();
+    let plan = displayable(planned.verified_physical_plan().await.unwrap().as_ref())
+        .indent(false)
+        .to_string();
+    let line = |needle: &str| {
+        plan.lines()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle} not in\n{plan}"))
+    };
+    let masks = line("lg_pseudonym");
+    let early = plan
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains("FilterExec") && l.contains("49000"))
+        .map(|(i, _)| i)
+        .max()
+        .unwrap_or_else(|| panic!("no early filter in\n{plan}"));
+    let stage = plan
+        .lines()
+        .collect::<Vec<_>>()
+        .iter()
+        .rposition(|l| l.contains("stage=row-filter"))
+        .unwrap_or_else(|| panic!("no stage boundary in\n{plan}"));
+    let row_filter = line("lg_in_subject_set");
+    assert!(
+        masks < early && early < stage && stage < row_filter,
+        "wrong order in\n{plan}"
+    );
+    // And a predicate on a masked column never runs early.
+    let planned = server
+        .engine
+        .session(&alice)
+        .await
+        .unwrap()
+        .plan("SELECT count(*) FROM clinical.patients WHERE ssn LIKE '1%'")
+        .await
+        .unwrap();
+    let plan = displayable(planned.verified_physical_plan().await.unwrap().as_ref())
+        .indent(false)
+        .to_string();
+    assert!(!plan.contains("stage=row-filter"), "{plan}");
+}
