@@ -93,7 +93,31 @@ struct Inner {
     /// Subject sets (e.g. consenting patients) computed once per filter: the lake is read-only
     /// while served.
     subject_sets: AsyncMutex<HashMap<String, Arc<std::collections::HashSet<String>>>>,
+    /// Callers' catalog views built during the current second. Decisions depend on the
+    /// principal, the policy and the request time at one-second resolution (what casbin's
+    /// context sees), so within one second a view can be reused exactly.
+    views: std::sync::Mutex<(i64, HashMap<ViewKey, Arc<View>>)>,
 }
+
+/// What a caller's view depends on: the policy in force, the principal, the second.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct ViewKey {
+    policy: usize,
+    name: String,
+    attributes: Vec<(String, String)>,
+}
+
+/// A caller's catalog of governed datasets and the decisions behind it.
+struct View {
+    /// Held so that the key's policy address cannot be reused while the view lives.
+    policy: Arc<PolicySet>,
+    catalog: Arc<MemoryCatalogProvider>,
+    decisions: HashMap<String, (Decision, Decision)>,
+    policy_version: String,
+}
+
+/// Most views kept within one second.
+const MAX_VIEWS: usize = 1024;
 
 /// What every request shares. Cheap to clone.
 #[derive(Clone)]
@@ -150,6 +174,7 @@ impl Engine {
                 keys,
                 config,
                 subject_sets: AsyncMutex::new(HashMap::new()),
+                views: std::sync::Mutex::new((0, HashMap::new())),
             }),
         })
     }
@@ -179,6 +204,9 @@ impl Engine {
             Err(poisoned) => *poisoned.into_inner() = policy,
         }
         self.inner.subject_sets.lock().await.clear();
+        if let Ok(mut views) = self.inner.views.lock() {
+            views.1.clear();
+        }
     }
 
     fn decisions(
@@ -212,17 +240,68 @@ impl Engine {
     /// A fresh session for one request, holding only the caller's visible datasets, each
     /// already filtered and masked for this caller.
     pub async fn session(&self, principal: &Principal) -> Result<Session> {
+        let request = RequestContext::default();
+        let policy = self.policy();
+        let key = ViewKey {
+            policy: Arc::as_ptr(&policy) as usize,
+            name: principal.name.clone(),
+            attributes: principal
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        let second = request.now.timestamp();
+        let cached = self.inner.views.lock().ok().and_then(|views| {
+            (views.0 == second)
+                .then(|| views.1.get(&key).cloned())
+                .flatten()
+                .filter(|v| Arc::ptr_eq(&v.policy, &policy))
+        });
+        let view = match cached {
+            Some(v) => v,
+            None => {
+                let v = Arc::new(
+                    self.build_view(principal, Arc::clone(&policy), &request)
+                        .await?,
+                );
+                if let Ok(mut views) = self.inner.views.lock() {
+                    if views.0 != second || views.1.len() >= MAX_VIEWS {
+                        *views = (second, HashMap::new());
+                    }
+                    views.1.insert(key, Arc::clone(&v));
+                }
+                v
+            }
+        };
         let state = SessionStateBuilder::new_from_existing(self.inner.template.clone())
             .with_catalog_list(Arc::new(MemoryCatalogProviderList::new()))
             .build();
         let ctx = SessionContext::new_with_state(state);
+        ctx.register_catalog(
+            CATALOG_NAME,
+            Arc::clone(&view.catalog) as Arc<dyn CatalogProvider>,
+        );
+        Ok(Session {
+            ctx,
+            max_sql_bytes: self.inner.config.max_sql_bytes,
+            decisions: view.decisions.clone(),
+            policy_version: view.policy_version.clone(),
+        })
+    }
+
+    /// Decide every dataset for `principal` and build its governed tables.
+    async fn build_view(
+        &self,
+        principal: &Principal,
+        policy: Arc<PolicySet>,
+        request: &RequestContext,
+    ) -> Result<View> {
         let catalog = MemoryCatalogProvider::new();
         let mut schemas: BTreeMap<String, Arc<MemorySchemaProvider>> = BTreeMap::new();
-        let request = RequestContext::default();
-        let policy = self.policy();
         let mut decisions = HashMap::new();
         for d in &self.inner.catalog.datasets {
-            let (row, agg) = Self::decisions(&policy, principal, d, &request);
+            let (row, agg) = Self::decisions(&policy, principal, d, request);
             let obligations = match (&row, &agg) {
                 (Decision::Allow { obligations, rule }, _)
                 | (_, Decision::Allow { obligations, rule }) => {
@@ -241,12 +320,11 @@ impl Engine {
         for (name, schema) in schemas {
             catalog.register_schema(&name, schema)?;
         }
-        ctx.register_catalog(CATALOG_NAME, Arc::new(catalog));
-        Ok(Session {
-            ctx,
-            max_sql_bytes: self.inner.config.max_sql_bytes,
+        Ok(View {
+            catalog: Arc::new(catalog),
             decisions,
             policy_version: policy.version().to_string(),
+            policy,
         })
     }
 
