@@ -205,9 +205,80 @@ async fn every_query_under_load_is_in_a_trail_that_verifies() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_is_recorded_as_cancelled() {
+    let server = TestServer::start().await;
+    let mut alice = login(&server, "alice").await;
+    // A cross join streams far longer than the client reads.
+    let info = alice
+        .execute(
+            "SELECT a.observation_id AS audit_probe_cancel FROM clinical.observations a, \
+             clinical.observations b"
+                .to_string(),
+            None,
+        )
+        .await
+        .unwrap();
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let mut stream = alice.do_get(ticket).await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.num_rows() > 0);
+    drop(stream);
+    drop(alice);
+    let filter = "kind = 'query_end' AND outcome = 'cancelled' AND rows > 0 \
+                  AND fingerprint LIKE '%audit_probe_cancel%'";
+    assert_eq!(erin_count(&server, filter, 1).await, 1);
+}
+
+/// A one-shot HTTP endpoint: answers 200 to every request and hands each body over.
+async fn webhook() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Headers, then Content-Length bytes of body.
+                loop {
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            let _ = tx.send(body.to_string());
+                            let _ = socket
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+#[tokio::test]
 async fn alerts_are_raised_into_the_trail() {
     let (_dir, lake) = build_lake(200);
+    let (url, mut hook) = webhook().await;
     let mut audit = default_audit_settings();
+    audit.alert_webhook = Some(url);
     audit.alerts = vec![
         AlertRule {
             name: "bulk-phi-read".into(),
@@ -264,6 +335,19 @@ async fn alerts_are_raised_into_the_trail() {
         .await,
         1
     );
+    // Both alerts also reached the webhook, as JSON events.
+    let mut delivered = Vec::new();
+    for _ in 0..2 {
+        let body = tokio::time::timeout(Duration::from_secs(10), hook.recv())
+            .await
+            .expect("webhook called in time")
+            .expect("a body");
+        let event: lakegate_engine::audit::AuditEvent = serde_json::from_str(&body).unwrap();
+        assert_eq!(event.kind, "alert");
+        delivered.push(event.action);
+    }
+    delivered.sort();
+    assert_eq!(delivered, ["bulk-phi-read", "refusal-burst"]);
 }
 
 #[tokio::test]
