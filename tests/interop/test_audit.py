@@ -118,3 +118,21 @@ def test_verify_names_the_first_tampered_position():
         assert result.returncode != 0
         assert f"seq {seq}" in result.stderr, result.stderr
         assert "modified" in result.stderr, result.stderr
+
+
+def test_a_lake_never_served_has_an_empty_intact_trail():
+    with tempfile.TemporaryDirectory() as tmp:
+        lake = Path(tmp) / "lake"
+        subprocess.run(
+            [lakegate_binary(), "demo", "--patients", "100", "--lake", str(lake), "--build-only"],
+            check=True, capture_output=True, timeout=120,
+        )
+        result = verify(lake)
+        assert result.returncode == 0, result.stderr
+        assert "audit trail empty" in result.stdout
+        # Once anything is in the audit zone, a trusted key is required to vouch for it.
+        (lake / "audit" / "events").mkdir(parents=True)
+        (lake / "audit" / "events" / "00000000000000000000.jsonl").write_text("{}\n")
+        result = verify(lake)
+        assert result.returncode != 0
+        assert "no trusted public key" in result.stderr
