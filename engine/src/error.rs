@@ -55,6 +55,9 @@ fn classify(e: &DataFusionError) -> EngineError {
         DataFusionError::NotImplemented(m) => {
             EngineError::InvalidQuery(format!("not supported: {}", first_line(m)))
         }
+        DataFusionError::ResourcesExhausted(m) if m.starts_with(crate::budget::BUDGET_EXCEEDED) => {
+            EngineError::ResourceExhausted(m.clone())
+        }
         DataFusionError::ResourcesExhausted(_) => EngineError::ResourceExhausted(
             "the query needs more memory than its limit allows; narrow it or aggregate".into(),
         ),

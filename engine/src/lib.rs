@@ -25,12 +25,14 @@
 //! ```
 
 pub mod audit;
+mod budget;
 mod error;
 mod governed;
 mod keys;
 pub mod masks;
 mod session;
 
+pub use budget::MemoryBudget;
 pub use error::EngineError;
 pub use keys::KeyRing;
 pub use session::{AccessReport, Engine, EngineConfig, PlannedQuery, Session};

@@ -240,6 +240,16 @@ impl Engine {
     /// A fresh session for one request, holding only the caller's visible datasets, each
     /// already filtered and masked for this caller.
     pub async fn session(&self, principal: &Principal) -> Result<Session> {
+        self.session_within(principal, None).await
+    }
+
+    /// [`Engine::session`] whose queries hold memory within `budget` (shared by every session
+    /// given the same budget) as well as within the server's pool.
+    pub async fn session_within(
+        &self,
+        principal: &Principal,
+        budget: Option<&crate::MemoryBudget>,
+    ) -> Result<Session> {
         let request = RequestContext::default();
         let policy = self.policy();
         let key = ViewKey {
@@ -274,9 +284,17 @@ impl Engine {
                 v
             }
         };
-        let state = SessionStateBuilder::new_from_existing(self.inner.template.clone())
-            .with_catalog_list(Arc::new(MemoryCatalogProviderList::new()))
-            .build();
+        let mut builder = SessionStateBuilder::new_from_existing(self.inner.template.clone())
+            .with_catalog_list(Arc::new(MemoryCatalogProviderList::new()));
+        if let Some(budget) = budget {
+            let mut runtime = (*self.inner.template.runtime_env()).as_ref().clone();
+            runtime.memory_pool = Arc::new(crate::budget::BudgetedPool {
+                budget: budget.clone(),
+                shared: Arc::clone(&runtime.memory_pool),
+            });
+            builder = builder.with_runtime_env(Arc::new(runtime));
+        }
+        let state = builder.build();
         let ctx = SessionContext::new_with_state(state);
         ctx.register_catalog(
             CATALOG_NAME,
