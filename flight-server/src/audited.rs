@@ -8,11 +8,15 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use arrow_flight::FlightData;
+use std::future::Future;
+
 use futures::Stream;
 use lakegate_catalogs::{Catalog, Lake};
 use lakegate_engine::audit::{AlertSink, AuditConfig, AuditError, AuditEvent, AuditKey, AuditLog};
 use lakegate_engine::AccessReport;
 use tonic::{Code, Status};
+
+use crate::limits::QueryGrant;
 
 /// Open the lake's audit trail for writing, with the configured checkpoints and alerts.
 pub async fn open_audit(
@@ -116,6 +120,10 @@ pub struct AuditedStream {
     /// The completion event's template; taken when written.
     end: Option<AuditEvent>,
     report: AccessReport,
+    /// The query's concurrency slot and memory budget, released when the stream goes.
+    grant: Option<QueryGrant>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    timed_out: bool,
 }
 
 impl AuditedStream {
@@ -135,7 +143,17 @@ impl AuditedStream {
             log,
             end: Some(end),
             report,
+            grant: None,
+            deadline: None,
+            timed_out: false,
         }
+    }
+
+    /// Hold `grant` while the stream lives and stop the query at its timeout.
+    pub fn within(mut self, grant: QueryGrant) -> Self {
+        self.deadline = Some(Box::pin(tokio::time::sleep(grant.timeout)));
+        self.grant = Some(grant);
+        self
     }
 
     fn finish(&mut self, outcome: &str, reason: String) {
@@ -159,6 +177,29 @@ impl Stream for AuditedStream {
     type Item = Result<FlightData, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.timed_out {
+            return Poll::Ready(None);
+        }
+        let expired = self
+            .deadline
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+        if expired {
+            let secs = self
+                .grant
+                .as_ref()
+                .map(|g| g.timeout.as_secs())
+                .unwrap_or(0);
+            let status = Status::resource_exhausted(format!(
+                "the query ran past its time limit of {secs} s and was stopped (limit: query_timeout_secs)"
+            ));
+            self.timed_out = true;
+            // Dropping the plan's stream cancels its work and frees its memory now.
+            self.inner = Box::pin(futures::stream::empty());
+            self.finish(outcome_of(&status), reason_of(&status));
+            self.grant = None;
+            return Poll::Ready(Some(Err(status)));
+        }
         let polled = self.inner.as_mut().poll_next(cx);
         match &polled {
             Poll::Ready(Some(Ok(data))) => {

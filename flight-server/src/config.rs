@@ -11,6 +11,9 @@ use lakegate_engine::audit::{AlertKind, AlertRule};
 use lakegate_engine::EngineConfig;
 use serde::Deserialize;
 
+use crate::identity::JwtSettings;
+use crate::limits::LimitSettings;
+use crate::tls::TlsSettings;
 use crate::Lifetimes;
 
 /// Settings of a Lakegate server. Every one is a flag, an environment variable and a key of the
@@ -60,6 +63,48 @@ pub struct ServeArgs {
     /// outside the lake. `lakegate demo` creates one beside the lake when none is given.
     #[arg(long, env = "LAKEGATE_AUDIT_KEY")]
     pub audit_key: Option<PathBuf>,
+    /// TLS certificate chain (PEM). With --tls-key, the server speaks only TLS 1.2+.
+    #[arg(long, env = "LAKEGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "LAKEGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs client certificates: every client must present one (mutual TLS),
+    /// and its subject CN names a user of the users file.
+    #[arg(long, env = "LAKEGATE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// JWKS of the identity provider whose bearer JWTs are accepted: a file or an http(s) URL.
+    #[arg(long, env = "LAKEGATE_JWKS")]
+    pub jwks: Option<String>,
+    /// Required `iss` of accepted JWTs.
+    #[arg(long, env = "LAKEGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of accepted JWTs.
+    #[arg(long, env = "LAKEGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Queries one principal may run at once [default: 8].
+    #[arg(long, env = "LAKEGATE_MAX_CONCURRENT_QUERIES")]
+    pub max_concurrent_queries: Option<u32>,
+    /// Memory one principal's running queries may hold together, in MiB [default: 1024].
+    #[arg(long, env = "LAKEGATE_PRINCIPAL_MEMORY_MB")]
+    pub principal_memory_mb: Option<u64>,
+    /// Longest a query may stream, in seconds [default: 900].
+    #[arg(long, env = "LAKEGATE_QUERY_TIMEOUT_SECS")]
+    pub query_timeout_secs: Option<u64>,
+    /// RPCs per second one principal may make, sustained [default: 100].
+    #[arg(long, env = "LAKEGATE_REQUESTS_PER_SECOND")]
+    pub requests_per_second: Option<u32>,
+}
+
+/// The `[jwt]` table of the config file: what the flags do not cover.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JwtFileConfig {
+    leeway_secs: Option<u64>,
+    subject_claim: Option<String>,
+    /// Attribute -> claim; replaces the default mapping.
+    claims: Option<std::collections::BTreeMap<String, String>>,
+    refresh_secs: Option<u64>,
 }
 
 /// The `[audit]` table of the config file.
@@ -117,6 +162,14 @@ struct FileConfig {
     ticket_ttl_secs: Option<u64>,
     allow_plaintext: Option<bool>,
     audit: Option<AuditFileConfig>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    jwks: Option<String>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
+    jwt: Option<JwtFileConfig>,
+    limits: Option<LimitSettings>,
 }
 
 /// Resolved settings.
@@ -132,6 +185,9 @@ pub struct Settings {
     pub lifetimes: Lifetimes,
     pub allow_plaintext: bool,
     pub audit: AuditSettings,
+    pub tls: Option<TlsSettings>,
+    pub jwt: Option<JwtSettings>,
+    pub limits: LimitSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +199,8 @@ pub enum ConfigError {
          pass --allow-plaintext to override"
     )]
     PlaintextNotLoopback(SocketAddr),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -171,9 +229,64 @@ impl ServeArgs {
             (None, Some(l)) => rel(PathBuf::from(l)).display().to_string(),
             (None, None) => default_lake.to_string(),
         };
+        let tls = match (
+            self.tls_cert.clone().or(file.tls_cert.map(&rel)),
+            self.tls_key.clone().or(file.tls_key.map(&rel)),
+        ) {
+            (Some(cert), Some(key)) => Some(TlsSettings {
+                cert,
+                key,
+                client_ca: self.tls_client_ca.clone().or(file.tls_client_ca.map(&rel)),
+            }),
+            (None, None) if self.tls_client_ca.is_some() || file.tls_client_ca.is_some() => {
+                return Err(ConfigError::Invalid(
+                    "tls_client_ca (mutual TLS) needs tls_cert and tls_key".into(),
+                ))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "TLS needs both tls_cert and tls_key".into(),
+                ))
+            }
+        };
+        let jwks = self.jwks.clone().or(file.jwks.map(|j| {
+            if j.contains("://") {
+                j
+            } else {
+                rel(PathBuf::from(j)).display().to_string()
+            }
+        }));
+        let issuer = self.jwt_issuer.clone().or(file.jwt_issuer);
+        let audience = self.jwt_audience.clone().or(file.jwt_audience);
+        let jwt = match (jwks, issuer, audience) {
+            (Some(jwks), Some(iss), Some(aud)) => {
+                let mut j = JwtSettings::new(&jwks, &iss, &aud);
+                let f = file.jwt.unwrap_or_default();
+                j.leeway_secs = f.leeway_secs.unwrap_or(j.leeway_secs);
+                j.subject_claim = f.subject_claim.unwrap_or(j.subject_claim);
+                j.claims = f.claims.unwrap_or(j.claims);
+                j.refresh_secs = f.refresh_secs.unwrap_or(j.refresh_secs).max(1);
+                Some(j)
+            }
+            (None, None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "JWT authentication needs jwks, jwt_issuer and jwt_audience together".into(),
+                ))
+            }
+        };
+        let mut limits = file.limits.unwrap_or_default();
+        limits.max_concurrent_queries = self
+            .max_concurrent_queries
+            .or(limits.max_concurrent_queries);
+        limits.memory_mb = self.principal_memory_mb.or(limits.memory_mb);
+        limits.query_timeout_secs = self.query_timeout_secs.or(limits.query_timeout_secs);
+        limits.requests_per_second = self.requests_per_second.or(limits.requests_per_second);
+        limits.validate().map_err(ConfigError::Invalid)?;
         let defaults = EngineConfig::default();
         let lifetimes = Lifetimes::default();
-        let settings = Settings {
+        let mut settings = Settings {
             listen: self
                 .listen
                 .or(file.listen)
@@ -220,8 +333,18 @@ impl ServeArgs {
                         .unwrap_or(lakegate_catalogs::AUDIT_RETENTION_DAYS),
                 }
             },
+            tls,
+            jwt,
+            limits,
         };
-        if !settings.listen.ip().is_loopback() && !settings.allow_plaintext {
+        // Per principal, SQL text is capped at the server's cap unless set lower.
+        let cap = settings.engine.max_sql_bytes;
+        let per = settings.limits.max_sql_bytes.get_or_insert(cap);
+        *per = (*per).min(cap);
+        if settings.tls.is_none()
+            && !settings.listen.ip().is_loopback()
+            && !settings.allow_plaintext
+        {
             return Err(ConfigError::PlaintextNotLoopback(settings.listen));
         }
         Ok(settings)
@@ -277,5 +400,46 @@ mod tests {
             args.resolve("x"),
             Err(ConfigError::PlaintextNotLoopback(_))
         ));
+    }
+
+    #[test]
+    fn tls_jwt_and_limits_resolve_and_half_settings_are_refused() {
+        let dir = std::env::temp_dir().join(format!("lakegate-config3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lakegate.toml");
+        std::fs::write(
+            &file,
+            "listen = '0.0.0.0:6000'\ntls_cert = 'c.pem'\ntls_key = 'k.pem'\n\
+             jwks = 'jwks.json'\njwt_issuer = 'https://idp'\njwt_audience = 'lakegate'\n\
+             [jwt]\nclaims = { role = 'groups' }\n\
+             [limits]\nmemory_mb = 10\nmax_sql_bytes = 1000000\n\
+             [limits.roles.analyst]\nmax_concurrent_queries = 2\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            query_timeout_secs: Some(5),
+            ..Default::default()
+        };
+        let s = args
+            .resolve("x")
+            .expect("TLS makes a non-loopback address acceptable");
+        assert_eq!(s.tls.as_ref().unwrap().cert, dir.join("c.pem"));
+        let jwt = s.jwt.unwrap();
+        assert_eq!(jwt.jwks, dir.join("jwks.json").display().to_string());
+        assert_eq!(jwt.claims.get("role").map(String::as_str), Some("groups"));
+        assert_eq!(s.limits.memory_mb, Some(10));
+        assert_eq!(s.limits.query_timeout_secs, Some(5));
+        assert_eq!(
+            s.limits.max_sql_bytes,
+            Some(s.engine.max_sql_bytes),
+            "capped at the server's limit"
+        );
+        std::fs::write(&file, "tls_cert = 'c.pem'\n").unwrap();
+        assert!(args.resolve("x").is_err());
+        std::fs::write(&file, "jwks = 'j.json'\n").unwrap();
+        assert!(args.resolve("x").is_err());
+        std::fs::write(&file, "[limits]\nburst = 0\n").unwrap();
+        assert!(args.resolve("x").is_err());
     }
 }

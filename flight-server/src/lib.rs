@@ -6,10 +6,13 @@
 pub mod audited;
 pub mod config;
 pub mod demo;
+pub mod identity;
+pub mod limits;
 pub mod reload;
 pub mod service;
 pub mod signing;
 pub mod status;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,10 +20,11 @@ use std::sync::Arc;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use lakegate_engine::audit::AuditLog;
 use lakegate_engine::Engine;
-use lakegate_policies::UserStore;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+pub use identity::Identity;
+pub use limits::Limiter;
 pub use service::{LakegateService, Lifetimes};
 
 /// Largest gRPC message a client may send (SQL text, bound parameters).
@@ -29,22 +33,30 @@ pub const MAX_REQUEST_BYTES: usize = 16 << 20;
 /// Build the gRPC service with message-size limits applied.
 pub fn flight_service(
     engine: Engine,
-    users: Arc<UserStore>,
+    identity: Arc<Identity>,
+    limiter: Arc<Limiter>,
     lifetimes: Lifetimes,
     audit: AuditLog,
 ) -> FlightServiceServer<LakegateService> {
-    FlightServiceServer::new(LakegateService::new(engine, users, lifetimes, audit))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(usize::MAX)
+    FlightServiceServer::new(LakegateService::new(
+        engine, identity, limiter, lifetimes, audit,
+    ))
+    .max_decoding_message_size(MAX_REQUEST_BYTES)
+    .max_encoding_message_size(usize::MAX)
 }
 
-/// Serve on an already bound listener until `shutdown` resolves.
+/// Serve on an already bound listener until `shutdown` resolves; over TLS when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     service: FlightServiceServer<LakegateService>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .tcp_nodelay(true)
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

@@ -14,6 +14,8 @@ use lakegate_engine::{Engine, KeyRing};
 use lakegate_flight_server::audited::open_audit;
 use lakegate_flight_server::config::{ServeArgs, Settings};
 use lakegate_flight_server::demo;
+use lakegate_flight_server::identity::{spawn_users_watcher, JwtVerifier};
+use lakegate_flight_server::{Identity, Limiter};
 use lakegate_policies::{PolicySet, UserStore, DEFAULT_MODEL};
 
 #[derive(Parser)]
@@ -405,41 +407,58 @@ async fn run(
             std::time::Duration::from_secs(2),
         );
     }
-    if !settings.listen.ip().is_loopback() {
+    if settings.tls.is_none() && !settings.listen.ip().is_loopback() {
         tracing::warn!(listen = %settings.listen, "serving plaintext gRPC off loopback: credentials and data cross the network unencrypted");
     }
+    let mut identity = Identity::new(users);
+    if let Some(path) = &settings.users {
+        identity = identity.with_users_file(path.clone());
+    }
+    if let Some(jwt) = &settings.jwt {
+        identity = identity.with_jwt(JwtVerifier::load(jwt.clone()).await?);
+    }
+    let identity = Arc::new(identity);
+    if settings.users.is_some() {
+        spawn_users_watcher(Arc::clone(&identity), std::time::Duration::from_secs(2));
+    }
+    let tls = match &settings.tls {
+        Some(t) => Some(t.server_config()?),
+        None => None,
+    };
     let (listener, addr) = lakegate_flight_server::bind(settings.listen).await?;
     let service = lakegate_flight_server::flight_service(
         engine,
-        Arc::new(users),
+        identity,
+        Arc::new(Limiter::new(settings.limits.clone())),
         settings.lifetimes.clone(),
         audit.clone(),
     );
+    let scheme = if tls.is_some() { "grpc+tls" } else { "grpc" };
     println!(
-        "lakegate: serving {} datasets from {} on grpc://{addr}",
+        "lakegate: serving {} datasets from {} on {scheme}://{addr}",
         known.len(),
         lake.url()
     );
     if demo {
-        print_snippet(addr);
+        print_snippet(scheme, addr);
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    lakegate_flight_server::serve(listener, service, shutdown_signal()).await?;
+    lakegate_flight_server::serve(listener, service, tls, shutdown_signal()).await?;
     // Sign what was written, so a clean stop leaves no unsigned tail.
     audit.checkpoint().await?;
     eprintln!("lakegate: stopped");
     Ok(())
 }
 
-fn print_snippet(addr: SocketAddr) {
+fn print_snippet(scheme: &str, addr: SocketAddr) {
     println!(
         r#"
 Connect from Python (pip install adbc-driver-flightsql pyarrow) as a demo persona
 (alice, bob, carol, dave, erin, mallory; password demo-NAME):
 
     import adbc_driver_flightsql.dbapi as flightsql
-    conn = flightsql.connect("grpc://{addr}",
+    conn = flightsql.connect("{scheme}://{addr}",
                              db_kwargs={{"username": "alice", "password": "demo-alice"}})
     cur = conn.cursor()
     cur.execute("SELECT site_id, count(*) AS n FROM clinical.patients GROUP BY site_id")

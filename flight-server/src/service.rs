@@ -33,13 +33,15 @@ use datafusion::scalar::ScalarValue;
 use futures::{stream, Stream, TryStreamExt};
 use lakegate_engine::audit::{fingerprint, AuditEvent, AuditLog};
 use lakegate_engine::{Engine, EngineError, PlannedQuery};
-use lakegate_policies::{Principal, UserStore};
+use lakegate_policies::Principal;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::audited::{audit_unavailable, outcome_of, reason_of, with_report, AuditedStream};
+use crate::identity::{AuthError, Identity};
+use crate::limits::Limiter;
 use crate::signing::{now_secs, Signer};
 use crate::status::{engine_status, token_status};
 
@@ -86,7 +88,11 @@ const MAX_BOUND_PARAMS: usize = 10_000;
 pub struct LakegateService {
     engine: Engine,
     audit: AuditLog,
-    users: Arc<UserStore>,
+    identity: Arc<Identity>,
+    limiter: Arc<Limiter>,
+    /// Argon2 verifications running at once. Each takes ~19 MiB for a fraction of a second:
+    /// unbounded, a flood of wrong passwords would be a memory attack.
+    password_checks: Arc<tokio::sync::Semaphore>,
     signer: Signer,
     lifetimes: Lifetimes,
     /// Handle id -> (owner, parameters, expiry): the fallback for stateful clients.
@@ -117,14 +123,21 @@ fn sql_info() -> SqlInfoData {
 impl LakegateService {
     pub fn new(
         engine: Engine,
-        users: Arc<UserStore>,
+        identity: Arc<Identity>,
+        limiter: Arc<Limiter>,
         lifetimes: Lifetimes,
         audit: AuditLog,
     ) -> Self {
         Self {
             engine,
             audit,
-            users,
+            identity,
+            limiter,
+            password_checks: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2),
+            )),
             signer: Signer::random(),
             lifetimes,
             bound: Mutex::new(HashMap::new()),
@@ -132,39 +145,84 @@ impl LakegateService {
         }
     }
 
-    /// Authenticate a request from its bearer token; a failure is audited. The principal is
-    /// looked up afresh in the user directory, so a removed user loses access on their next call.
+    /// Authenticate a request and count it against the caller's request rate; a failure is
+    /// audited. The principal is derived afresh on every call (users file as it is now, JWT
+    /// verified in full), so a revoked user loses access on their next call.
     async fn principal<T>(&self, request: &Request<T>, action: &str) -> Result<Principal, Status> {
-        self.bearer(request).inspect_err(|status| {
+        let principal = self.authenticate(request).await.inspect_err(|status| {
             let mut e = AuditEvent::new("auth", action);
             e.client = client_of(request);
             e.outcome = outcome_of(status).into();
             e.reason = reason_of(status);
             self.audit.record_later(e);
-        })
+        })?;
+        self.limiter
+            .admit_request(&principal)
+            .inspect_err(|status| {
+                let mut e = AuditEvent::new("limit", action).by(&principal);
+                e.client = client_of(request);
+                e.outcome = outcome_of(status).into();
+                e.reason = reason_of(status);
+                self.audit.record_later(e);
+            })?;
+        Ok(principal)
     }
 
-    fn bearer<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
-        let header = request.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated("no credentials: authenticate with Handshake (Basic) first")
-        })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("expected 'authorization: Bearer <token>'"))?;
-        let (sub, ()) = self
-            .signer
-            .verify("session", token.as_bytes())
-            .map_err(token_status)?;
-        let principal = self
-            .users
-            .principal(&sub)
-            .ok_or_else(|| Status::unauthenticated("this user no longer exists or is disabled"))?;
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        let certified = self.certificate_principal(request)?;
+        let principal = match request.metadata().get("authorization") {
+            None => certified.clone().ok_or_else(|| {
+                Status::unauthenticated(
+                    "no credentials: authenticate with Handshake (Basic), a bearer JWT or a client certificate",
+                )
+            })?,
+            Some(header) => {
+                let token = header
+                    .to_str()
+                    .ok()
+                    .and_then(|h| h.strip_prefix("Bearer "))
+                    .ok_or_else(|| {
+                        Status::unauthenticated("expected 'authorization: Bearer <token>'")
+                    })?;
+                self.bearer(token).await?
+            }
+        };
+        bind_certificate(certified.as_ref(), &principal)?;
         narrow_purpose(
             principal,
             request.metadata().get(PURPOSE_HEADER).map(|v| v.to_str()),
         )
+    }
+
+    /// A bearer token: this server's session token, or (when configured) an identity
+    /// provider's JWT, which has three dot-separated parts where a session token has two.
+    async fn bearer(&self, token: &str) -> Result<Principal, Status> {
+        if token.split('.').count() == 3 && self.identity.accepts_jwt() {
+            return self
+                .identity
+                .jwt_principal(token)
+                .await
+                .map_err(auth_status);
+        }
+        let (sub, ()) = self
+            .signer
+            .verify("session", token.as_bytes())
+            .map_err(token_status)?;
+        self.identity.session_principal(&sub).map_err(auth_status)
+    }
+
+    /// The principal a verified client certificate names (mutual TLS), if one was presented.
+    fn certificate_principal<T>(&self, request: &Request<T>) -> Result<Option<Principal>, Status> {
+        let Some(certs) = request.peer_certs() else {
+            return Ok(None);
+        };
+        let Some(leaf) = certs.first() else {
+            return Ok(None);
+        };
+        self.identity
+            .certificate_principal(leaf.as_ref())
+            .map(Some)
+            .map_err(auth_status)
     }
 
     fn ticket_info(
@@ -225,8 +283,15 @@ impl LakegateService {
         e.fingerprint = normalized;
         e.fingerprint_sha256 = digest;
         e.policy_version = self.engine.policy().version().to_string();
+        if let Err(status) = self.limiter.admit_sql(principal, sql) {
+            e.outcome = outcome_of(&status).into();
+            e.reason = reason_of(&status);
+            self.audit.record_later(e);
+            return Err(status);
+        }
+        let budget = self.limiter.memory(principal);
         let planned = async {
-            let session = self.engine.session(principal).await?;
+            let session = self.engine.session_within(principal, Some(&budget)).await?;
             Ok::<_, EngineError>((
                 session.policy_version().to_string(),
                 session.plan(sql).await?,
@@ -276,6 +341,19 @@ impl LakegateService {
         let mut event = AuditEvent::new("query", action);
         event.client = client;
         event.query_id = random_id();
+        let grant = match self.limiter.start_query(principal) {
+            Ok(g) => g,
+            Err(status) => {
+                let mut e = event.by(principal);
+                let (normalized, digest) = fingerprint(sql);
+                e.fingerprint = normalized;
+                e.fingerprint_sha256 = digest;
+                e.outcome = outcome_of(&status).into();
+                e.reason = reason_of(&status);
+                self.audit.record_later(e);
+                return Err(status);
+            }
+        };
         let (planned, template) = self.plan_audited(principal, event, sql).await?;
         let refuse = |status: Status, mut e: AuditEvent| {
             e.outcome = outcome_of(&status).into();
@@ -313,14 +391,17 @@ impl LakegateService {
             .with_schema(schema)
             .build(batches)
             .map_err(Status::from);
-        Ok(Box::pin(AuditedStream::new(
-            Box::pin(data),
-            rows,
-            self.audit.clone(),
-            end,
-            report,
-            started,
-        )))
+        Ok(Box::pin(
+            AuditedStream::new(
+                Box::pin(data),
+                rows,
+                self.audit.clone(),
+                end,
+                report,
+                started,
+            )
+            .within(grant),
+        ))
     }
 
     fn metadata_batch(
@@ -505,6 +586,24 @@ fn basic_credentials<T>(request: &Request<T>) -> Result<(String, String), Status
         .ok_or_else(|| Status::unauthenticated("malformed Basic credentials"))
 }
 
+/// Under mutual TLS, any other credential must name the certificate's own principal: a stolen
+/// token is useless without the matching certificate.
+fn bind_certificate(certified: Option<&Principal>, principal: &Principal) -> Result<(), Status> {
+    match certified {
+        Some(c) if c.name != principal.name => Err(Status::unauthenticated(
+            "the credential names another principal than the client certificate (rule: mtls-binding)",
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn auth_status(e: AuthError) -> Status {
+    match e {
+        AuthError::KeysUnavailable => Status::unavailable(e.to_string()),
+        _ => Status::unauthenticated(e.to_string()),
+    }
+}
+
 fn client_of<T>(request: &Request<T>) -> String {
     request
         .remote_addr()
@@ -558,33 +657,52 @@ impl FlightSqlService for LakegateService {
     > {
         let mut event = AuditEvent::new("auth", "Handshake");
         event.client = client_of(&request);
-        let (user, password) = match basic_credentials(&request) {
+        let refuse = |status: Status, mut event: AuditEvent, attempted: String| {
+            event.principal = attempted;
+            event.outcome = outcome_of(&status).into();
+            event.reason = reason_of(&status);
+            self.audit.record_later(event);
+            status
+        };
+        let certified = match self.certificate_principal(&request) {
             Ok(c) => c,
-            Err(status) => {
-                event.outcome = outcome_of(&status).into();
-                event.reason = reason_of(&status);
-                self.audit.record_later(event);
-                return Err(status);
+            Err(status) => return Err(refuse(status, event, String::new())),
+        };
+        let principal = match (basic_credentials(&request), certified.clone()) {
+            // A client certificate alone is a credential (mutual TLS).
+            (Err(_), Some(p)) if request.metadata().get("authorization").is_none() => p,
+            (Err(status), _) => return Err(refuse(status, event, String::new())),
+            (Ok((user, password)), _) => {
+                // Argon2 verification is deliberately slow: keep it off the async workers.
+                let attempted = user.clone();
+                let users = self.identity.users();
+                let slot = Arc::clone(&self.password_checks)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Status::internal("internal error"))?;
+                let result = tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
+                    users.authenticate(&user, &password)
+                })
+                .await
+                .map_err(|_| Status::internal("internal error"))?;
+                match result {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::info!("authentication failed");
+                        return Err(refuse(
+                            Status::unauthenticated(e.to_string()),
+                            event,
+                            attempted,
+                        ));
+                    }
+                }
             }
         };
-        // Argon2 verification is deliberately slow: keep it off the async workers.
-        let attempted = user.clone();
-        let users = Arc::clone(&self.users);
-        let result = tokio::task::spawn_blocking(move || users.authenticate(&user, &password))
-            .await
-            .map_err(|_| Status::internal("internal error"))?;
-        let principal = match result {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::info!("authentication failed");
-                let status = Status::unauthenticated(e.to_string());
-                event.principal = attempted;
-                event.outcome = outcome_of(&status).into();
-                event.reason = reason_of(&status);
-                self.audit.record_later(event);
-                return Err(status);
-            }
-        };
+        if let Err(status) = bind_certificate(certified.as_ref(), &principal) {
+            let name = principal.name.clone();
+            return Err(refuse(status, event, name));
+        }
         tracing::info!(user = %principal.name, "authenticated");
         let mut event = event.by(&principal);
         event.policy_version = self.engine.policy().version().to_string();

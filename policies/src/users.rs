@@ -27,8 +27,10 @@ impl Principal {
 #[serde(deny_unknown_fields)]
 struct UserEntry {
     name: String,
-    /// PHC string, `$argon2id$...`.
-    password_hash: String,
+    /// PHC string, `$argon2id$...`. Absent for users who sign in only with a client
+    /// certificate or a JWT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    password_hash: Option<String>,
     #[serde(default)]
     attributes: BTreeMap<String, String>,
     #[serde(default)]
@@ -58,7 +60,16 @@ impl UserStore {
         let parsed: UsersFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let mut users = BTreeMap::new();
         for u in parsed.users {
-            PasswordHash::new(&u.password_hash).map_err(|e| {
+            if u.name.is_empty() {
+                return Err(invalid("a user has an empty name".into()));
+            }
+            let Some(hash) = &u.password_hash else {
+                if users.insert(u.name.clone(), u.clone()).is_some() {
+                    return Err(invalid(format!("user '{}' is listed twice", u.name)));
+                }
+                continue;
+            };
+            PasswordHash::new(hash).map_err(|e| {
                 invalid(format!(
                     "user '{}': password_hash is not a PHC string: {e}",
                     u.name
@@ -88,7 +99,7 @@ impl UserStore {
             name.to_string(),
             UserEntry {
                 name: name.to_string(),
-                password_hash: hash,
+                password_hash: Some(hash),
                 attributes,
                 disabled: false,
             },
@@ -109,7 +120,10 @@ impl UserStore {
     pub fn authenticate(&self, name: &str, password: &str) -> Result<Principal> {
         const DUMMY: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Yk2hQAxw8WNs6hU0d2YJtYpHTDqN1G3GrDJt3f+T4vQ";
         let entry = self.users.get(name).filter(|u| !u.disabled);
-        let hash = entry.map(|u| u.password_hash.as_str()).unwrap_or(DUMMY);
+        let hash = entry
+            .and_then(|u| u.password_hash.as_deref())
+            .unwrap_or(DUMMY);
+        let entry = entry.filter(|u| u.password_hash.is_some());
         let ok = PasswordHash::new(hash)
             .map(|h| {
                 Argon2::default()
@@ -124,6 +138,11 @@ impl UserStore {
             }),
             _ => Err(PolicyError::BadCredentials),
         }
+    }
+
+    /// Whether the file lists `name` as disabled: revoked, whatever credential it presents.
+    pub fn is_disabled(&self, name: &str) -> bool {
+        self.users.get(name).is_some_and(|u| u.disabled)
     }
 
     /// The current principal for a name, if the user still exists and is enabled. Used on
