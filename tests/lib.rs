@@ -12,7 +12,7 @@ use lakegate_engine::{Engine, EngineConfig, KeyRing};
 use lakegate_flight_server::audited::open_audit;
 use lakegate_flight_server::config::AuditSettings;
 use lakegate_flight_server::demo::{demo_users, DEMO_POLICY, DEMO_PROJECTS};
-use lakegate_flight_server::Lifetimes;
+use lakegate_flight_server::{Identity, Lifetimes, Limiter};
 use lakegate_policies::{PolicySet, UserStore, DEFAULT_MODEL};
 
 /// Patients in the test lake: small enough to build in a second, large enough for 4 parts.
@@ -92,6 +92,14 @@ pub struct ServerOptions {
     pub audit: Option<AuditSettings>,
     /// Another lake than the shared one (for tests that damage it).
     pub lake: Option<PathBuf>,
+    /// Users instead of the demo personas (with the file they came from, to reload it).
+    pub users: Option<(UserStore, Option<PathBuf>)>,
+    /// Accept bearer JWTs.
+    pub jwt: Option<lakegate_flight_server::identity::JwtSettings>,
+    /// Per-principal limits instead of the defaults.
+    pub limits: Option<lakegate_flight_server::limits::LimitSettings>,
+    /// Serve over TLS (and mutual TLS).
+    pub tls: Option<lakegate_flight_server::tls::TlsSettings>,
 }
 
 /// Audit settings as `lakegate serve` defaults them, with the test key.
@@ -112,6 +120,7 @@ pub struct TestServer {
     pub engine: Engine,
     pub audit: AuditLog,
     pub lake: Lake,
+    pub identity: Arc<Identity>,
 }
 
 impl TestServer {
@@ -152,18 +161,42 @@ impl TestServer {
         )
         .await
         .expect("engine");
+        let mut identity = match options.users.clone() {
+            Some((users, file)) => {
+                let i = Identity::new(users);
+                match file {
+                    Some(f) => i.with_users_file(f),
+                    None => i,
+                }
+            }
+            None => Identity::new((*shared.users).clone()),
+        };
+        if let Some(jwt) = options.jwt.clone() {
+            identity = identity.with_jwt(
+                lakegate_flight_server::identity::JwtVerifier::load(jwt)
+                    .await
+                    .expect("JWKS"),
+            );
+        }
+        let identity = Arc::new(identity);
         let service = lakegate_flight_server::flight_service(
             engine.clone(),
-            Arc::clone(&shared.users),
+            Arc::clone(&identity),
+            Arc::new(Limiter::new(options.limits.clone().unwrap_or_default())),
             options.lifetimes.unwrap_or_default(),
             audit.clone(),
         );
         let (listener, addr) = lakegate_flight_server::bind("127.0.0.1:0".parse().expect("addr"))
             .await
             .expect("bind");
+        let tls = options
+            .tls
+            .as_ref()
+            .map(|t| t.server_config().expect("TLS config"));
         tokio::spawn(lakegate_flight_server::serve(
             listener,
             service,
+            tls,
             std::future::pending(),
         ));
         Self {
@@ -171,6 +204,7 @@ impl TestServer {
             engine,
             audit,
             lake,
+            identity,
         }
     }
 

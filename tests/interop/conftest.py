@@ -24,10 +24,11 @@ def lakegate_binary() -> str:
     raise RuntimeError("build the server first: cargo build --bin lakegate (or set LAKEGATE_BIN)")
 
 
-def start_lakegate(lake: Path, patients: int = PATIENTS):
+def start_lakegate(lake: Path, patients: int = PATIENTS, extra=()):
     """Start `lakegate demo` on a free port; return (process, "127.0.0.1:PORT")."""
     proc = subprocess.Popen(
-        [lakegate_binary(), "demo", "--patients", str(patients), "--lake", str(lake), "--port", "0"],
+        [lakegate_binary(), "demo", "--patients", str(patients), "--lake", str(lake), "--port", "0",
+         *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -39,7 +40,7 @@ def start_lakegate(lake: Path, patients: int = PATIENTS):
             if proc.poll() is not None:
                 raise RuntimeError(f"lakegate exited early: {proc.stderr.read()}")
             continue
-        match = re.search(r"grpc://(\S+)", line)
+        match = re.search(r"grpc(?:\+tls)?://(\S+)", line)
         if match:
             return proc, match.group(1)
     proc.kill()

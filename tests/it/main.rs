@@ -5,6 +5,8 @@ mod audit;
 mod common;
 mod differential;
 mod flight_sql;
+mod identity;
+mod limits;
 mod personas;
 mod policy_admin;
 mod slt;
