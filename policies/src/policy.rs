@@ -501,7 +501,8 @@ impl PolicySet {
     }
 }
 
-/// Unix time of 00:00 UTC on a TOML date.
+/// Unix time of a grant bound: a TOML date (00:00 UTC that day) or a date-time (UTC unless it
+/// carries an offset). Seconds count, so a grant can end at 18:00, not just at midnight.
 fn day_start(d: &toml::value::Datetime) -> std::result::Result<i64, String> {
     let date = d
         .date
@@ -509,10 +510,20 @@ fn day_start(d: &toml::value::Datetime) -> std::result::Result<i64, String> {
             NaiveDate::from_ymd_opt(i32::from(x.year), u32::from(x.month), u32::from(x.day))
         })
         .ok_or_else(|| format!("'{d}' is not a date"))?;
-    Ok(date
-        .and_hms_opt(0, 0, 0)
-        .map(|t| t.and_utc().timestamp())
-        .unwrap_or(0))
+    let (h, m, sec) = d
+        .time
+        .map(|t| (u32::from(t.hour), u32::from(t.minute), u32::from(t.second)))
+        .unwrap_or((0, 0, 0));
+    let local = date
+        .and_hms_opt(h, m, sec.min(59))
+        .ok_or_else(|| format!("'{d}' is not a valid time"))?
+        .and_utc()
+        .timestamp();
+    let offset_minutes = match d.offset {
+        Some(toml::value::Offset::Custom { minutes }) => i64::from(minutes),
+        _ => 0,
+    };
+    Ok(local - offset_minutes * 60)
 }
 
 fn column_type(d: &Dataset, column: &str) -> std::result::Result<ColumnType, String> {
@@ -838,6 +849,19 @@ valid_until = 2026-02-01
         assert!(!p
             .decide(&bob, d, Action::RowQuery, &at("2025-12-31T23:59:59Z"))
             .is_allowed());
+
+        // Date-times count to the second, with their offset.
+        let timed = text
+            .replace("2026-01-01", "2026-01-01T09:30:00+02:00")
+            .replace("2026-02-01", "2026-01-01T18:00:00Z");
+        let p = PolicySet::load(DEFAULT_MODEL, "p.toml", &timed, &catalog)
+            .await
+            .unwrap();
+        let allowed = |s: &str| p.decide(&bob, d, Action::RowQuery, &at(s)).is_allowed();
+        assert!(!allowed("2026-01-01T07:29:59Z"));
+        assert!(allowed("2026-01-01T07:30:00Z"));
+        assert!(allowed("2026-01-01T17:59:59Z"));
+        assert!(!allowed("2026-01-01T18:00:00Z"));
     }
 
     async fn load_err(rule_body: &str) -> String {

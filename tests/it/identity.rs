@@ -394,3 +394,45 @@ async fn revoking_a_user_or_changing_attributes_applies_on_the_next_rpc() {
     assert_eq!(code_of(&err), "Unauthenticated");
     assert!(err.to_string().contains("disabled"), "{err}");
 }
+
+#[tokio::test]
+async fn a_grant_that_expires_is_rechecked_when_the_stream_starts() {
+    let until = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let policy = lakegate_flight_server::demo::DEMO_POLICY.replacen(
+        "name = \"research-deidentified\"",
+        &format!(
+            "name = \"research-deidentified\"\nvalid_until = {}",
+            until.format("%Y-%m-%dT%H:%M:%SZ")
+        ),
+        1,
+    );
+    assert!(policy.contains("valid_until"));
+    let server = TestServer::start_with(ServerOptions {
+        policy: Some(policy),
+        ..Default::default()
+    })
+    .await;
+    let mut alice = login(&server, "alice").await;
+    let info = alice
+        .execute("SELECT patient_id FROM clinical.patients".to_string(), None)
+        .await
+        .expect("the grant is valid now");
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let wait = (until - chrono::Utc::now()).num_milliseconds().max(0) as u64 + 1200;
+    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+    // The ticket was issued under the grant; the stream starts after it ended: refused.
+    let err = match alice.do_get(ticket).await {
+        Err(e) => e,
+        Ok(stream) => {
+            use futures::TryStreamExt;
+            stream
+                .try_collect::<Vec<_>>()
+                .await
+                .expect_err("the stream must not start after the grant ended")
+        }
+    };
+    assert!(err.to_string().contains("not found"), "{err}");
+    assert!(sql(&mut alice, "SELECT count(*) FROM clinical.patients")
+        .await
+        .is_err());
+}
