@@ -74,6 +74,31 @@ enum TicketBody {
     Metadata { command: String },
 }
 
+/// What a verified DoGet ticket asks for.
+pub enum TicketRequest {
+    /// A query and its bound parameters (an Arrow IPC stream, base64), decoded when it runs.
+    Query { sql: String, params: Option<String> },
+    /// A metadata command.
+    Metadata(Command),
+}
+
+/// Verify a DoGet ticket for `caller` and decode what it asks for: the whole path of untrusted
+/// ticket bytes, in one place (`fuzz/` drives it with arbitrary input).
+pub fn decode_ticket(signer: &Signer, raw: &[u8], caller: &str) -> Result<TicketRequest, Status> {
+    let body: TicketBody = signer
+        .verify_for("ticket", raw, caller)
+        .map_err(token_status)?;
+    Ok(match body {
+        TicketBody::Query { sql, params } => TicketRequest::Query { sql, params },
+        TicketBody::Metadata { command } => {
+            let malformed = || Status::invalid_argument("malformed ticket");
+            let bytes = STANDARD.decode(command).map_err(|_| malformed())?;
+            let any = Any::decode(bytes.as_slice()).map_err(|_| malformed())?;
+            TicketRequest::Metadata(Command::try_from(any).map_err(|_| malformed())?)
+        }
+    })
+}
+
 /// A prepared statement handle's content.
 #[derive(Serialize, Deserialize)]
 struct HandleBody {
@@ -536,7 +561,8 @@ fn encode_params(batch: &RecordBatch) -> Result<String, Status> {
     Ok(URL_SAFE_NO_PAD.encode(buf))
 }
 
-fn decode_params(encoded: &str) -> Result<Vec<ScalarValue>, Status> {
+/// Bound parameters as a ticket or handle carries them (base64 Arrow IPC stream, one row).
+pub fn decode_params(encoded: &str) -> Result<Vec<ScalarValue>, Status> {
     let bad = |e: String| Status::invalid_argument(format!("bound parameters are unreadable: {e}"));
     let bytes = URL_SAFE_NO_PAD
         .decode(encoded)
@@ -824,10 +850,7 @@ impl FlightSqlService for LakegateService {
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let principal = self.principal(&request, "DoGet").await?;
         let client = client_of(&request);
-        let body: TicketBody = self
-            .signer
-            .verify_for("ticket", &ticket.statement_handle, &principal.name)
-            .map_err(token_status)
+        let body = decode_ticket(&self.signer, &ticket.statement_handle, &principal.name)
             .inspect_err(|status| {
                 let mut e = AuditEvent::new("query", "DoGet").by(&principal);
                 e.client = client.clone();
@@ -836,18 +859,11 @@ impl FlightSqlService for LakegateService {
                 self.audit.record_later(e);
             })?;
         let stream = match body {
-            TicketBody::Query { sql, params } => {
+            TicketRequest::Query { sql, params } => {
                 self.run_query(&principal, client, "DoGet", &sql, params.as_deref())
                     .await?
             }
-            TicketBody::Metadata { command } => {
-                let bytes = STANDARD
-                    .decode(command)
-                    .map_err(|_| Status::invalid_argument("malformed ticket"))?;
-                let any = Any::decode(bytes.as_slice())
-                    .map_err(|_| Status::invalid_argument("malformed ticket"))?;
-                let command = Command::try_from(any)
-                    .map_err(|_| Status::invalid_argument("malformed ticket"))?;
+            TicketRequest::Metadata(command) => {
                 let mut e =
                     AuditEvent::new("metadata", &format!("DoGet({})", command_name(&command)))
                         .by(&principal);

@@ -54,6 +54,11 @@ impl Signer {
         Self { key }
     }
 
+    /// A signer with a given key (fuzzing and tests; servers use [`Signer::random`]).
+    pub fn with_key(key: [u8; 32]) -> Self {
+        Self { key }
+    }
+
     fn mac(&self) -> HmacSha256 {
         HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length")
     }
