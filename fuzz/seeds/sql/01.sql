@@ -1,0 +1,1 @@
+SELECT site_id, count(*) AS n FROM clinical.patients GROUP BY site_id

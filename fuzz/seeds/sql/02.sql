@@ -1,0 +1,1 @@
+SELECT patient_id, ssn, birth_date, zip FROM clinical.patients LIMIT 5

@@ -1,0 +1,1 @@
+SELECT p.patient_id, count(*) FROM clinical.patients p JOIN clinical.encounters e ON p.patient_id = e.patient_id GROUP BY p.patient_id

@@ -1,0 +1,1 @@
+WITH c AS (SELECT * FROM clinical.patients WHERE ssn LIKE '1%') SELECT count(*) FROM c

@@ -1,0 +1,1 @@
+SELECT ssn FROM clinical.patients UNION ALL SELECT mrn FROM clinical.patients

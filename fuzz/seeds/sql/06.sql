@@ -1,0 +1,1 @@
+SELECT * FROM clinical.patients WHERE patient_id IN (SELECT patient_id FROM clinical.conditions WHERE code = 'C50')

@@ -1,0 +1,1 @@
+SELECT min(ssn), max(birth_date) FROM clinical.patients

@@ -1,0 +1,1 @@
+SELECT code, count(DISTINCT patient_id) FROM clinical.conditions GROUP BY ROLLUP(code)

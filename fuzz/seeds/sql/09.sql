@@ -1,0 +1,1 @@
+SELECT CAST(ssn AS INT) FROM clinical.patients

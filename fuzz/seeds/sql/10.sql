@@ -1,0 +1,1 @@
+SELECT 1 / (CASE WHEN ssn = '123-45-6789' THEN 0 ELSE 1 END) FROM clinical.patients

@@ -1,0 +1,1 @@
+SELECT loinc_code, avg(value) FROM clinical.observations GROUP BY loinc_code HAVING count(*) > 5

@@ -1,0 +1,1 @@
+SELECT e.encounter_class, sum(e.total_cost) FROM clinical.encounters e GROUP BY 1 ORDER BY 2 DESC

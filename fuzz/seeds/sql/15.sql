@@ -1,0 +1,1 @@
+SELECT substr(ssn, 1, 3), count(*) FROM clinical.patients GROUP BY 1

@@ -1,0 +1,1 @@
+SELECT row_number() OVER (PARTITION BY site_id ORDER BY birth_date) FROM clinical.patients

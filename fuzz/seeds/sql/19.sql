@@ -1,0 +1,1 @@
+SELECT date_part('year', birth_date), count(*) FROM clinical.patients GROUP BY 1

@@ -1,0 +1,1 @@
+SELECT a.patient_id FROM clinical.patients a, clinical.patients b WHERE a.zip = b.zip LIMIT 10
