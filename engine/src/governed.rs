@@ -18,6 +18,7 @@ use datafusion::catalog::{Session as DFSession, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DFSchema, Result as DFResult};
+use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::TableType;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::TableProviderFilterPushDown;
@@ -124,7 +125,7 @@ impl TableProvider for GovernedTable {
         filters: &[Expr],
         _limit: Option<usize>,
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
-        // User filters and limits are never pushed into the raw scan: they must only ever see
+        // User filters and limits are never evaluated in the raw scan: they must only ever see
         // rows that passed the policy filter. Predicates on unmasked columns (see
         // `supports_filters_pushdown`) run between the row filter and the masks.
         let raw_schema = self.raw.schema();
@@ -158,6 +159,24 @@ impl TableProvider for GovernedTable {
         let needed: Vec<usize> = needed.into_iter().collect();
         let mut plan = self.raw.scan(state, Some(&needed), &[], None).await?;
         let input_schema = DFSchema::try_from(plan.schema().as_ref().clone())?;
+        // The caller's early predicates reach the Parquet scan for pruning only: it skips row
+        // groups and pages whose statistics (and bloom filters) prove that no row passes. Pruning
+        // reads statistics and never evaluates the caller's expression on a row: row-level
+        // pushdown (`parquet.pushdown_filters`) is off in every session, so the filters below
+        // still run, in order, and what pruning skipped they would have dropped. (The row
+        // filter reaches the scan the same way, through DataFusion's filter pushdown.)
+        if let (Some(user), Some(scan)) = (
+            early.iter().cloned().reduce(Expr::and),
+            plan.downcast_ref::<DataSourceExec>(),
+        ) {
+            let predicate = state.create_physical_expr(user, &input_schema)?;
+            let pushed = scan
+                .data_source()
+                .try_pushdown_filters(vec![predicate], state.config_options())?;
+            if let Some(source) = pushed.updated_node {
+                plan = Arc::new(DataSourceExec::new(source));
+            }
+        }
         if let Some(f) = &self.filter {
             let predicate = state.create_physical_expr(f.clone(), &input_schema)?;
             let batch_size = state.config().batch_size();

@@ -66,6 +66,9 @@ pub struct EngineConfig {
     pub batch_size: usize,
     /// Parallelism of one query.
     pub target_partitions: usize,
+    /// Values of the `role` attribute whose holders may EXPLAIN (and EXPLAIN ANALYZE) their
+    /// queries: plans show policy internals and storage locations, so nobody else may.
+    pub explain_roles: Vec<String>,
 }
 
 impl Default for EngineConfig {
@@ -78,6 +81,7 @@ impl Default for EngineConfig {
             target_partitions: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            explain_roles: vec!["admin".to_string()],
         }
     }
 }
@@ -159,6 +163,14 @@ impl Engine {
             .with_default_catalog_and_schema(CATALOG_NAME, "clinical")
             .with_batch_size(config.batch_size)
             .with_target_partitions(config.target_partitions);
+        // Row-level filter pushdown into the Parquet decoder would evaluate a caller's predicate
+        // on rows the policy hides (an error oracle); statistics pruning stays on.
+        let mut session_config = session_config;
+        session_config
+            .options_mut()
+            .execution
+            .parquet
+            .pushdown_filters = false;
         let template = SessionStateBuilder::new()
             .with_config(session_config)
             .with_runtime_env(runtime)
@@ -300,8 +312,13 @@ impl Engine {
             CATALOG_NAME,
             Arc::clone(&view.catalog) as Arc<dyn CatalogProvider>,
         );
+        let may_explain = principal
+            .attributes
+            .get("role")
+            .is_some_and(|r| self.inner.config.explain_roles.contains(r));
         Ok(Session {
             ctx,
+            may_explain,
             max_sql_bytes: self.inner.config.max_sql_bytes,
             decisions: view.decisions.clone(),
             policy_version: view.policy_version.clone(),
@@ -498,6 +515,8 @@ fn listing_table(d: &Dataset) -> Result<Arc<dyn TableProvider>> {
 /// One request's view of the lake.
 pub struct Session {
     ctx: SessionContext,
+    /// Whether the caller's role is one of the engine's `explain_roles`.
+    may_explain: bool,
     max_sql_bytes: usize,
     /// Dataset -> (row-query decision, aggregate-query decision), for visible datasets.
     decisions: HashMap<String, (Decision, Decision)>,
@@ -556,7 +575,12 @@ impl Session {
         }
         let state = self.ctx.state();
         let dialect = state.config().options().sql_parser.dialect;
-        let mut statement = state.sql_to_statement(sql, &dialect)?;
+        let mut statement = match state.sql_to_statement(sql, &dialect)? {
+            DFStatement::Explain(e) if self.may_explain => {
+                return self.explain(*e.statement, e.options.analyze).await;
+            }
+            other => other,
+        };
         match &mut statement {
             DFStatement::Statement(s) if matches!(**s, SqlStatement::Query(_)) => {
                 number_question_marks(s);
@@ -576,6 +600,12 @@ impl Session {
                 )));
             }
         }
+        self.plan_statement(statement).await
+    }
+
+    /// Plans a query statement (already checked to be a query) and governs it.
+    async fn plan_statement(&self, statement: DFStatement) -> Result<PlannedQuery> {
+        let state = self.ctx.state();
         let plan = state.statement_to_plan(statement).await?;
         // Defence in depth: a query that plans into DDL or DML (SELECT ... INTO) is refused too.
         SQLOptions::new()
@@ -912,8 +942,69 @@ impl PlannedQuery {
 
 fn explain_refused() -> EngineError {
     EngineError::PermissionDenied(
-        "EXPLAIN is refused (rule: explain-admin-only): plans reveal storage internals".into(),
+        "EXPLAIN is refused (rule: explain-admin-only): plans reveal policy and storage internals"
+            .into(),
     )
+}
+
+impl Session {
+    /// EXPLAIN [ANALYZE] for a caller allowed to see plans: the query is planned and governed
+    /// exactly as it would run for this caller, and the answer is its governed logical plan and
+    /// verified physical plan (with ANALYZE: executed, with each operator's metrics) as rows
+    /// `(plan_type, plan)`. The result is a VALUES plan, so it flows through the same paths
+    /// (verification, audit) as any query, carrying the explained query's access report.
+    async fn explain(&self, inner: DFStatement, analyze: bool) -> Result<PlannedQuery> {
+        let query = match inner {
+            DFStatement::Statement(mut s) if matches!(*s, SqlStatement::Query(_)) => {
+                number_question_marks(&mut s);
+                DFStatement::Statement(s)
+            }
+            _ => {
+                return Err(EngineError::InvalidQuery(
+                    "only a query can be explained".into(),
+                ))
+            }
+        };
+        let planned = self.plan_statement(query).await?;
+        let logical = self.ctx.state().optimize(&planned.plan)?;
+        let (physical, _) = physical_plan(&self.ctx, planned.plan.clone()).await?;
+        let physical_text = if analyze {
+            datafusion::physical_plan::collect(Arc::clone(&physical), self.ctx.task_ctx()).await?;
+            datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(
+                physical.as_ref(),
+            )
+            .indent(true)
+            .to_string()
+        } else {
+            datafusion::physical_plan::displayable(physical.as_ref())
+                .indent(true)
+                .to_string()
+        };
+        // Constant rows from one-row projections (what `SELECT 'a', 'b'` plans to): the
+        // verifier admits no in-memory data source outside a dataset's policy.
+        let row = |plan_type: &str, text: String| {
+            LogicalPlanBuilder::empty(true).project(vec![
+                lit(plan_type.to_string()).alias("plan_type"),
+                lit(text).alias("plan"),
+            ])
+        };
+        let physical_type = if analyze {
+            "physical_plan_with_metrics"
+        } else {
+            "physical_plan"
+        };
+        let plan = row("logical_plan", logical.display_indent().to_string())?
+            .union(row(physical_type, physical_text)?.build()?)?
+            .build()?;
+        let schema = Arc::new(plan.schema().as_arrow().clone());
+        Ok(PlannedQuery {
+            ctx: self.ctx.clone(),
+            plan,
+            schema,
+            parameters: Arc::new(Schema::empty()),
+            report: planned.report,
+        })
+    }
 }
 
 /// ADBC and JDBC clients write `?`; DataFusion plans `$1, $2, ...`. Number them in order.

@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// Longest SQL text accepted, in bytes [default: 65536].
     #[arg(long, env = "LAKEGATE_MAX_SQL_BYTES")]
     pub max_sql_bytes: Option<usize>,
+    /// Roles (the `role` attribute) that may EXPLAIN and EXPLAIN ANALYZE, comma-separated
+    /// [default: admin].
+    #[arg(long, env = "LAKEGATE_EXPLAIN_ROLES", value_delimiter = ',')]
+    pub explain_roles: Option<Vec<String>>,
     /// Lifetime of a session token, in seconds [default: 3600].
     #[arg(long, env = "LAKEGATE_SESSION_TTL_SECS")]
     pub session_ttl_secs: Option<u64>,
@@ -158,6 +162,7 @@ struct FileConfig {
     keys: Option<PathBuf>,
     memory_limit_mb: Option<u64>,
     max_sql_bytes: Option<usize>,
+    explain_roles: Option<Vec<String>>,
     session_ttl_secs: Option<u64>,
     ticket_ttl_secs: Option<u64>,
     allow_plaintext: Option<bool>,
@@ -306,6 +311,11 @@ impl ServeArgs {
                     .max_sql_bytes
                     .or(file.max_sql_bytes)
                     .unwrap_or(defaults.max_sql_bytes),
+                explain_roles: self
+                    .explain_roles
+                    .clone()
+                    .or(file.explain_roles)
+                    .unwrap_or_else(|| defaults.explain_roles.clone()),
                 ..defaults
             },
             lifetimes: Lifetimes {

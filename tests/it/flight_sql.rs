@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::common::column_text;
 use arrow::array::{Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow_flight::error::FlightError;
@@ -486,4 +487,55 @@ async fn memory_limit_fails_cleanly_or_spills_and_server_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(single_i64(&batches), consenting);
+}
+
+/// EXPLAIN is for `explain_roles` only (here the clinician role, so carol): it shows the
+/// governed plan (row filter, masks, boundaries) of the query as the caller would run it.
+#[tokio::test]
+async fn explain_shows_the_governed_plan_to_explain_roles_only() {
+    let server = TestServer::start_with(ServerOptions {
+        engine: Some(EngineConfig {
+            explain_roles: vec!["clinician".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let mut carol = login(&server, "carol").await;
+    let sql = "SELECT patient_id, ssn FROM clinical.patients WHERE patient_id = 'P00000001'";
+    let plans = query(&mut carol, &format!("EXPLAIN {sql}")).await.unwrap();
+    let text = column_text(&plans, 1).join("\n");
+    assert_eq!(
+        column_text(&plans, 0),
+        vec!["logical_plan", "physical_plan"]
+    );
+    for part in [
+        "PolicyBoundaryExec: dataset=clinical.patients",
+        "lg_show_last(ssn",
+        "lg_in_subject_set(patient_id",
+        // The caller's predicate prunes by statistics (and still runs above the row filter).
+        "pruning_predicate=",
+    ] {
+        assert!(text.contains(part), "missing {part} in:\n{text}");
+    }
+    let analyzed = query(&mut carol, &format!("EXPLAIN ANALYZE {sql}"))
+        .await
+        .unwrap();
+    assert_eq!(column_text(&analyzed, 0)[1], "physical_plan_with_metrics");
+    assert!(column_text(&analyzed, 1)[1].contains("output_rows="));
+    // Only queries can be explained, and hidden datasets stay hidden.
+    let err = query(&mut carol, "EXPLAIN CREATE VIEW v AS SELECT 1")
+        .await
+        .unwrap_err();
+    assert_code(err, "InvalidArgument");
+    let err = query(&mut carol, "EXPLAIN SELECT * FROM omics.variants")
+        .await
+        .unwrap_err();
+    assert!(assert_code(err, "not found").contains("omics.variants"));
+    // Other roles are refused, naming the rule.
+    let mut alice = login(&server, "alice").await;
+    let err = query(&mut alice, &format!("EXPLAIN {sql}"))
+        .await
+        .unwrap_err();
+    assert!(assert_code(err, "PermissionDenied").contains("explain-admin-only"));
 }
