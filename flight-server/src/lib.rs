@@ -21,7 +21,6 @@ use arrow_flight::flight_service_server::FlightServiceServer;
 use lakegate_engine::audit::AuditLog;
 use lakegate_engine::Engine;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use identity::Identity;
 pub use limits::Limiter;
@@ -56,10 +55,13 @@ pub async fn serve(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
+    // The builder's tcp_nodelay applies only to listeners tonic binds itself: set it on ours,
+    // or Nagle's algorithm holds each small response until the client's delayed ACK (40 ms per
+    // round trip; a point lookup took 90 ms over Flight against 11 ms in the engine).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     builder
-        .tcp_nodelay(true)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 
