@@ -1,0 +1,97 @@
+//! Mask throughput, values per second on one core: `cargo bench -p lakegate-benches --bench masks`.
+//!
+//! Each mask is evaluated as the engine evaluates it (the physical expression over a batch of
+//! the engine's batch size). Pseudonym and date shift run twice: over ids unique per row (the
+//! worst case: an HMAC per value) and over ids in runs of 10 rows (a patient's encounters, as
+//! the lake's files hold them: the kernels reuse the last result).
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use datafusion::common::DFSchema;
+use datafusion::logical_expr::col;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::prelude::SessionContext;
+use lakegate_engine::masks::{mask_expr, ProjectKey};
+use lakegate_engine::EngineConfig;
+use lakegate_policies::Mask;
+
+fn batch(rows: usize, run: usize) -> RecordBatch {
+    let ids: ArrayRef = Arc::new(StringArray::from_iter_values(
+        (0..rows).map(|i| format!("P{:08}", i / run)),
+    ));
+    let zips: ArrayRef = Arc::new(StringArray::from_iter_values(
+        (0..rows).map(|i| format!("{:05}", (i * 7919) % 100_000)),
+    ));
+    let times: ArrayRef = Arc::new(
+        TimestampMicrosecondArray::from_iter_values(
+            (0..rows).map(|i| 1_600_000_000_000_000 + i as i64 * 3_600_000_000),
+        )
+        .with_timezone("UTC"),
+    );
+    let schema = Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("zip", DataType::Utf8, false),
+        Field::new(
+            "t",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+    ]);
+    RecordBatch::try_new(Arc::new(schema), vec![ids, zips, times]).expect("batch")
+}
+
+fn masks(c: &mut Criterion) {
+    let rows = EngineConfig::default().batch_size;
+    let key = ProjectKey([7; 32]);
+    let ctx = SessionContext::new();
+    let mut group = c.benchmark_group("mask");
+    group.throughput(Throughput::Elements(rows as u64));
+    for (run, label) in [(1, "unique"), (10, "runs_of_10")] {
+        let b = batch(rows, run);
+        let df_schema = DFSchema::try_from(b.schema().as_ref().clone()).expect("schema");
+        let cases: Vec<(String, Mask, &str, DataType)> = vec![
+            (
+                format!("pseudonym/{label}"),
+                Mask::Pseudonym,
+                "id",
+                DataType::Utf8,
+            ),
+            (
+                format!("date_shift/{label}"),
+                Mask::DateShift {
+                    subject: "id".into(),
+                    max_days: 365,
+                },
+                "t",
+                b.schema().field(2).data_type().clone(),
+            ),
+        ];
+        let mut cases = cases;
+        if run == 1 {
+            cases.push(("zip3".into(), Mask::Zip3, "zip", DataType::Utf8));
+            cases.push((
+                "show_last_4".into(),
+                Mask::ShowLast { n: 4 },
+                "id",
+                DataType::Utf8,
+            ));
+        }
+        for (name, mask, column, data_type) in cases {
+            let expr = mask_expr(&mask, col(column), &data_type, Some(&key), Some(col("id")))
+                .expect("mask");
+            let physical: Arc<dyn PhysicalExpr> = ctx
+                .create_physical_expr(expr, &df_schema)
+                .expect("physical");
+            group.bench_function(name, |bench| {
+                bench.iter(|| physical.evaluate(&b).expect("evaluate"))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, masks);
+criterion_main!(benches);

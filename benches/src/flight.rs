@@ -1,0 +1,565 @@
+//! The demo mix through the real server and a real Flight SQL client, side by side with plain
+//! DataFusion in-process on the same files, in one run:
+//!
+//! ```sh
+//! cargo build --release --bin lakegate --bin lakegate-bench
+//! target/release/lakegate-bench --lake /tmp/lake1m
+//! ```
+//!
+//! The bench starts `lakegate demo` on the lake as a child process (on loopback, port 0, with
+//! limits raised so that 16 clients fit), logs in as the personas the mix names and prints, per
+//! query: median wall time, time to first batch, rows/s and MB/s of Arrow data over Flight; the
+//! same through Lakegate's engine in-process (policy, no transport) and through plain
+//! DataFusion (no policy, no transport); and the ratio of Flight to plain. Then N clients run
+//! the small-query (BI) mix at once, through the server and through plain DataFusion:
+//! throughput, p50 and p99 latency, errors, and the server's peak resident memory.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use clap::Parser;
+use datafusion::arrow::array::{Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::DataType;
+use datafusion::prelude::SessionContext;
+use futures::{Stream, StreamExt};
+use lakegate_benches::{governed, persona, plain};
+use lakegate_engine::Engine;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+struct Args {
+    /// The lake to measure (build one with `lakegate demo --patients 1000000 --build-only`).
+    #[arg(long)]
+    lake: String,
+    /// The `lakegate` binary to start [default: next to this one].
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Timed runs per query (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    iterations: usize,
+    /// Queries of the mix to run (default: all).
+    #[arg(long, value_delimiter = ',')]
+    queries: Vec<String>,
+    /// Concurrent clients for the BI mix (0 skips it).
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Rounds of the BI mix each client runs.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Skip the in-process governed engine column.
+    #[arg(long)]
+    no_engine: bool,
+    /// Clients keep tonic's fixed 64 KiB HTTP/2 windows instead of adaptive ones.
+    #[arg(long)]
+    fixed_window: bool,
+}
+
+/// The mix: (name, persona, SQL). `{pid}` is a SITE_A patient, so carol may look it up.
+const MIX: &[(&str, &str, &str)] = &[
+    (
+        "training_stream",
+        "alice",
+        "SELECT patient_id, start_time, encounter_class, total_cost FROM clinical.encounters",
+    ),
+    (
+        "filtered_scan",
+        "carol",
+        "SELECT encounter_id, patient_id, total_cost FROM clinical.encounters WHERE total_cost > 49000",
+    ),
+    (
+        "cohort_count",
+        "bob",
+        "SELECT site_id, count(DISTINCT patient_id) AS n FROM clinical.patients GROUP BY site_id",
+    ),
+    (
+        "join_aggregate",
+        "bob",
+        "SELECT p.sex, count(DISTINCT p.patient_id) AS n, avg(e.total_cost) AS cost FROM clinical.encounters e \
+         JOIN clinical.patients p ON e.patient_id = p.patient_id GROUP BY p.sex",
+    ),
+    (
+        "point_lookup",
+        "carol",
+        "SELECT patient_id, first_name, last_name, birth_date, ssn, zip FROM clinical.patients WHERE patient_id = '{pid}'",
+    ),
+    (
+        "lab_aggregate",
+        "bob",
+        "SELECT loinc_code, count(DISTINCT patient_id) AS n, avg(value) AS v FROM clinical.observations GROUP BY loinc_code",
+    ),
+];
+
+/// What many BI clients fire at once: small cohort queries and lookups.
+const BI_MIX: &[&str] = &["cohort_count", "point_lookup", "filtered_scan"];
+
+/// Limits for the bench's server: the defaults are per-deployment choices, raised here so that
+/// 16 clients of the same persona are admitted and the 1M-patient lake's distinct counts fit.
+const SERVER_FLAGS: &[&str] = &[
+    "--max-concurrent-queries",
+    "32",
+    "--requests-per-second",
+    "10000",
+    "--memory-limit-mb",
+    "8192",
+    "--principal-memory-mb",
+    "8192",
+];
+
+type Client = FlightSqlServiceClient<Channel>;
+
+/// One run of one query: wall time, time to first batch, rows, bytes of Arrow data.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    total: Duration,
+    first: Duration,
+    rows: u64,
+    bytes: u64,
+}
+
+/// Consumes a stream of batches, timing it from `started`.
+async fn consume<S, E>(started: Instant, mut stream: S) -> Result<Run, String>
+where
+    S: Stream<Item = Result<RecordBatch, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut run = Run::default();
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(|e| e.to_string())?;
+        if run.first.is_zero() {
+            run.first = started.elapsed();
+        }
+        run.rows += batch.num_rows() as u64;
+        run.bytes += batch
+            .columns()
+            .iter()
+            .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0) as u64)
+            .sum::<u64>();
+    }
+    run.total = started.elapsed();
+    if run.first.is_zero() {
+        run.first = run.total;
+    }
+    Ok(run)
+}
+
+async fn via_flight(client: &mut Client, sql: &str) -> Result<Run, String> {
+    let started = Instant::now();
+    let info = client
+        .execute(sql.to_string(), None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut total = Run::default();
+    for ep in info.endpoint {
+        let ticket = ep.ticket.ok_or("endpoint without ticket")?;
+        let stream = client.do_get(ticket).await.map_err(|e| e.to_string())?;
+        let run = consume(started, stream).await?;
+        if total.rows == 0 {
+            total.first = run.first;
+        }
+        total.rows += run.rows;
+        total.bytes += run.bytes;
+    }
+    total.total = started.elapsed();
+    Ok(total)
+}
+
+async fn via_plain(ctx: &SessionContext, sql: &str) -> Result<Run, String> {
+    let started = Instant::now();
+    let df = ctx.sql(sql).await.map_err(|e| e.to_string())?;
+    let stream = df.execute_stream().await.map_err(|e| e.to_string())?;
+    consume(started, stream).await
+}
+
+async fn via_engine(engine: &Engine, who: &str, sql: &str) -> Result<Run, String> {
+    let started = Instant::now();
+    let session = engine
+        .session(&persona(who))
+        .await
+        .map_err(|e| e.to_string())?;
+    let stream = session
+        .plan(sql)
+        .await
+        .map_err(|e| e.to_string())?
+        .execute(None)
+        .await
+        .map_err(|e| e.to_string())?;
+    consume(started, stream).await
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// The running server and its peak resident memory while sampling is on.
+struct Server {
+    child: std::process::Child,
+    url: String,
+    /// Use tonic's default fixed flow-control windows in the client (for comparison).
+    fixed_window: bool,
+    peak_rss: Arc<AtomicU64>,
+    sampling: Arc<AtomicBool>,
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+impl Server {
+    async fn start(bin: &PathBuf, lake: &str, fixed_window: bool) -> Server {
+        use std::io::BufRead;
+        // The server's log (alerts fire: the training stream reads many rows) stays out of the
+        // table.
+        let log_path = std::env::temp_dir().join("lakegate-bench-server.log");
+        let log = std::fs::File::create(&log_path).expect("server log");
+        eprintln!("server log: {}", log_path.display());
+        let mut child = std::process::Command::new(bin)
+            .args(["demo", "--lake", lake, "--port", "0"])
+            .args(SERVER_FLAGS)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the address, then keeps draining stdout so the server never blocks on a pipe.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(at) = line.find("grpc://") {
+                    let _ = tx.send(format!("http://{}", line[at + "grpc://".len()..].trim()));
+                }
+            }
+        });
+        let url = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(600)))
+            .await
+            .expect("reader")
+            .expect("the server stopped before it listened");
+        let peak_rss = Arc::new(AtomicU64::new(0));
+        let sampling = Arc::new(AtomicBool::new(false));
+        let pid = child.id();
+        let (peak, on) = (Arc::clone(&peak_rss), Arc::clone(&sampling));
+        tokio::spawn(async move {
+            loop {
+                if on.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss_bytes(pid), Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        Server {
+            child,
+            url,
+            fixed_window,
+            peak_rss,
+            sampling,
+        }
+    }
+
+    /// Starts recording peak memory afresh.
+    fn sample(&self) {
+        self.peak_rss.store(0, Ordering::Relaxed);
+        self.sampling.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops recording; the peak resident memory since [`Server::sample`], in MiB.
+    fn peak_mib(&self) -> f64 {
+        self.sampling.store(false, Ordering::Relaxed);
+        self.peak_rss.load(Ordering::Relaxed) as f64 / (1 << 20) as f64
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    async fn login(&self, user: &str) -> Client {
+        // Adaptive HTTP/2 flow-control windows (BDP estimation), as gRPC-Go, which the ADBC
+        // driver uses, does by default; tonic's fixed 64 KiB default would throttle a stream.
+        let channel = Channel::from_shared(self.url.clone())
+            .expect("url")
+            .http2_adaptive_window(!self.fixed_window)
+            .connect()
+            .await
+            .expect("connect");
+        let mut c = FlightSqlServiceClient::new(channel);
+        c.handshake(user, &format!("demo-{user}"))
+            .await
+            .expect("handshake");
+        c
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mb_per_s(run: &Run) -> f64 {
+    run.bytes as f64 / 1e6 / run.total.as_secs_f64()
+}
+
+fn rows_per_s(run: &Run) -> f64 {
+    run.rows as f64 / run.total.as_secs_f64()
+}
+
+/// The median run of `runs` (by wall time), with its first-batch time replaced by the median.
+fn typical(runs: &[Run]) -> Run {
+    let total = median(runs.iter().map(|r| r.total).collect());
+    let first = median(runs.iter().map(|r| r.first).collect());
+    let r = runs
+        .iter()
+        .find(|r| r.total == total)
+        .copied()
+        .unwrap_or_default();
+    Run { first, ..r }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let bin = args.server_bin.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .expect("current exe")
+            .with_file_name("lakegate")
+    });
+    let ctx = plain(&args.lake).await;
+    let pid = site_a_patient(&ctx).await;
+    let mix: Vec<(&str, &str, String)> = MIX
+        .iter()
+        .filter(|(n, _, _)| args.queries.is_empty() || args.queries.iter().any(|q| q == n))
+        .map(|(n, who, sql)| (*n, *who, sql.replace("{pid}", &pid)))
+        .collect();
+    let engine = if args.no_engine {
+        None
+    } else {
+        Some(governed(&args.lake).await)
+    };
+    let server = Server::start(&bin, &args.lake, args.fixed_window).await;
+    println!("server {} (pid {})", server.url, server.pid());
+
+    println!(
+        "\n{:<16} {:<6} {:>10} {:>9} {:>11} {:>10} {:>8} | {:>10} | {:>9} {:>9} {:>8} | {:>6} {:>8}",
+        "query",
+        "who",
+        "flight_ms",
+        "first_ms",
+        "rows",
+        "rows/s",
+        "MB/s",
+        "engine_ms",
+        "plain_ms",
+        "first_ms",
+        "MB/s",
+        "ratio",
+        "srv_MiB"
+    );
+    for (name, who, sql) in &mix {
+        let mut client = server.login(who).await;
+        let (mut flight, mut eng, mut raw) = (Vec::new(), Vec::new(), Vec::new());
+        let mut refused = None;
+        server.sample();
+        for i in 0..=args.iterations {
+            let f = match via_flight(&mut client, sql).await {
+                Ok(r) => r,
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            };
+            let e = match &engine {
+                Some(engine) => Some(via_engine(engine, who, sql).await.expect("engine")),
+                None => None,
+            };
+            let p = via_plain(&ctx, sql).await.expect("plain");
+            if i > 0 {
+                flight.push(f);
+                eng.extend(e);
+                raw.push(p);
+            }
+        }
+        let peak = server.peak_mib();
+        if let Some(why) = refused {
+            println!("{name:<16} {who:<6} refused: {why}");
+            continue;
+        }
+        let (f, p) = (typical(&flight), typical(&raw));
+        let engine_ms = if eng.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.1}", typical(&eng).total.as_secs_f64() * 1e3)
+        };
+        println!(
+            "{name:<16} {who:<6} {:>10.1} {:>9.1} {:>11} {:>10.0} {:>8.1} | {engine_ms:>10} | {:>9.1} {:>9.1} {:>8.1} | {:>6.2} {peak:>8.0}",
+            f.total.as_secs_f64() * 1e3,
+            f.first.as_secs_f64() * 1e3,
+            f.rows,
+            rows_per_s(&f),
+            mb_per_s(&f),
+            p.total.as_secs_f64() * 1e3,
+            p.first.as_secs_f64() * 1e3,
+            mb_per_s(&p),
+            f.total.as_secs_f64() / p.total.as_secs_f64(),
+        );
+    }
+
+    if args.clients > 0 {
+        let bi: Vec<(&str, &str, String)> = MIX
+            .iter()
+            .filter(|(n, _, _)| BI_MIX.contains(n))
+            .map(|(n, who, sql)| (*n, *who, sql.replace("{pid}", &pid)))
+            .collect();
+        println!(
+            "\n{} clients at once, {} rounds each of the BI mix ({})",
+            args.clients,
+            args.rounds,
+            BI_MIX.join(", ")
+        );
+        println!(
+            "{:<8} {:>9} {:>9} {:>10} {:>9} {:>9} {:>7} {:>8}",
+            "side", "requests", "seconds", "queries/s", "p50_ms", "p99_ms", "errors", "srv_MiB"
+        );
+        server.sample();
+        let flight = concurrent(args.clients, args.rounds, &bi, Side::Flight(&server)).await;
+        let peak = server.peak_mib();
+        flight.print("flight", Some(peak));
+        let raw = concurrent(args.clients, args.rounds, &bi, Side::Plain(&ctx)).await;
+        raw.print("plain", None);
+    }
+}
+
+/// A patient of SITE_A: carol may look it up.
+async fn site_a_patient(ctx: &SessionContext) -> String {
+    let batches = ctx
+        .sql("SELECT min(patient_id) FROM clinical.patients WHERE site_id = 'SITE_A'")
+        .await
+        .expect("plan")
+        .collect()
+        .await
+        .expect("run");
+    // Parquet strings come back as Utf8View.
+    let col =
+        datafusion::arrow::compute::cast(batches[0].column(0), &DataType::Utf8).expect("cast");
+    col.as_any()
+        .downcast_ref::<StringArray>()
+        .filter(|c| !c.is_null(0))
+        .map(|c| c.value(0).to_string())
+        .expect("the lake has a SITE_A patient")
+}
+
+#[derive(Clone, Copy)]
+enum Side<'a> {
+    Flight(&'a Server),
+    Plain(&'a SessionContext),
+}
+
+struct Concurrent {
+    latencies: Vec<Duration>,
+    errors: Vec<String>,
+    elapsed: Duration,
+}
+
+impl Concurrent {
+    fn print(&self, side: &str, peak: Option<f64>) {
+        let mut l = self.latencies.clone();
+        l.sort();
+        let n = l.len() + self.errors.len();
+        let (p50, p99) = if l.is_empty() {
+            (Duration::ZERO, Duration::ZERO)
+        } else {
+            (percentile(&l, 0.5), percentile(&l, 0.99))
+        };
+        println!(
+            "{side:<8} {n:>9} {:>9.2} {:>10.1} {:>9.1} {:>9.1} {:>7} {:>8}",
+            self.elapsed.as_secs_f64(),
+            l.len() as f64 / self.elapsed.as_secs_f64(),
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            self.errors.len(),
+            peak.map_or("-".into(), |p| format!("{p:.0}")),
+        );
+        if let Some(e) = self.errors.first() {
+            println!("  first error: {e}");
+        }
+    }
+}
+
+/// `clients` tasks, each running `rounds` rounds of `mix` (each query as its persona, one
+/// connection per persona per client), all started at once.
+async fn concurrent(
+    clients: usize,
+    rounds: usize,
+    mix: &[(&str, &str, String)],
+    side: Side<'_>,
+) -> Concurrent {
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let mix: Vec<(String, String)> = mix
+            .iter()
+            .map(|(_, who, sql)| (who.to_string(), sql.clone()))
+            .collect();
+        // Connections are made before the clock starts.
+        let mut conns = std::collections::HashMap::new();
+        let ctx = match side {
+            Side::Flight(server) => {
+                for (who, _) in &mix {
+                    if !conns.contains_key(who) {
+                        conns.insert(who.clone(), server.login(who).await);
+                    }
+                }
+                None
+            }
+            Side::Plain(ctx) => Some(ctx.clone()),
+        };
+        tasks.push(async move {
+            let mut latencies = Vec::new();
+            let mut errors = Vec::new();
+            for r in 0..rounds {
+                // Clients start at different points of the mix, as independent users would.
+                for k in 0..mix.len() {
+                    let (who, sql) = &mix[(c + r + k) % mix.len()];
+                    let started = Instant::now();
+                    let result = match &ctx {
+                        Some(ctx) => via_plain(ctx, sql).await,
+                        None => via_flight(conns.get_mut(who).expect("connection"), sql).await,
+                    };
+                    match result {
+                        Ok(_) => latencies.push(started.elapsed()),
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
+            (latencies, errors)
+        });
+    }
+    let started = Instant::now();
+    let handles: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
+    let mut out = Concurrent {
+        latencies: Vec::new(),
+        errors: Vec::new(),
+        elapsed: Duration::ZERO,
+    };
+    for h in handles {
+        let (l, e) = h.await.expect("client task");
+        out.latencies.extend(l);
+        out.errors.extend(e);
+    }
+    out.elapsed = started.elapsed();
+    out
+}
