@@ -441,7 +441,18 @@ struct Writer {
 type Waiter = Option<oneshot::Sender<Result<u64, AuditError>>>;
 
 /// Attempts at a create-only put that another writer (a second server on the same lake) won.
-const MAX_RACES: usize = 8;
+const MAX_RACES: usize = 32;
+
+/// A short, growing, jittered pause after a lost race, so that writers contending for the
+/// trail's head (several servers on one lake; many test servers on one shared lake in CI) take
+/// turns instead of colliding again at once.
+async fn race_backoff(attempt: usize) {
+    let jitter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()) % 4);
+    let millis = (attempt as u64).min(8) * 2 + jitter;
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+}
 
 impl Writer {
     /// Catch up with segments and checkpoints written since we last looked (by another server
@@ -589,7 +600,7 @@ impl Writer {
             self.refresh().await?;
             self.broken = false;
         }
-        for _ in 0..MAX_RACES {
+        for attempt in 0..MAX_RACES {
             let first_seq = self.next_seq;
             let mut prev = self.head_hash.clone();
             let mut lines = Vec::with_capacity(events.len() * 512);
@@ -618,7 +629,10 @@ impl Writer {
                     return Ok(());
                 }
                 // Another writer took this position: continue its chain and try again.
-                Err(object_store::Error::AlreadyExists { .. }) => self.refresh().await?,
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    race_backoff(attempt).await;
+                    self.refresh().await?
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -628,7 +642,7 @@ impl Writer {
     }
 
     async fn write_checkpoint(&mut self) -> Result<(), AuditError> {
-        for _ in 0..MAX_RACES {
+        for attempt in 0..MAX_RACES {
             if self.last_checkpoint.is_some() && self.next_seq <= self.signed_events {
                 // Another writer's checkpoint already covers everything we wrote.
                 self.unsigned_since = None;
@@ -636,6 +650,7 @@ impl Writer {
             }
             match self.try_checkpoint().await {
                 Err(AuditError::Store(object_store::Error::AlreadyExists { .. })) => {
+                    race_backoff(attempt).await;
                     self.refresh().await?
                 }
                 other => return other,
