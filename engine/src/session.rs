@@ -968,18 +968,14 @@ impl Session {
         let planned = self.plan_statement(query).await?;
         let logical = self.ctx.state().optimize(&planned.plan)?;
         let (physical, _) = physical_plan(&self.ctx, planned.plan.clone()).await?;
-        let physical_text = if analyze {
+        use datafusion::physical_plan::display::DisplayableExecutionPlan;
+        let display = if analyze {
             datafusion::physical_plan::collect(Arc::clone(&physical), self.ctx.task_ctx()).await?;
-            datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(
-                physical.as_ref(),
-            )
-            .indent(true)
-            .to_string()
+            DisplayableExecutionPlan::with_metrics(physical.as_ref())
         } else {
-            datafusion::physical_plan::displayable(physical.as_ref())
-                .indent(true)
-                .to_string()
+            DisplayableExecutionPlan::new(physical.as_ref())
         };
+        let physical_text = display.indent(true).to_string();
         // Constant rows from one-row projections (what `SELECT 'a', 'b'` plans to): the
         // verifier admits no in-memory data source outside a dataset's policy.
         let row = |plan_type: &str, text: String| {
