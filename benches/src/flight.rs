@@ -219,6 +219,31 @@ fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// CPU time (user + system) a process has used, in ms, from `/proc/PID/stat` (10 ms ticks).
+fn proc_cpu_ms(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is parenthesised and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat(5); `fields` starts at field 3.
+    (ticks(11) + ticks(12)) * 10.0
+}
+
+fn cpu_ms(pid: u32) -> f64 {
+    proc_cpu_ms(&pid.to_string())
+}
+
+fn own_cpu_ms() -> f64 {
+    proc_cpu_ms("self")
+}
+
 impl Server {
     async fn start(bin: &PathBuf, lake: &str, fixed_window: bool) -> Server {
         use std::io::BufRead;
@@ -370,12 +395,16 @@ async fn main() {
         "ratio",
         "srv_MiB"
     );
+    let mut cpu_rows = Vec::new();
     for (name, who, sql) in &mix {
         let mut client = server.login(who).await;
         let (mut flight, mut eng, mut raw) = (Vec::new(), Vec::new(), Vec::new());
+        // CPU seconds per run: (server, client) for Flight, this process for the engine.
+        let (mut flight_cpu, mut eng_cpu) = (Vec::new(), Vec::new());
         let mut refused = None;
         server.sample();
         for i in 0..=args.iterations {
+            let (srv0, cli0) = (cpu_ms(server.pid()), own_cpu_ms());
             let f = match via_flight(&mut client, sql).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -383,12 +412,16 @@ async fn main() {
                     break;
                 }
             };
+            let (srv1, cli1) = (cpu_ms(server.pid()), own_cpu_ms());
             let e = match &engine {
                 Some(engine) => Some(via_engine(engine, who, sql).await.expect("engine")),
                 None => None,
             };
+            let cli2 = own_cpu_ms();
             let p = via_plain(&ctx, sql).await.expect("plain");
             if i > 0 {
+                flight_cpu.push((srv1 - srv0, cli1 - cli0));
+                eng_cpu.push(cli2 - cli1);
                 flight.push(f);
                 eng.extend(e);
                 raw.push(p);
@@ -405,6 +438,22 @@ async fn main() {
         } else {
             format!("{:.1}", typical(&eng).total.as_secs_f64() * 1e3)
         };
+        let mid = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (srv_cpu, cli_cpu) = (
+            mid(flight_cpu.iter().map(|c| c.0).collect()),
+            mid(flight_cpu.iter().map(|c| c.1).collect()),
+        );
+        let eng_cpu = if eng.is_empty() {
+            f64::NAN
+        } else {
+            mid(eng_cpu)
+        };
+        cpu_rows.push(format!(
+            "{name:<16} {who:<6} {srv_cpu:>12.0} {cli_cpu:>12.0} {eng_cpu:>14.0}"
+        ));
         println!(
             "{name:<16} {who:<6} {:>10.1} {:>9.1} {:>11} {:>10.0} {:>8.1} | {engine_ms:>10} | {:>9.1} {:>9.1} {:>8.1} | {:>6.2} {peak:>8.0}",
             f.total.as_secs_f64() * 1e3,
@@ -417,6 +466,17 @@ async fn main() {
             mb_per_s(&p),
             f.total.as_secs_f64() / p.total.as_secs_f64(),
         );
+    }
+
+    if !cpu_rows.is_empty() {
+        // Where the CPU goes: both processes share the machine's cores on loopback.
+        println!(
+            "\n{:<16} {:<6} {:>12} {:>12} {:>14}",
+            "query", "who", "server_cpu_ms", "client_cpu_ms", "engine_cpu_ms"
+        );
+        for row in &cpu_rows {
+            println!("{row}");
+        }
     }
 
     if args.clients > 0 {

@@ -83,6 +83,9 @@ impl MaskUdf {
     }
 }
 
+/// `ps_` and 24 hex digits (96 bits of the HMAC).
+const PSEUDONYM_LEN: usize = 27;
+
 fn map_strings(a: &ArrayRef, mut f: impl FnMut(&str, &mut String)) -> DFResult<ArrayRef> {
     let strings = a
         .as_string_opt::<i32>()
@@ -160,13 +163,23 @@ impl ScalarUDFImpl for MaskUdf {
         let a = &arrays[0];
         let out: ArrayRef = match &self.kernel {
             Kernel::Pseudonym(key) => {
+                let strings = a.as_string_opt::<i32>().ok_or_else(|| {
+                    datafusion::error::DataFusionError::Execution("mask expects utf8".into())
+                })?;
                 let base = key.mac(b"pseudonym\0");
+                // Every pseudonym has the same length: size the output once.
+                let mut out =
+                    StringBuilder::with_capacity(strings.len(), strings.len() * PSEUDONYM_LEN);
                 // Rows of one subject tend to be adjacent (files are written per patient):
                 // reuse the last pseudonym instead of recomputing the HMAC.
-                let mut last_in = String::new();
-                let mut last_out = String::new();
-                map_strings(a, |s, out| {
-                    if s != last_in || last_out.is_empty() {
+                let mut last: Option<&str> = None;
+                let mut last_out = String::with_capacity(PSEUDONYM_LEN);
+                for v in strings.iter() {
+                    let Some(s) = v else {
+                        out.append_null();
+                        continue;
+                    };
+                    if last != Some(s) {
                         let mut m = base.clone();
                         m.update(s.as_bytes());
                         let d = m.finalize().into_bytes();
@@ -176,11 +189,11 @@ impl ScalarUDFImpl for MaskUdf {
                             last_out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
                             last_out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
                         }
-                        last_in.clear();
-                        last_in.push_str(s);
+                        last = Some(s);
                     }
-                    out.push_str(&last_out);
-                })?
+                    out.append_value(&last_out);
+                }
+                Arc::new(out.finish())
             }
             Kernel::ShowLast(n) => map_strings(a, |s, out| keep(s, *n, true, out))?,
             Kernel::ShowFirst(n) => map_strings(a, |s, out| keep(s, *n, false, out))?,

@@ -96,7 +96,7 @@ struct Inner {
     config: EngineConfig,
     /// Subject sets (e.g. consenting patients) computed once per filter: the lake is read-only
     /// while served.
-    subject_sets: AsyncMutex<HashMap<String, Arc<std::collections::HashSet<String>>>>,
+    subject_sets: AsyncMutex<HashMap<String, Arc<crate::governed::Members>>>,
     /// Callers' catalog views built during the current second. Decisions depend on the
     /// principal, the policy and the request time at one-second resolution (what casbin's
     /// context sees), so within one second a view can be reused exactly.
@@ -463,7 +463,7 @@ impl Engine {
         spec: &SubjectSet,
         principal: &Principal,
         rule: &str,
-    ) -> Result<Arc<std::collections::HashSet<String>>> {
+    ) -> Result<Arc<crate::governed::Members>> {
         let inner_filter = self.filter_expr(&spec.filter, principal, rule).await?;
         let cache_key = format!("{}|{}|{}", spec.dataset, spec.key, inner_filter);
         let mut cache = self.inner.subject_sets.lock().await;
@@ -483,7 +483,7 @@ impl Engine {
             .distinct()?
             .collect()
             .await?;
-        let mut set = std::collections::HashSet::new();
+        let mut keys = Vec::new();
         for b in &batches {
             let strings = b.column(0).as_string_opt::<i32>().ok_or_else(|| {
                 EngineError::Internal(format!(
@@ -491,8 +491,9 @@ impl Engine {
                     spec.dataset, spec.key
                 ))
             })?;
-            set.extend(strings.iter().flatten().map(str::to_string));
+            keys.extend(strings.iter().flatten().map(str::as_bytes));
         }
+        let set = crate::governed::Members::new(keys);
         let set = Arc::new(set);
         cache.insert(cache_key, Arc::clone(&set));
         Ok(set)
