@@ -808,6 +808,70 @@ fn describe_rule(dataset: &str, action: Action, rule: &str, o: &Obligations) -> 
     )
 }
 
+/// Whether output column `i` of `plan` is, value for value, the privacy unit `unit` of a
+/// governed dataset: read by a governed scan and passed up unchanged (renamed at most). Names
+/// prove nothing (`SELECT encounter_id AS patient_id` is not a patient), so thresholds and the
+/// join rule follow the column back to its scan. Anything computed is not the unit.
+fn is_unit(plan: &LogicalPlan, i: usize, unit: &str) -> bool {
+    use datafusion::common::JoinType;
+    use datafusion::logical_expr::Distinct;
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            governed_dataset(scan).is_some()
+                && i < scan.projected_schema.fields().len()
+                && scan.projected_schema.field(i).name() == unit
+        }
+        LogicalPlan::Projection(p) => {
+            match p.expr.get(i).map(|e| e.clone().unalias_nested().data) {
+                Some(Expr::Column(c)) => p
+                    .input
+                    .schema()
+                    .maybe_index_of_column(&c)
+                    .is_some_and(|j| is_unit(&p.input, j, unit)),
+                _ => false,
+            }
+        }
+        LogicalPlan::SubqueryAlias(a) => is_unit(&a.input, i, unit),
+        LogicalPlan::Filter(f) => is_unit(&f.input, i, unit),
+        LogicalPlan::Sort(s) => is_unit(&s.input, i, unit),
+        LogicalPlan::Limit(l) => is_unit(&l.input, i, unit),
+        LogicalPlan::Repartition(r) => is_unit(&r.input, i, unit),
+        LogicalPlan::Distinct(Distinct::All(input)) => is_unit(input, i, unit),
+        LogicalPlan::Union(u) => u.inputs.iter().all(|input| is_unit(input, i, unit)),
+        LogicalPlan::Join(j) => {
+            let left = j.left.schema().fields().len();
+            match j.join_type {
+                JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full => {
+                    if i < left {
+                        is_unit(&j.left, i, unit)
+                    } else {
+                        is_unit(&j.right, i - left, unit)
+                    }
+                }
+                JoinType::LeftSemi | JoinType::LeftAnti | JoinType::LeftMark => {
+                    i < left && is_unit(&j.left, i, unit)
+                }
+                JoinType::RightSemi | JoinType::RightAnti | JoinType::RightMark => {
+                    i < j.right.schema().fields().len() && is_unit(&j.right, i, unit)
+                }
+            }
+        }
+        _ => false,
+    }
+}
+
+/// Whether `e`, a join condition's operand, is the privacy unit of the join's left or right input.
+fn join_operand_is_unit(j: &datafusion::logical_expr::Join, e: &Expr, unit: &str) -> bool {
+    let Expr::Column(c) = e else { return false };
+    if let Some(i) = j.left.schema().maybe_index_of_column(c) {
+        return is_unit(&j.left, i, unit);
+    }
+    j.right
+        .schema()
+        .maybe_index_of_column(c)
+        .is_some_and(|i| is_unit(&j.right, i, unit))
+}
+
 fn apply_thresholds(
     plan: LogicalPlan,
     thresholds: &HashMap<String, (Threshold, String)>,
@@ -844,7 +908,7 @@ fn apply_thresholds(
                 let on_unit = !other_conditions
                     && !pairs.is_empty()
                     && pairs.iter().all(|(l, r)| {
-                        matches!((l, r), (Expr::Column(a), Expr::Column(b)) if a.name == threshold.unit && b.name == threshold.unit)
+                        join_operand_is_unit(j, l, &threshold.unit) && join_operand_is_unit(j, r, &threshold.unit)
                     });
                 if both && !on_unit {
                     return Err(fail(refuse(
@@ -875,12 +939,26 @@ fn apply_thresholds(
                         )));
                     }
                 }
-                let unit = agg
-                    .input
-                    .schema()
-                    .columns()
-                    .into_iter()
-                    .find(|c| c.name == threshold.unit)
+                let input = agg.input.schema();
+                let units: Vec<Column> = (0..input.fields().len())
+                    .filter(|i| is_unit(&agg.input, *i, &threshold.unit))
+                    .map(|i| Column::from(input.qualified_field(i)))
+                    .collect();
+                // Joins of protected data are on the unit, so every unit column of a group holds
+                // the same subjects (or nulls, which count for nothing): count the one the caller
+                // already counts distinct, and the optimizer computes that count once.
+                let counted_by_caller = |c: &Column| {
+                    agg.aggr_expr.iter().any(|e| {
+                        matches!(e.clone().unalias_nested().data, Expr::AggregateFunction(f)
+                            if f.func.name() == "count" && f.params.distinct && f.params.filter.is_none()
+                                && matches!(f.params.args.as_slice(), [Expr::Column(x)] if x == c))
+                    })
+                };
+                let unit = units
+                    .iter()
+                    .find(|c| counted_by_caller(c))
+                    .or(units.first())
+                    .cloned()
                     .ok_or_else(|| {
                         fail(refuse(
                             format!("the privacy unit {} must reach every aggregate over protected data", threshold.unit),

@@ -107,6 +107,12 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("bob", "SELECT p.sex, count(DISTINCT p.patient_id) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id GROUP BY p.sex", Answer(any_answer)),
     ("bob", "SELECT c.code, count(*) FROM clinical.conditions c JOIN clinical.patients p ON c.patient_id = p.patient_id WHERE c.code = 'D81.0' GROUP BY c.code", Answer(no_rows)),
     ("bob", "SELECT x, count(*) FROM (SELECT site_id AS x FROM clinical.patients) s GROUP BY x", Refused("PermissionDenied", "privacy unit patient_id")),
+    // Names prove nothing: a column renamed to the privacy unit is not the unit. Grouping by the
+    // real unit under another name still leaves one patient per group, suppressed; joining on an
+    // impostor is refused.
+    ("bob", "SELECT p, count(*) FROM (SELECT patient_id AS p, encounter_id AS patient_id FROM clinical.encounters) t GROUP BY p", Answer(no_rows)),
+    ("bob", "SELECT count(*) FROM clinical.encounters e JOIN (SELECT encounter_id AS patient_id FROM clinical.observations) o ON e.patient_id = o.patient_id", Refused("PermissionDenied", "joined only on patient_id")),
+    ("bob", "SELECT s, count(*) FROM (SELECT site_id AS s, upper(patient_id) AS patient_id FROM clinical.patients) t GROUP BY s", Refused("PermissionDenied", "privacy unit patient_id")),
     ("bob", "SELECT count(*) FROM omics.variants", Refused("InvalidArgument", "not found")),
     // Nothing at all for those without grants.
     ("mallory", "SELECT * FROM clinical.patients", Refused("InvalidArgument", "not found")),
