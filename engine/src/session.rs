@@ -539,6 +539,44 @@ pub struct PlannedQuery {
     schema: SchemaRef,
     parameters: SchemaRef,
     report: AccessReport,
+    /// EXPLAIN ANALYZE: the verified plan to run and display when (and only when) the query is
+    /// executed. Planning alone (GetFlightInfo) must not run the caller's query.
+    analyze: Option<AnalyzeLater>,
+}
+
+/// The parts of an EXPLAIN ANALYZE that wait for execution.
+struct AnalyzeLater {
+    logical: String,
+    physical: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+}
+
+impl AnalyzeLater {
+    /// A stream that, when first polled, runs the caller's governed query to its end and then
+    /// yields the plan annotated with what the run measured. Running inside the stream puts
+    /// the run under whatever bounds the consumer puts on the stream (the server's query
+    /// timeout), after the decision is audited.
+    fn run(self, ctx: SessionContext, schema: SchemaRef) -> SendableRecordBatchStream {
+        use futures::{StreamExt, TryStreamExt};
+        let external = |e: EngineError| datafusion::error::DataFusionError::External(Box::new(e));
+        let run = async move {
+            datafusion::physical_plan::collect(Arc::clone(&self.physical), ctx.task_ctx()).await?;
+            let text = datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(
+                self.physical.as_ref(),
+            )
+            .indent(true)
+            .to_string();
+            let plan = explain_rows(&self.logical, "physical_plan_with_metrics", text)
+                .map_err(external)?;
+            let (physical, task) = physical_plan(&ctx, plan).await.map_err(external)?;
+            datafusion::physical_plan::execute_stream(physical, task)
+        };
+        Box::pin(
+            datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                schema,
+                futures::stream::once(run).try_flatten().boxed(),
+            ),
+        )
+    }
 }
 
 /// What a query touches and which rules govern it, for the audit trail. Holds names only,
@@ -625,6 +663,7 @@ impl Session {
             schema,
             parameters,
             report,
+            analyze: None,
         })
     }
 }
@@ -1045,41 +1084,55 @@ impl Session {
             }
         };
         let planned = self.plan_statement(query).await?;
-        let logical = self.ctx.state().optimize(&planned.plan)?;
+        let logical = self
+            .ctx
+            .state()
+            .optimize(&planned.plan)?
+            .display_indent()
+            .to_string();
         let (physical, _) = physical_plan(&self.ctx, planned.plan.clone()).await?;
-        use datafusion::physical_plan::display::DisplayableExecutionPlan;
-        let display = if analyze {
-            datafusion::physical_plan::collect(Arc::clone(&physical), self.ctx.task_ctx()).await?;
-            DisplayableExecutionPlan::with_metrics(physical.as_ref())
-        } else {
-            DisplayableExecutionPlan::new(physical.as_ref())
-        };
-        let physical_text = display.indent(true).to_string();
-        // Constant rows from one-row projections (what `SELECT 'a', 'b'` plans to): the
-        // verifier admits no in-memory data source outside a dataset's policy.
-        let row = |plan_type: &str, text: String| {
-            LogicalPlanBuilder::empty(true).project(vec![
-                lit(plan_type.to_string()).alias("plan_type"),
-                lit(text).alias("plan"),
-            ])
-        };
-        let physical_type = if analyze {
-            "physical_plan_with_metrics"
-        } else {
-            "physical_plan"
-        };
-        let plan = row("logical_plan", logical.display_indent().to_string())?
-            .union(row(physical_type, physical_text)?.build()?)?
-            .build()?;
-        let schema = Arc::new(plan.schema().as_arrow().clone());
+        if analyze {
+            // The text is known only after the run: plan the result's shape now with an empty
+            // placeholder, run at execution (see `PlannedQuery::execute_with_report`).
+            let plan = explain_rows(&logical, "physical_plan_with_metrics", String::new())?;
+            return Ok(PlannedQuery {
+                ctx: self.ctx.clone(),
+                schema: Arc::new(plan.schema().as_arrow().clone()),
+                plan,
+                parameters: Arc::new(Schema::empty()),
+                report: planned.report,
+                analyze: Some(AnalyzeLater { logical, physical }),
+            });
+        }
+        let text =
+            datafusion::physical_plan::display::DisplayableExecutionPlan::new(physical.as_ref())
+                .indent(true)
+                .to_string();
+        let plan = explain_rows(&logical, "physical_plan", text)?;
         Ok(PlannedQuery {
             ctx: self.ctx.clone(),
+            schema: Arc::new(plan.schema().as_arrow().clone()),
             plan,
-            schema,
             parameters: Arc::new(Schema::empty()),
             report: planned.report,
+            analyze: None,
         })
     }
+}
+
+/// EXPLAIN's result, `(plan_type, plan)`: the logical plan's row and the physical plan's.
+/// Constant rows from one-row projections (what `SELECT 'a', 'b'` plans to): the verifier
+/// admits no in-memory data source outside a dataset's policy.
+fn explain_rows(logical: &str, physical_type: &str, physical: String) -> Result<LogicalPlan> {
+    let row = |plan_type: &str, text: String| {
+        LogicalPlanBuilder::empty(true).project(vec![
+            lit(plan_type.to_string()).alias("plan_type"),
+            lit(text).alias("plan"),
+        ])
+    };
+    Ok(row("logical_plan", logical.to_string())?
+        .union(row(physical_type, physical)?.build()?)?
+        .build()?)
 }
 
 /// ADBC and JDBC clients write `?`; DataFusion plans `$1, $2, ...`. Number them in order.
@@ -1155,6 +1208,10 @@ impl PlannedQuery {
             )));
         }
         let mut report = self.report;
+        if let Some(later) = self.analyze {
+            report.columns = touched_columns(&later.physical);
+            return Ok((later.run(self.ctx, self.schema), report));
+        }
         let plan = match params {
             Some(values) if !values.is_empty() => {
                 // Clients bind whatever type their language has (Python ints are Int64); cast
