@@ -851,14 +851,20 @@ fn describe_rule(dataset: &str, action: Action, rule: &str, o: &Obligations) -> 
 /// governed dataset: read by a governed scan and passed up unchanged (renamed at most). Names
 /// prove nothing (`SELECT encounter_id AS patient_id` is not a patient), so thresholds and the
 /// join rule follow the column back to its scan. Anything computed is not the unit.
-fn is_unit(plan: &LogicalPlan, i: usize, unit: &str) -> bool {
+///
+/// Only datasets under a threshold with this unit supply units: a dataset the caller may read
+/// row by row, joined on some other key, could otherwise lend its own patients to a group.
+fn is_unit(plan: &LogicalPlan, i: usize, unit: &Units) -> bool {
     use datafusion::common::JoinType;
     use datafusion::logical_expr::Distinct;
     match plan {
         LogicalPlan::TableScan(scan) => {
-            governed_dataset(scan).is_some()
-                && i < scan.projected_schema.fields().len()
-                && scan.projected_schema.field(i).name() == unit
+            governed_dataset(scan).is_some_and(|d| {
+                unit.thresholds
+                    .get(&d)
+                    .is_some_and(|(t, _)| t.unit == unit.name)
+            }) && i < scan.projected_schema.fields().len()
+                && scan.projected_schema.field(i).name() == unit.name
         }
         LogicalPlan::Projection(p) => {
             match p.expr.get(i).map(|e| e.clone().unalias_nested().data) {
@@ -899,8 +905,14 @@ fn is_unit(plan: &LogicalPlan, i: usize, unit: &str) -> bool {
     }
 }
 
+/// The privacy unit sought, and the thresholds of the datasets that may supply it.
+struct Units<'a> {
+    name: &'a str,
+    thresholds: &'a HashMap<String, (Threshold, String)>,
+}
+
 /// Whether `e`, a join condition's operand, is the privacy unit of the join's left or right input.
-fn join_operand_is_unit(j: &datafusion::logical_expr::Join, e: &Expr, unit: &str) -> bool {
+fn join_operand_is_unit(j: &datafusion::logical_expr::Join, e: &Expr, unit: &Units) -> bool {
     let Expr::Column(c) = e else { return false };
     if let Some(i) = j.left.schema().maybe_index_of_column(c) {
         return is_unit(&j.left, i, unit);
@@ -923,6 +935,10 @@ fn apply_thresholds(
             return Ok(Transformed::no(node));
         };
         let fail = |e: EngineError| datafusion::error::DataFusionError::External(Box::new(e));
+        let sought = Units {
+            name: &threshold.unit,
+            thresholds,
+        };
         match &node {
             LogicalPlan::Window(_) => Err(fail(refuse(
                 "window functions over data under an aggregation threshold are refused".into(),
@@ -947,7 +963,7 @@ fn apply_thresholds(
                 let on_unit = !other_conditions
                     && !pairs.is_empty()
                     && pairs.iter().all(|(l, r)| {
-                        join_operand_is_unit(j, l, &threshold.unit) && join_operand_is_unit(j, r, &threshold.unit)
+                        join_operand_is_unit(j, l, &sought) && join_operand_is_unit(j, r, &sought)
                     });
                 if both && !on_unit {
                     return Err(fail(refuse(
@@ -980,7 +996,7 @@ fn apply_thresholds(
                 }
                 let input = agg.input.schema();
                 let units: Vec<Column> = (0..input.fields().len())
-                    .filter(|i| is_unit(&agg.input, *i, &threshold.unit))
+                    .filter(|i| is_unit(&agg.input, *i, &sought))
                     .map(|i| Column::from(input.qualified_field(i)))
                     .collect();
                 // Joins of protected data are on the unit, so every unit column of a group holds

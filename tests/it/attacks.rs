@@ -260,3 +260,49 @@ async fn early_predicates_run_after_the_row_filter_and_before_the_masks() {
         .to_string();
     assert!(!plan.contains("stage=row-filter"), "{plan}");
 }
+
+/// Only datasets under the threshold supply privacy units. With row access to conditions
+/// (no threshold) beside thresholded patients, bob must not be able to make the threshold
+/// count the conditions' patients: a birth date held by one protected patient, crossed with 20
+/// unrelated condition holders, is still a group of one.
+#[tokio::test]
+async fn units_come_only_from_datasets_under_the_threshold() {
+    let rows_rule = "# bob may also read conditions row by row (a test-only grant).\n\
+        [[rule]]\nname = \"operations-conditions-rows\"\neffect = \"allow\"\n\
+        subject = 'r.sub.role == \"analyst\" && r.sub.purpose == \"operations\"'\n\
+        object = 'r.obj.name == \"clinical.conditions\"'\n\
+        actions = [\"row_query\", \"aggregate_query\"]\n\
+        masks = [{ label = \"identifier\", mask = \"pseudonym\" }]\n\n";
+    let policy = lakegate_flight_server::demo::DEMO_POLICY.replacen(
+        "# bob: cohort counts for operations",
+        &format!("{rows_rule}# bob: cohort counts for operations"),
+        1,
+    );
+    assert!(policy.contains("operations-conditions-rows"));
+    let server = TestServer::start_with(lakegate_tests::ServerOptions {
+        policy: Some(policy),
+        ..Default::default()
+    })
+    .await;
+    let mut bob = login(&server, "bob").await;
+    // The grant works: conditions are row-level for bob now, patients still aggregate-only.
+    assert!(
+        sql(&mut bob, "SELECT code FROM clinical.conditions LIMIT 1")
+            .await
+            .is_ok()
+    );
+    let q = "SELECT p.birth_date, count(DISTINCT c.patient_id) AS n FROM clinical.patients p \
+             CROSS JOIN (SELECT DISTINCT patient_id FROM clinical.conditions LIMIT 20) c \
+             GROUP BY p.birth_date";
+    let b = sql(&mut bob, q)
+        .await
+        .expect("allowed, with small groups suppressed");
+    let per_date = sql(
+        &mut bob,
+        "SELECT birth_date, count(*) AS n FROM clinical.patients GROUP BY birth_date",
+    )
+    .await
+    .unwrap();
+    // Whatever birth dates are released here are exactly those held by 11+ patients.
+    assert_eq!(rows(&b), rows(&per_date), "{q}");
+}
