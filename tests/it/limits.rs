@@ -240,7 +240,8 @@ async fn soak_mixed_traffic() {
 
     // Identical phases: the first two warm caches, allocator arenas and connection pools; after
     // them, resident memory may creep (allocator fragmentation, client and server share this
-    // process) but a per-request leak of ~0.7 MiB or more would exceed the bound below.
+    // process) but a per-request leak of ~0.7 MiB or more would exceed the bound below in
+    // every phase.
     let mut rss = Vec::new();
     let started = Instant::now();
     let mut valid = 0;
@@ -262,11 +263,18 @@ async fn soak_mixed_traffic() {
          rss after each phase {rss:?} KiB",
         started.elapsed()
     );
-    if let (Some(Some(warm)), Some(Some(last))) = (rss.get(1), rss.last()) {
-        let per_phase = last.saturating_sub(*warm) / (PHASES as u64 - 2);
+    // A leak grows memory in every phase; other tests of this binary run concurrently in the
+    // same process and add bursts to some phases. So the bound holds the smallest growth
+    // between consecutive phases after the warm-up ones, not the average.
+    let after_warmup: Vec<u64> = rss.iter().skip(1).flatten().copied().collect();
+    if let Some(per_phase) = after_warmup
+        .windows(2)
+        .map(|w| w[1].saturating_sub(w[0]))
+        .min()
+    {
         assert!(
             per_phase < 128 * 1024,
-            "resident memory grows {per_phase} KiB per phase of {} requests: {rss:?}",
+            "resident memory grows at least {per_phase} KiB in every phase of {} requests: {rss:?}",
             CLIENTS * ROUNDS
         );
     }
