@@ -35,7 +35,7 @@ use datafusion::physical_plan::{
 };
 
 /// A dataset as one caller may see it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct GovernedTable {
     pub(crate) dataset: String,
     raw: Arc<dyn TableProvider>,
@@ -45,6 +45,8 @@ pub struct GovernedTable {
     columns: Vec<Expr>,
     /// Columns the caller sees unmasked, by name.
     clear: HashSet<String>,
+    /// Per column: masked by a keyed pseudonym (injective, NULL-preserving).
+    pseudonymized: Vec<bool>,
 }
 
 impl GovernedTable {
@@ -54,6 +56,7 @@ impl GovernedTable {
         filter: Option<Expr>,
         columns: Vec<Expr>,
         masked: &[bool],
+        pseudonymized: Vec<bool>,
     ) -> Self {
         let raw_schema = raw.schema();
         let fields: Vec<Field> = raw_schema
@@ -76,7 +79,31 @@ impl GovernedTable {
             filter,
             columns,
             clear,
+            pseudonymized,
         }
+    }
+
+    pub(crate) fn pseudonymized_len(&self) -> usize {
+        self.pseudonymized.len()
+    }
+
+    pub(crate) fn is_pseudonymized(&self, column: usize) -> bool {
+        self.pseudonymized.get(column).copied().unwrap_or(false)
+    }
+
+    /// This table with the given pseudonymized columns read raw; only for columns whose every
+    /// use is a count (see `counted.rs`). Everything else, the row filter included, is unchanged.
+    pub(crate) fn counting_raw(&self, columns: &BTreeSet<usize>) -> Self {
+        let raw_schema = self.raw.schema();
+        let mut table = self.clone();
+        for &i in columns {
+            if self.is_pseudonymized(i) {
+                table.columns[i] = Expr::Column(datafusion::common::Column::new_unqualified(
+                    raw_schema.field(i).name(),
+                ));
+            }
+        }
+        table
     }
 }
 

@@ -26,6 +26,7 @@
 
 pub mod audit;
 mod budget;
+mod counted;
 mod error;
 mod governed;
 mod keys;

@@ -384,6 +384,7 @@ impl Engine {
             .and_then(|p| self.inner.keys.get(p));
         let mut columns = Vec::with_capacity(d.columns.len());
         let mut masked = Vec::with_capacity(d.columns.len());
+        let mut pseudonymized = Vec::with_capacity(d.columns.len());
         for c in &d.columns {
             let raw = Expr::Column(Column::new_unqualified(&c.name));
             match obligations.masks.get(&c.name) {
@@ -406,10 +407,12 @@ impl Engine {
                     )?;
                     columns.push(e);
                     masked.push(true);
+                    pseudonymized.push(matches!(mask, lakegate_policies::Mask::Pseudonym));
                 }
                 None => {
                     columns.push(raw);
                     masked.push(false);
+                    pseudonymized.push(false);
                 }
             }
         }
@@ -419,6 +422,7 @@ impl Engine {
             filter,
             columns,
             &masked,
+            pseudonymized,
         ))
     }
 
@@ -1044,6 +1048,17 @@ fn apply_thresholds(
     }
 }
 
+/// The optimized plan that runs: DataFusion's optimizer, then pseudonyms that are only counted
+/// read raw (`counted.rs`).
+fn optimize(
+    state: &datafusion::execution::SessionState,
+    plan: &LogicalPlan,
+) -> Result<LogicalPlan> {
+    Ok(crate::counted::read_counted_pseudonyms_raw(
+        state.optimize(plan)?,
+    )?)
+}
+
 /// Optimize to a physical plan and verify it; nothing is read yet.
 pub(crate) async fn physical_plan(
     ctx: &SessionContext,
@@ -1052,9 +1067,13 @@ pub(crate) async fn physical_plan(
     Arc<dyn datafusion::physical_plan::ExecutionPlan>,
     Arc<datafusion::execution::TaskContext>,
 )> {
-    let df = ctx.execute_logical_plan(plan).await?;
-    let task = Arc::new(df.task_ctx());
-    let physical = df.create_physical_plan().await?;
+    let state = ctx.state();
+    let optimized = optimize(&state, &plan)?;
+    let task = Arc::new(datafusion::execution::TaskContext::from(&state));
+    let physical = state
+        .query_planner()
+        .create_physical_plan(&optimized, &state)
+        .await?;
     verify_physical(&physical).map_err(|why| {
         tracing::error!(%why, "plan verification refused a query");
         EngineError::PermissionDenied(format!(
@@ -1100,10 +1119,7 @@ impl Session {
             }
         };
         let planned = self.plan_statement(query).await?;
-        let logical = self
-            .ctx
-            .state()
-            .optimize(&planned.plan)?
+        let logical = optimize(&self.ctx.state(), &planned.plan)?
             .display_indent()
             .to_string();
         let (physical, _) = physical_plan(&self.ctx, planned.plan.clone()).await?;

@@ -3,6 +3,7 @@
 mod attacks;
 mod audit;
 mod common;
+mod counted;
 mod differential;
 mod flight_sql;
 mod identity;

@@ -1,0 +1,232 @@
+//! Pseudonyms that are only ever counted are not computed: such a column is read raw.
+//!
+//! A keyed pseudonym is injective (HMAC-SHA256, 96 bits kept) and maps NULL to NULL, so
+//! `count(DISTINCT c)` and `count(c)` give the same number over raw values as over their
+//! pseudonyms. Computing 1M HMACs and hashing 27-byte pseudonyms instead of the 9-byte ids was
+//! most of the cost of a thresholded cohort count (`docs/benchmarks.md`). This pass finds, in the
+//! optimized plan about to run, each pseudonymized column whose every use is the argument of such
+//! a count, and has its scan deliver that column raw.
+//!
+//! It is the one reviewed exception to "masks are applied at the scan" (invariant 2), and it is
+//! deliberately narrow, because a raw value must influence nothing but those counts:
+//! - the column may only pass up unchanged through projections (renames), aliases, filters that
+//!   do not read it, sorts that do not sort by it and limits, into an aggregate where it is the
+//!   sole argument of `count`/`count(DISTINCT)` without FILTER or ORDER BY;
+//! - any other use (a predicate, a group key, a join key, a function, another aggregate, the
+//!   output, a union, a window, a node this pass does not know) keeps the pseudonym. Group and
+//!   join keys stay pseudonymized even though only equality is used there: the order rows come
+//!   out in follows the hash of the key, and a hash of a guessable raw id must not steer it;
+//! - a plan holding any subquery expression is left as it is.
+//!
+//! Nothing is decided by names: columns are followed by position from the scan that produced
+//! them. Not eliding is always safe, so whatever this pass does not understand keeps its mask.
+
+use std::any::Any;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::datasource::{provider_as_source, source_as_provider};
+use datafusion::logical_expr::{Expr, LogicalPlan, TableScan};
+
+use crate::governed::GovernedTable;
+
+/// One pseudonymized column of one scan: the scan's position among the plan's scans (in
+/// depth-first order) and the column's index in the dataset's schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Candidate {
+    scan: usize,
+    column: usize,
+}
+
+#[derive(Default)]
+struct Flow {
+    candidates: Vec<Candidate>,
+    /// Per candidate: used in a way that needs the pseudonym.
+    kept: Vec<bool>,
+    scans: usize,
+}
+
+impl Flow {
+    fn keep(
+        &mut self,
+        carried: &[Option<usize>],
+        expr: &Expr,
+        schema: &datafusion::common::DFSchema,
+    ) {
+        for c in expr.column_refs() {
+            if let Some(Some(id)) = schema.maybe_index_of_column(c).map(|i| carried[i]) {
+                self.kept[id] = true;
+            }
+        }
+    }
+
+    fn keep_all(&mut self, carried: &[Option<usize>]) {
+        for id in carried.iter().flatten() {
+            self.kept[*id] = true;
+        }
+    }
+
+    /// For each output column of `plan`, the candidate it carries unchanged, if any.
+    fn walk(&mut self, plan: &LogicalPlan) -> Vec<Option<usize>> {
+        let width = plan.schema().fields().len();
+        match plan {
+            LogicalPlan::TableScan(scan) => {
+                let ordinal = self.scans;
+                self.scans += 1;
+                let provider = source_as_provider(&scan.source).ok();
+                let Some(table) = provider
+                    .as_ref()
+                    .and_then(|p| (p.as_ref() as &dyn Any).downcast_ref::<GovernedTable>())
+                else {
+                    return vec![None; width];
+                };
+                let indices: Vec<usize> = scan
+                    .projection
+                    .clone()
+                    .unwrap_or_else(|| (0..table.pseudonymized_len()).collect());
+                let carried: Vec<Option<usize>> = indices
+                    .iter()
+                    .map(|&column| {
+                        table.is_pseudonymized(column).then(|| {
+                            self.candidates.push(Candidate {
+                                scan: ordinal,
+                                column,
+                            });
+                            self.kept.push(false);
+                            self.candidates.len() - 1
+                        })
+                    })
+                    .collect();
+                // Pushed-down predicates only ever read unmasked columns; be sure of it anyway.
+                for f in &scan.filters {
+                    self.keep(&carried, f, &scan.projected_schema);
+                }
+                carried
+            }
+            LogicalPlan::Projection(p) => {
+                let input = self.walk(&p.input);
+                let schema = p.input.schema();
+                p.expr
+                    .iter()
+                    .map(|e| match e.clone().unalias_nested().data {
+                        Expr::Column(c) => schema.maybe_index_of_column(&c).and_then(|i| input[i]),
+                        other => {
+                            self.keep(&input, &other, schema);
+                            None
+                        }
+                    })
+                    .collect()
+            }
+            LogicalPlan::SubqueryAlias(a) => self.walk(&a.input),
+            LogicalPlan::Filter(f) => {
+                let input = self.walk(&f.input);
+                self.keep(&input, &f.predicate, f.input.schema());
+                input
+            }
+            LogicalPlan::Sort(s) => {
+                let input = self.walk(&s.input);
+                for e in &s.expr {
+                    self.keep(&input, &e.expr, s.input.schema());
+                }
+                input
+            }
+            LogicalPlan::Limit(l) => {
+                let input = self.walk(&l.input);
+                for e in l.skip.iter().chain(l.fetch.iter()) {
+                    self.keep(&input, e, l.input.schema());
+                }
+                input
+            }
+            LogicalPlan::Aggregate(agg) => {
+                let input = self.walk(&agg.input);
+                let schema = agg.input.schema();
+                for e in &agg.group_expr {
+                    self.keep(&input, e, schema);
+                }
+                for e in &agg.aggr_expr {
+                    if !is_plain_count(e) {
+                        self.keep(&input, e, schema);
+                    }
+                }
+                vec![None; width]
+            }
+            other => {
+                for input in other.inputs() {
+                    let carried = self.walk(input);
+                    self.keep_all(&carried);
+                }
+                vec![None; width]
+            }
+        }
+    }
+}
+
+/// `count(x)` or `count(DISTINCT x)` of a bare column, without FILTER or ORDER BY: its result
+/// depends only on which values of `x` are equal and which are NULL.
+fn is_plain_count(e: &Expr) -> bool {
+    matches!(e.clone().unalias_nested().data, Expr::AggregateFunction(f)
+        if f.func.name() == "count"
+            && f.params.filter.is_none()
+            && f.params.order_by.is_empty()
+            && matches!(f.params.args.as_slice(), [Expr::Column(_)]))
+}
+
+/// The plan with every pseudonymized column that is only counted read raw by its scan.
+pub(crate) fn read_counted_pseudonyms_raw(
+    plan: LogicalPlan,
+) -> datafusion::common::Result<LogicalPlan> {
+    let mut has_subquery = false;
+    plan.apply(|node| {
+        node.apply_subqueries(|_| {
+            has_subquery = true;
+            Ok(TreeNodeRecursion::Stop)
+        })?;
+        Ok(
+            if has_subquery || matches!(node, LogicalPlan::Subquery(_)) {
+                has_subquery = true;
+                TreeNodeRecursion::Stop
+            } else {
+                TreeNodeRecursion::Continue
+            },
+        )
+    })?;
+    if has_subquery {
+        return Ok(plan);
+    }
+    let mut flow = Flow::default();
+    let output = flow.walk(&plan);
+    // What the query returns is never read raw.
+    flow.keep_all(&output);
+    let mut raw: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); flow.scans];
+    for (c, kept) in flow.candidates.iter().zip(&flow.kept) {
+        if !kept {
+            raw[c.scan].insert(c.column);
+        }
+    }
+    if raw.iter().all(BTreeSet::is_empty) {
+        return Ok(plan);
+    }
+    // `transform_up` meets the scans (leaves) in the same depth-first order as `walk`.
+    let mut ordinal = 0;
+    plan.transform_up(|node| {
+        let LogicalPlan::TableScan(scan) = node else {
+            return Ok(Transformed::no(node));
+        };
+        let columns = &raw[ordinal];
+        ordinal += 1;
+        if columns.is_empty() {
+            return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
+        }
+        let provider = source_as_provider(&scan.source)?;
+        let Some(table) = (provider.as_ref() as &dyn Any).downcast_ref::<GovernedTable>() else {
+            return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
+        };
+        let source = provider_as_source(Arc::new(table.counting_raw(columns)));
+        Ok(Transformed::yes(LogicalPlan::TableScan(TableScan {
+            source,
+            ..scan
+        })))
+    })
+    .map(|t| t.data)
+}
