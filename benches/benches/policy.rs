@@ -23,7 +23,7 @@ fn planning(c: &mut Criterion) {
         )
         .await
         .expect("demo lake");
-        (governed(&path).await, plain(&path).await)
+        (governed(&path).await, plain(&path, true).await)
     });
     let mut group = c.benchmark_group("plan");
     for (name, sql) in QUERIES {

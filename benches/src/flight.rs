@@ -364,7 +364,7 @@ async fn main() {
             .expect("current exe")
             .with_file_name("lakegate")
     });
-    let ctx = plain(&args.lake).await;
+    let ctx = plain(&args.lake, true).await;
     let pid = site_a_patient(&ctx).await;
     let mix: Vec<(&str, &str, String)> = MIX
         .iter()

@@ -51,9 +51,16 @@ pub async fn governed(lake: &str) -> Engine {
         .expect("engine")
 }
 
-/// Plain DataFusion over the same files, same table names, no policy.
-pub async fn plain(lake: &str) -> SessionContext {
-    let config = SessionConfig::new().with_batch_size(EngineConfig::default().batch_size);
+/// Plain DataFusion over the same files, same table names, no policy. With `string_views`
+/// (DataFusion's default) strings are read as `Utf8View`; without, as `Utf8`, the type
+/// Lakegate's catalog gives them, which separates the policy's cost from the string type's.
+pub async fn plain(lake: &str, string_views: bool) -> SessionContext {
+    let mut config = SessionConfig::new().with_batch_size(EngineConfig::default().batch_size);
+    config
+        .options_mut()
+        .execution
+        .parquet
+        .schema_force_view_types = string_views;
     let ctx = SessionContext::new_with_config(config);
     for schema in ["clinical", "omics"] {
         ctx.sql(&format!("CREATE SCHEMA {schema}"))

@@ -39,6 +39,10 @@ struct Args {
     /// Skip the per-query table (run only the audit comparison).
     #[arg(long)]
     audit_only: bool,
+    /// Plain DataFusion reads strings as `Utf8` (as Lakegate does) instead of its default
+    /// `Utf8View`: shows how much of a ratio is the string type rather than the policy.
+    #[arg(long)]
+    plain_utf8: bool,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -176,7 +180,7 @@ async fn audit_throughput(args: &Args, engine: &Engine) {
 }
 
 async fn per_query(args: &Args, engine: &Engine) {
-    let ctx = plain(&args.lake).await;
+    let ctx = plain(&args.lake, !args.plain_utf8).await;
     println!(
         "{:<8} {:<16} {:>12} {:>12} {:>12} {:>12} {:>7}",
         "persona", "query", "lakegate_ms", "plain_ms", "rows_gov", "rows_plain", "ratio"
