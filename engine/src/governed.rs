@@ -63,7 +63,14 @@ impl GovernedTable {
             .fields()
             .iter()
             .zip(masked)
-            .map(|(f, m)| f.as_ref().clone().with_nullable(f.is_nullable() || *m))
+            .map(|(f, m)| {
+                let f = f.as_ref().clone().with_nullable(f.is_nullable() || *m);
+                // Masks turn the raw strings' views into plain `Utf8`.
+                match f.data_type() {
+                    DataType::Utf8View if *m => f.with_data_type(DataType::Utf8),
+                    _ => f,
+                }
+            })
             .collect();
         let clear = raw_schema
             .fields()
@@ -98,9 +105,12 @@ impl GovernedTable {
         let mut table = self.clone();
         for &i in columns {
             if self.is_pseudonymized(i) {
-                table.columns[i] = Expr::Column(datafusion::common::Column::new_unqualified(
+                let raw = Expr::Column(datafusion::common::Column::new_unqualified(
                     raw_schema.field(i).name(),
                 ));
+                // Same type as the pseudonym the plan was typed with.
+                table.columns[i] =
+                    datafusion::logical_expr::cast(raw, self.schema.field(i).data_type().clone());
             }
         }
         table
@@ -505,9 +515,41 @@ impl InSubjectSet {
     pub(crate) fn expr(set: Arc<Members>, column: Expr) -> Expr {
         ScalarUDF::from(Self {
             set,
-            signature: Signature::exact(vec![DataType::Utf8], Volatility::Immutable),
+            signature: Signature::uniform(
+                1,
+                vec![DataType::Utf8, DataType::Utf8View],
+                Volatility::Immutable,
+            ),
         })
         .call(vec![column])
+    }
+}
+
+impl InSubjectSet {
+    fn members<'a>(
+        &self,
+        len: usize,
+        nulls: Option<&datafusion::arrow::buffer::NullBuffer>,
+        key_of: impl Fn(usize) -> &'a [u8],
+    ) -> BooleanBuffer {
+        // Adjacent rows usually belong to one subject: remember the last answer, comparing the
+        // bytes in place (this runs on every row the scan reads).
+        let mut last: Option<(&[u8], bool)> = None;
+        let mut cursor = Cursor::default();
+        BooleanBuffer::collect_bool(len, |i| {
+            if nulls.is_some_and(|n| n.is_null(i)) {
+                return false;
+            }
+            let key = key_of(i);
+            match last {
+                Some((l, member)) if l == key => member,
+                _ => {
+                    let member = self.set.contains(key, &mut cursor);
+                    last = Some((key, member));
+                    member
+                }
+            }
+        })
     }
 }
 
@@ -523,30 +565,20 @@ impl ScalarUDFImpl for InSubjectSet {
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let strings = arrays[0].as_string_opt::<i32>().ok_or_else(|| {
-            datafusion::error::DataFusionError::Execution("subject key must be utf8".into())
-        })?;
-        let offsets = strings.value_offsets();
-        let values = strings.value_data();
-        let nulls = strings.nulls();
-        // Adjacent rows usually belong to one subject: remember the last answer, comparing the
-        // bytes in place (this runs on every row the scan reads).
-        let mut last: Option<(&[u8], bool)> = None;
-        let mut cursor = Cursor::default();
-        let members = BooleanBuffer::collect_bool(strings.len(), |i| {
-            if nulls.is_some_and(|n| n.is_null(i)) {
-                return false;
+        let members = match crate::masks::Strings::of(&arrays[0])? {
+            crate::masks::Strings::Plain(strings) => {
+                let offsets = strings.value_offsets();
+                let values = strings.value_data();
+                self.members(strings.len(), strings.nulls(), |i| {
+                    &values[offsets[i] as usize..offsets[i + 1] as usize]
+                })
             }
-            let key = &values[offsets[i] as usize..offsets[i + 1] as usize];
-            match last {
-                Some((l, member)) if l == key => member,
-                _ => {
-                    let member = self.set.contains(key, &mut cursor);
-                    last = Some((key, member));
-                    member
-                }
+            crate::masks::Strings::View(strings) => {
+                self.members(strings.len(), strings.nulls(), |i| {
+                    strings.value(i).as_bytes()
+                })
             }
-        });
+        };
         Ok(ColumnarValue::Array(
             Arc::new(BooleanArray::new(members, None)) as ArrayRef,
         ))

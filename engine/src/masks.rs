@@ -86,17 +86,66 @@ impl MaskUdf {
 /// `ps_` and 24 hex digits (96 bits of the HMAC).
 const PSEUDONYM_LEN: usize = 27;
 
+/// A string column as `Utf8` or `Utf8View`: the lake's raw strings are read as views (no copy
+/// out of the Parquet pages), what masks produce is `Utf8`.
+pub(crate) enum Strings<'a> {
+    Plain(&'a datafusion::arrow::array::StringArray),
+    View(&'a datafusion::arrow::array::StringViewArray),
+}
+
+impl<'a> Strings<'a> {
+    pub(crate) fn of(a: &'a ArrayRef) -> DFResult<Self> {
+        if let Some(s) = a.as_string_opt::<i32>() {
+            return Ok(Self::Plain(s));
+        }
+        if let Some(s) = a.as_string_view_opt() {
+            return Ok(Self::View(s));
+        }
+        exec_err!("expected a string column, got {}", a.data_type())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::Plain(s) => s.len(),
+            Self::View(s) => s.len(),
+        }
+    }
+
+    pub(crate) fn is_null(&self, i: usize) -> bool {
+        match self {
+            Self::Plain(s) => s.is_null(i),
+            Self::View(s) => s.is_null(i),
+        }
+    }
+
+    /// The value of a row that is not null.
+    pub(crate) fn value(&self, i: usize) -> &'a str {
+        match self {
+            Self::Plain(s) => s.value(i),
+            Self::View(s) => s.value(i),
+        }
+    }
+
+    pub(crate) fn get(&self, i: usize) -> Option<&'a str> {
+        (!self.is_null(i)).then(|| self.value(i))
+    }
+
+    /// Bytes of the values, for sizing an output.
+    fn value_bytes(&self) -> usize {
+        match self {
+            Self::Plain(s) => s.value_data().len(),
+            Self::View(s) => s.total_bytes_len(),
+        }
+    }
+}
+
 fn map_strings(a: &ArrayRef, mut f: impl FnMut(&str, &mut String)) -> DFResult<ArrayRef> {
-    let strings = a
-        .as_string_opt::<i32>()
-        .ok_or_else(|| datafusion::error::DataFusionError::Execution("mask expects utf8".into()))?;
-    let mut out = StringBuilder::with_capacity(
-        strings.len(),
-        strings.value_data().len() + 16 * strings.len(),
-    );
+    let strings = Strings::of(a)?;
+    let mut out =
+        StringBuilder::with_capacity(strings.len(), strings.value_bytes() + 16 * strings.len());
     let mut buf = String::new();
-    for v in strings.iter() {
-        match v {
+    for i in 0..strings.len() {
+        match strings.get(i) {
             Some(s) => {
                 buf.clear();
                 f(s, &mut buf);
@@ -155,7 +204,11 @@ impl ScalarUDFImpl for MaskUdf {
     }
 
     fn return_type(&self, arg_types: &[DataType]) -> DFResult<DataType> {
-        Ok(arg_types[0].clone())
+        // Type-preserving, except that masked strings are always plain `Utf8`.
+        Ok(match &arg_types[0] {
+            DataType::Utf8View => DataType::Utf8,
+            other => other.clone(),
+        })
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
@@ -163,9 +216,7 @@ impl ScalarUDFImpl for MaskUdf {
         let a = &arrays[0];
         let out: ArrayRef = match &self.kernel {
             Kernel::Pseudonym(key) => {
-                let strings = a.as_string_opt::<i32>().ok_or_else(|| {
-                    datafusion::error::DataFusionError::Execution("mask expects utf8".into())
-                })?;
+                let strings = Strings::of(a)?;
                 let base = key.mac(b"pseudonym\0");
                 // Every pseudonym has the same length: size the output once.
                 let mut out =
@@ -174,8 +225,8 @@ impl ScalarUDFImpl for MaskUdf {
                 // reuse the last pseudonym instead of recomputing the HMAC.
                 let mut last: Option<&str> = None;
                 let mut last_out = String::with_capacity(PSEUDONYM_LEN);
-                for v in strings.iter() {
-                    let Some(s) = v else {
+                for i in 0..strings.len() {
+                    let Some(s) = strings.get(i) else {
                         out.append_null();
                         continue;
                     };
@@ -209,11 +260,7 @@ impl ScalarUDFImpl for MaskUdf {
                 }
             })?,
             Kernel::DateShift { key, max_days } => {
-                let subjects = arrays[1].as_string_opt::<i32>().ok_or_else(|| {
-                    datafusion::error::DataFusionError::Execution(
-                        "date shift subject must be utf8".into(),
-                    )
-                })?;
+                let subjects = Strings::of(&arrays[1])?;
                 let base = key.mac(b"date-shift\0");
                 // Adjacent rows usually share a subject: remember the last offset.
                 let mut last: Option<(usize, i64)> = None;
@@ -407,7 +454,11 @@ mod tests {
                 args,
                 arg_fields: vec![],
                 number_rows: n,
-                return_field: Arc::new(datafusion::arrow::datatypes::Field::new("x", dt, true)),
+                return_field: Arc::new(datafusion::arrow::datatypes::Field::new(
+                    "x",
+                    f.func.return_type(&[dt]).unwrap(),
+                    true,
+                )),
                 config_options: Default::default(),
             })
             .unwrap();
@@ -536,5 +587,40 @@ mod tests {
             assert!((out.value(i) - [20_000, 20_010, 20_000][i]).abs() <= 30);
         }
         assert!(out.is_null(3));
+    }
+
+    #[test]
+    fn masks_read_string_views_as_they_read_utf8() {
+        // The lake's raw strings arrive as views; masks must answer exactly as on plain Utf8,
+        // and always produce plain Utf8.
+        let values = vec![
+            Some("123-45-6789"),
+            None,
+            Some("Zoë Ngô, a name longer than twelve bytes"),
+            Some(""),
+            Some("03601"),
+        ];
+        let plain: ArrayRef = Arc::new(StringArray::from(values.clone()));
+        let views: ArrayRef = Arc::new(datafusion::arrow::array::StringViewArray::from(values));
+        let key = ProjectKey([3; 32]);
+        for mask in [
+            Mask::Pseudonym,
+            Mask::ShowLast { n: 4 },
+            Mask::ShowFirst { n: 2 },
+            Mask::Zip3,
+        ] {
+            let a = run(&mask, Arc::clone(&plain), Some(&key), None);
+            let b = run(&mask, Arc::clone(&views), Some(&key), None);
+            assert_eq!(b.data_type(), &DataType::Utf8, "{mask:?}");
+            assert_eq!(strings(&a), strings(&b), "{mask:?}");
+        }
+        let dates: ArrayRef = Arc::new(Date32Array::from(vec![Some(20_000); 5]));
+        let shift = Mask::DateShift {
+            subject: "s".into(),
+            max_days: 30,
+        };
+        let a = run(&shift, Arc::clone(&dates), Some(&key), Some(plain));
+        let b = run(&shift, dates, Some(&key), Some(views));
+        assert_eq!(&a, &b);
     }
 }

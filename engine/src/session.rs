@@ -4,8 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use datafusion::arrow::array::AsArray;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use datafusion::catalog::{
     CatalogProvider, MemoryCatalogProvider, MemoryCatalogProviderList, MemorySchemaProvider,
     SchemaProvider, TableProvider,
@@ -26,7 +25,7 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::LogicalPlan;
-use datafusion::logical_expr::{col, lit, Aggregate, Expr, LogicalPlanBuilder};
+use datafusion::logical_expr::{cast, col, lit, Aggregate, Expr, LogicalPlanBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
 use datafusion::sql::parser::Statement as DFStatement;
@@ -489,13 +488,13 @@ impl Engine {
             .await?;
         let mut keys = Vec::new();
         for b in &batches {
-            let strings = b.column(0).as_string_opt::<i32>().ok_or_else(|| {
+            let strings = crate::masks::Strings::of(b.column(0)).map_err(|_| {
                 EngineError::Internal(format!(
                     "subject key {}.{} is not utf8",
                     spec.dataset, spec.key
                 ))
             })?;
-            keys.extend(strings.iter().flatten().map(str::as_bytes));
+            keys.extend((0..strings.len()).filter_map(|i| strings.get(i).map(str::as_bytes)));
         }
         let set = crate::governed::Members::new(keys);
         let set = Arc::new(set);
@@ -511,10 +510,79 @@ fn listing_table(d: &Dataset) -> Result<Arc<dyn TableProvider>> {
         FileFormat::Ndjson => Arc::new(JsonFormat::default()),
     };
     let options = ListingOptions::new(format).with_file_extension(d.format.extension());
+    // Parquet strings are read as views: no copy out of the pages for rows a filter drops, and
+    // short values (ids, codes) compare and hash inline. Results leave as `Utf8` (see
+    // `without_views`).
+    let schema = match d.format {
+        FileFormat::Parquet => with_views(&d.schema()),
+        FileFormat::Ndjson => d.schema(),
+    };
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
-        .with_schema(d.schema());
+        .with_schema(schema);
     Ok(Arc::new(ListingTable::try_new(config)?))
+}
+
+/// `schema` with its `Utf8` columns as `Utf8View`.
+fn with_views(schema: &SchemaRef) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Utf8 => f.as_ref().clone().with_data_type(DataType::Utf8View),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+/// `t` with every view type (at any depth) as its plain counterpart.
+fn without_views(t: &DataType) -> DataType {
+    let field = |f: &FieldRef| {
+        Arc::new(
+            f.as_ref()
+                .clone()
+                .with_data_type(without_views(f.data_type())),
+        )
+    };
+    match t {
+        DataType::Utf8View => DataType::Utf8,
+        DataType::BinaryView => DataType::Binary,
+        DataType::ListView(f) | DataType::List(f) => DataType::List(field(f)),
+        DataType::LargeListView(f) | DataType::LargeList(f) => DataType::LargeList(field(f)),
+        DataType::FixedSizeList(f, n) => DataType::FixedSizeList(field(f), *n),
+        DataType::Struct(fs) => DataType::Struct(fs.iter().map(field).collect()),
+        DataType::Map(f, sorted) => DataType::Map(field(f), *sorted),
+        other => other.clone(),
+    }
+}
+
+/// The plan with its view-typed output columns cast to plain types: Flight SQL clients
+/// (JDBC, older pyarrow, BI tools) do not all read `Utf8View`.
+fn results_without_views(plan: LogicalPlan) -> Result<LogicalPlan> {
+    let schema = Arc::clone(plan.schema());
+    if schema
+        .fields()
+        .iter()
+        .all(|f| without_views(f.data_type()) == *f.data_type())
+    {
+        return Ok(plan);
+    }
+    let exprs: Vec<Expr> = schema
+        .iter()
+        .map(|(qualifier, f)| {
+            let column = Expr::Column(Column::from((qualifier, f)));
+            let plain = without_views(f.data_type());
+            if plain == *f.data_type() {
+                column
+            } else {
+                cast(column, plain).alias_qualified(qualifier.cloned(), f.name())
+            }
+        })
+        .collect();
+    Ok(LogicalPlan::Projection(
+        datafusion::logical_expr::Projection::try_new(exprs, Arc::new(plan))?,
+    ))
 }
 
 /// One request's view of the lake.
@@ -659,6 +727,7 @@ impl Session {
             .map_err(|_| EngineError::InvalidQuery("only read-only queries are accepted".into()))?;
 
         let (plan, report) = self.govern(plan)?;
+        let plan = results_without_views(plan)?;
         let schema = Arc::new(plan.schema().as_arrow().clone());
         let parameters = parameter_schema(&plan)?;
         Ok(PlannedQuery {

@@ -539,3 +539,29 @@ async fn explain_shows_the_governed_plan_to_explain_roles_only() {
         .unwrap_err();
     assert!(assert_code(err, "PermissionDenied").contains("explain-admin-only"));
 }
+
+/// Raw strings are read as `Utf8View` inside the engine; every result leaves as plain `Utf8`
+/// (also inside lists), in the schema GetFlightInfo announces and in the batches, for clients
+/// that do not read views.
+#[tokio::test]
+async fn strings_leave_as_plain_utf8() {
+    let server = TestServer::start().await;
+    let mut carol = login(&server, "carol").await;
+    let sql = "SELECT patient_id, encounter_class, upper(encounter_class) || '!' AS loud, \
+               (SELECT array_agg(code) FROM clinical.conditions c WHERE c.patient_id = '-') AS codes \
+               FROM clinical.encounters LIMIT 5";
+    let info = carol.execute(sql.to_string(), None).await.unwrap();
+    let announced = Schema::try_from(info.clone()).unwrap();
+    let batches = fetch(&mut carol, info).await.unwrap();
+    assert!(!batches.is_empty());
+    let list = DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true)));
+    for schema in std::iter::once(&announced).chain(batches.iter().map(|b| b.schema_ref().as_ref()))
+    {
+        let types: Vec<&DataType> = schema.fields().iter().map(|f| f.data_type()).collect();
+        assert_eq!(
+            types,
+            [&DataType::Utf8, &DataType::Utf8, &DataType::Utf8, &list],
+            "{schema:?}"
+        );
+    }
+}
