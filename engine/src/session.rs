@@ -153,7 +153,7 @@ impl Engine {
 
         let mut tables = HashMap::new();
         for d in &catalog.datasets {
-            tables.insert(d.name.clone(), listing_table(d)?);
+            tables.insert(d.name.clone(), listing_table(d, &runtime)?);
         }
 
         let session_config = SessionConfig::new()
@@ -503,7 +503,7 @@ impl Engine {
     }
 }
 
-fn listing_table(d: &Dataset) -> Result<Arc<dyn TableProvider>> {
+fn listing_table(d: &Dataset, runtime: &RuntimeEnv) -> Result<Arc<dyn TableProvider>> {
     let url = ListingTableUrl::parse(format!("{LAKE_URL}{}", d.location))?;
     let format: Arc<dyn datafusion::datasource::file_format::FileFormat> = match d.format {
         FileFormat::Parquet => Arc::new(ParquetFormat::default()),
@@ -520,7 +520,12 @@ fn listing_table(d: &Dataset) -> Result<Arc<dyn TableProvider>> {
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
         .with_schema(schema);
-    Ok(Arc::new(ListingTable::try_new(config)?))
+    // The runtime's file statistics cache (keyed by path, size and modification time), as
+    // `register_parquet` gives plain DataFusion: without it every query re-derived each file's
+    // statistics from its Parquet footer while planning.
+    Ok(Arc::new(ListingTable::try_new(config)?.with_cache(
+        runtime.cache_manager.get_file_statistic_cache(),
+    )))
 }
 
 /// `schema` with its `Utf8` columns as `Utf8View`.
