@@ -43,6 +43,10 @@ struct Args {
     /// `Utf8View`: shows how much of a ratio is the string type rather than the policy.
     #[arg(long)]
     plain_utf8: bool,
+    /// After timing, print plain DataFusion's `EXPLAIN ANALYZE` of each query (compare with
+    /// Lakegate's, from the server as a role in `--explain-roles`).
+    #[arg(long)]
+    explain: bool,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -232,6 +236,19 @@ async fn per_query(args: &Args, engine: &Engine) {
             if let Some(why) = refused {
                 println!("{who:<8} {name:<16} refused: {why}");
                 continue;
+            }
+            if args.explain {
+                let plans = ctx
+                    .sql(&format!("EXPLAIN ANALYZE {sql}"))
+                    .await
+                    .expect("plain explain")
+                    .collect()
+                    .await
+                    .expect("plain explain run");
+                println!(
+                    "{}",
+                    datafusion::arrow::util::pretty::pretty_format_batches(&plans).expect("format")
+                );
             }
             let (g, r) = (median(gov), median(raw));
             println!(

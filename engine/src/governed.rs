@@ -452,20 +452,28 @@ impl Members {
         cursor.lookups += 1;
         let n = self.ends.len();
         let mut i = cursor.at;
-        // Walk forward only from a key at or before the one sought: then the first key not
-        // below it is its place.
         if n == 0 || (i == n && self.key(n - 1) < key) {
             // Past the last key, as the previous subject was.
             return false;
         }
-        if i < n && self.key(i) <= key {
-            let end = (i + WALK).min(n);
-            while i < end {
-                match self.key(i).cmp(key) {
-                    Ordering::Less => i += 1,
-                    found => {
-                        cursor.at = i;
-                        return found == Ordering::Equal;
+        if i < n {
+            if self.key(i) > key {
+                // Between the key before the cursor and the cursor's: not a member, and the
+                // cursor stays (a run of non-members, e.g. other sites' patients).
+                if i == 0 || self.key(i - 1) < key {
+                    return false;
+                }
+            } else {
+                // Walk forward only from a key at or before the one sought: then the first key
+                // not below it is its place.
+                let end = (i + WALK).min(n);
+                while i < end {
+                    match self.key(i).cmp(key) {
+                        Ordering::Less => i += 1,
+                        found => {
+                            cursor.at = i;
+                            return found == Ordering::Equal;
+                        }
                     }
                 }
             }
@@ -758,6 +766,19 @@ mod tests {
         // In key order (as the lake's files are written) and in runs: walks, a jump or two.
         let sorted = check(&probes);
         assert!(sorted.jumps <= 2, "{} jumps", sorted.jumps);
+        // One key in five a member (one site's patients among five): runs of non-members
+        // answer from where the cursor stands.
+        let fifth: Vec<&[u8]> = all.iter().step_by(5).map(|s| s.as_bytes()).collect();
+        let sparse = Members::new(fifth);
+        let mut cursor = Cursor::default();
+        for (i, p) in all.iter().enumerate() {
+            assert_eq!(
+                sparse.contains(p.as_bytes(), &mut cursor),
+                i % 5 == 0,
+                "{p}"
+            );
+        }
+        assert!(cursor.jumps <= 2, "{} jumps", cursor.jumps);
         // Backwards, and shuffled: every answer still right.
         probes.reverse();
         check(&probes);
