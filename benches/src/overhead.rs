@@ -30,6 +30,9 @@ struct Args {
     /// Personas to measure.
     #[arg(long, value_delimiter = ',', default_value = "bob,carol,alice")]
     personas: Vec<String>,
+    /// Queries of the mix to run (default: all).
+    #[arg(long, value_delimiter = ',')]
+    queries: Vec<String>,
     /// Concurrent clients for the audit throughput comparison (0 skips it).
     #[arg(long, default_value_t = 8)]
     audit_clients: usize,
@@ -191,7 +194,10 @@ async fn per_query(args: &Args, engine: &Engine) {
     );
     for who in &args.personas {
         let p = persona(who);
-        for (name, sql) in QUERIES {
+        for (name, sql) in QUERIES
+            .iter()
+            .filter(|(n, _)| args.queries.is_empty() || args.queries.iter().any(|q| q == n))
+        {
             let mut gov = Vec::new();
             let mut raw = Vec::new();
             let (mut rows_gov, mut rows_plain) = (0usize, 0usize);

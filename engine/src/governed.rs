@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray};
+use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray};
 use datafusion::arrow::buffer::BooleanBuffer;
 use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use datafusion::catalog::{Session as DFSession, TableProvider};
@@ -534,26 +534,20 @@ impl InSubjectSet {
 }
 
 impl InSubjectSet {
-    fn members<'a>(
-        &self,
-        len: usize,
-        nulls: Option<&datafusion::arrow::buffer::NullBuffer>,
-        key_of: impl Fn(usize) -> &'a [u8],
-    ) -> BooleanBuffer {
-        // Adjacent rows usually belong to one subject: remember the last answer, comparing the
-        // bytes in place (this runs on every row the scan reads).
-        let mut last: Option<(&[u8], bool)> = None;
+    fn members(&self, strings: &crate::masks::Strings) -> BooleanBuffer {
+        // Adjacent rows usually belong to one subject: remember the last answer (this runs on
+        // every row the scan reads).
+        let mut last: Option<(usize, bool)> = None;
         let mut cursor = Cursor::default();
-        BooleanBuffer::collect_bool(len, |i| {
-            if nulls.is_some_and(|n| n.is_null(i)) {
+        BooleanBuffer::collect_bool(strings.len(), |i| {
+            if strings.is_null(i) {
                 return false;
             }
-            let key = key_of(i);
             match last {
-                Some((l, member)) if l == key => member,
+                Some((j, member)) if strings.same(i, j) => member,
                 _ => {
-                    let member = self.set.contains(key, &mut cursor);
-                    last = Some((key, member));
+                    let member = self.set.contains(strings.value(i).as_bytes(), &mut cursor);
+                    last = Some((i, member));
                     member
                 }
             }
@@ -573,20 +567,7 @@ impl ScalarUDFImpl for InSubjectSet {
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let members = match crate::masks::Strings::of(&arrays[0])? {
-            crate::masks::Strings::Plain(strings) => {
-                let offsets = strings.value_offsets();
-                let values = strings.value_data();
-                self.members(strings.len(), strings.nulls(), |i| {
-                    &values[offsets[i] as usize..offsets[i + 1] as usize]
-                })
-            }
-            crate::masks::Strings::View(strings) => {
-                self.members(strings.len(), strings.nulls(), |i| {
-                    strings.value(i).as_bytes()
-                })
-            }
-        };
+        let members = self.members(&crate::masks::Strings::of(&arrays[0])?);
         Ok(ColumnarValue::Array(
             Arc::new(BooleanArray::new(members, None)) as ArrayRef,
         ))
@@ -616,6 +597,8 @@ impl std::hash::Hash for ThresholdCheck {
 }
 
 impl ThresholdCheck {
+    pub(crate) const NAME: &'static str = "lg_threshold";
+
     pub(crate) fn expr(suppressed: Arc<AtomicU64>, units: Expr, k: i64) -> Expr {
         ScalarUDF::from(Self {
             k,
@@ -628,7 +611,7 @@ impl ThresholdCheck {
 
 impl ScalarUDFImpl for ThresholdCheck {
     fn name(&self) -> &str {
-        "lg_threshold"
+        Self::NAME
     }
     fn signature(&self) -> &Signature {
         &self.signature

@@ -8,6 +8,7 @@ use chrono::Datelike;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Date32Array, StringBuilder, TimestampMicrosecondArray,
 };
+use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::{exec_err, Result as DFResult, ScalarValue};
 use datafusion::logical_expr::{
@@ -118,11 +119,39 @@ impl<'a> Strings<'a> {
         }
     }
 
+    pub(crate) fn nulls(&self) -> Option<&'a NullBuffer> {
+        match self {
+            Self::Plain(s) => (*s).nulls(),
+            Self::View(s) => (*s).nulls(),
+        }
+    }
+
     /// The value of a row that is not null.
     pub(crate) fn value(&self, i: usize) -> &'a str {
         match self {
             Self::Plain(s) => s.value(i),
             Self::View(s) => s.value(i),
+        }
+    }
+
+    /// Whether rows `i` and `j` (neither null) hold the same string. Kernels ask this of
+    /// adjacent rows to reuse an answer; a view of up to 12 bytes (ids, codes) holds the whole
+    /// string, so one 16-byte comparison settles it.
+    pub(crate) fn same(&self, i: usize, j: usize) -> bool {
+        match self {
+            Self::Plain(s) => s.value(i) == s.value(j),
+            Self::View(s) => {
+                let views = s.views();
+                let (a, b) = (views[i], views[j]);
+                if a == b {
+                    return true;
+                }
+                // Length and first four bytes differ, or the whole (inline) string does.
+                if (a as u64) != (b as u64) || (a as u32) <= 12 {
+                    return false;
+                }
+                s.value(i) == s.value(j)
+            }
         }
     }
 
@@ -223,14 +252,15 @@ impl ScalarUDFImpl for MaskUdf {
                     StringBuilder::with_capacity(strings.len(), strings.len() * PSEUDONYM_LEN);
                 // Rows of one subject tend to be adjacent (files are written per patient):
                 // reuse the last pseudonym instead of recomputing the HMAC.
-                let mut last: Option<&str> = None;
+                let mut last: Option<usize> = None;
                 let mut last_out = String::with_capacity(PSEUDONYM_LEN);
                 for i in 0..strings.len() {
-                    let Some(s) = strings.get(i) else {
+                    if strings.is_null(i) {
                         out.append_null();
                         continue;
-                    };
-                    if last != Some(s) {
+                    }
+                    if !last.is_some_and(|j| strings.same(i, j)) {
+                        let s = strings.value(i);
                         let mut m = base.clone();
                         m.update(s.as_bytes());
                         let d = m.finalize().into_bytes();
@@ -240,7 +270,7 @@ impl ScalarUDFImpl for MaskUdf {
                             last_out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
                             last_out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
                         }
-                        last = Some(s);
+                        last = Some(i);
                     }
                     out.append_value(&last_out);
                 }
@@ -265,44 +295,49 @@ impl ScalarUDFImpl for MaskUdf {
                 // Adjacent rows usually share a subject: remember the last offset.
                 let mut last: Option<(usize, i64)> = None;
                 let mut offset = |i: usize| {
-                    if subjects.is_null(i) {
-                        return None;
-                    }
-                    let subject = subjects.value(i);
                     if let Some((j, o)) = last {
-                        if subjects.value(j) == subject {
-                            return Some(o);
+                        if subjects.same(i, j) {
+                            return o;
                         }
                     }
-                    let o = shift_days(&base, *max_days, subject);
+                    let o = shift_days(&base, *max_days, subjects.value(i));
                     last = Some((i, o));
-                    Some(o)
+                    o
                 };
+                // A row without a subject cannot be shifted consistently: hidden (null), as a
+                // null value stays null.
+                let nulls = NullBuffer::union(a.logical_nulls().as_ref(), subjects.nulls());
+                let valid = |i: usize| nulls.as_ref().is_none_or(|n| n.is_valid(i));
                 match a.data_type() {
                     DataType::Date32 => {
                         let d = a.as_primitive::<datafusion::arrow::datatypes::Date32Type>();
-                        Arc::new(Date32Array::from_iter((0..d.len()).map(|i| {
-                            // A row without a subject cannot be shifted consistently: hide it.
-                            if d.is_null(i) {
-                                None
-                            } else {
-                                offset(i).map(|o| d.value(i) + o as i32)
-                            }
-                        })))
+                        let values: Vec<i32> = (0..d.len())
+                            .map(|i| {
+                                if valid(i) {
+                                    d.value(i).saturating_add(offset(i) as i32)
+                                } else {
+                                    0
+                                }
+                            })
+                            .collect();
+                        Arc::new(Date32Array::new(values.into(), nulls))
                     }
                     DataType::Timestamp(TimeUnit::Microsecond, tz) => {
                         let t = a
                             .as_primitive::<datafusion::arrow::datatypes::TimestampMicrosecondType>(
                             );
-                        Arc::new(
-                            TimestampMicrosecondArray::from_iter((0..t.len()).map(|i| {
-                                if t.is_null(i) {
-                                    None
+                        let values: Vec<i64> = (0..t.len())
+                            .map(|i| {
+                                if valid(i) {
+                                    t.value(i).saturating_add(offset(i) * DAY_MICROS)
                                 } else {
-                                    offset(i).map(|o| t.value(i) + o * DAY_MICROS)
+                                    0
                                 }
-                            }))
-                            .with_timezone_opt(tz.clone()),
+                            })
+                            .collect();
+                        Arc::new(
+                            TimestampMicrosecondArray::new(values.into(), nulls)
+                                .with_timezone_opt(tz.clone()),
                         )
                     }
                     other => return exec_err!("date shift does not apply to {other}"),
@@ -568,12 +603,14 @@ mod tests {
             Some(20_010),
             Some(20_000),
             None,
+            Some(20_000),
         ]));
         let subjects: ArrayRef = Arc::new(StringArray::from(vec![
             Some("P1"),
             Some("P1"),
             Some("P2"),
             Some("P3"),
+            None,
         ]));
         let mask = Mask::DateShift {
             subject: "s".into(),
@@ -587,6 +624,47 @@ mod tests {
             assert!((out.value(i) - [20_000, 20_010, 20_000][i]).abs() <= 30);
         }
         assert!(out.is_null(3));
+        // A date without a subject cannot be shifted consistently: hidden.
+        assert!(out.is_null(4));
+    }
+
+    #[test]
+    fn adjacent_rows_share_an_answer_only_when_their_strings_are_equal() {
+        // Kernels reuse the previous row's answer when `same` says the strings are equal:
+        // inline views, long views at different offsets, equal prefixes and lengths.
+        let values = vec![
+            Some("P00000001"),
+            Some("P00000001"),
+            Some("P00000002"),
+            Some("patient-000000000001"),
+            Some("patient-000000000001"),
+            Some("patient-000000000002"),
+            Some("patient-0000000000021"),
+            None,
+            Some("P00000002"),
+        ];
+        let views: ArrayRef = Arc::new(datafusion::arrow::array::StringViewArray::from(
+            values.clone(),
+        ));
+        let plain: ArrayRef = Arc::new(StringArray::from(values.clone()));
+        for a in [&views, &plain] {
+            let strings = Strings::of(a).unwrap();
+            for i in 0..values.len() {
+                for j in 0..values.len() {
+                    if values[i].is_some() && values[j].is_some() {
+                        assert_eq!(strings.same(i, j), values[i] == values[j], "{i} {j}");
+                    }
+                }
+            }
+        }
+        // Each row's pseudonym is the one it gets alone.
+        let key = ProjectKey([5; 32]);
+        let all = strings(&run(&Mask::Pseudonym, views, Some(&key), None));
+        for (i, v) in values.iter().enumerate() {
+            let alone: ArrayRef = Arc::new(StringArray::from(vec![*v]));
+            let alone = strings(&run(&Mask::Pseudonym, alone, Some(&key), None));
+            assert_eq!(all[i], alone[0], "row {i}");
+        }
     }
 
     #[test]
