@@ -574,6 +574,64 @@ impl ScalarUDFImpl for InSubjectSet {
     }
 }
 
+/// Released groups of a thresholded aggregate in an order set by their own values.
+///
+/// DataFusion emits groups in the order it first meets them, and that is the order of the rows
+/// in the files: `GROUP BY <site is X> LIMIT 1` answered with the group of the first patient of
+/// a file, a fact about one person that no threshold hides. Directly above each threshold
+/// filter of the optimized physical plan (where no optimizer pass can take it out again), every
+/// partition is sorted by all its columns; a limit DataFusion fused into the filter moves onto
+/// the sort, so it picks among the sorted groups. Which partition a group lands in follows a
+/// hash of its own (released) values.
+pub(crate) fn order_released_groups(
+    plan: Arc<dyn ExecutionPlan>,
+) -> DFResult<Arc<dyn ExecutionPlan>> {
+    use datafusion::arrow::compute::SortOptions;
+    use datafusion::physical_expr::expressions::Column;
+    use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr, ScalarFunctionExpr};
+    use datafusion::physical_plan::sorts::sort::SortExec;
+    plan.transform_up(|node| {
+        let Some(filter) = node.downcast_ref::<FilterExec>() else {
+            return Ok(Transformed::no(node));
+        };
+        let mut thresholded = false;
+        filter.predicate().apply(|e| {
+            thresholded |= e
+                .downcast_ref::<ScalarFunctionExpr>()
+                .is_some_and(|f| f.name() == ThresholdCheck::NAME);
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        let schema = node.schema();
+        let ordering = LexOrdering::new(schema.fields().iter().enumerate().map(|(i, f)| {
+            PhysicalSortExpr::new(
+                Arc::new(Column::new(f.name(), i)),
+                SortOptions {
+                    descending: false,
+                    nulls_first: true,
+                },
+            )
+        }));
+        let (true, Some(ordering)) = (thresholded, ordering) else {
+            return Ok(Transformed::no(node));
+        };
+        let fetch = node.fetch();
+        let input = match fetch {
+            Some(_) => node.with_fetch(None).ok_or_else(|| {
+                datafusion::error::DataFusionError::Internal(
+                    "threshold filter keeps its limit".into(),
+                )
+            })?,
+            None => node,
+        };
+        Ok(Transformed::yes(Arc::new(
+            SortExec::new(ordering, input)
+                .with_preserve_partitioning(true)
+                .with_fetch(fetch),
+        ) as Arc<dyn ExecutionPlan>))
+    })
+    .map(|t| t.data)
+}
+
 /// The aggregation threshold's test, `units >= k`, counting the groups it suppresses so the
 /// audit trail can say how many were withheld.
 #[derive(Debug, Clone)]

@@ -38,7 +38,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::governed::{
-    touched_columns, verify_physical, GovernedTable, InSubjectSet, ThresholdCheck,
+    order_released_groups, touched_columns, verify_physical, GovernedTable, InSubjectSet,
+    ThresholdCheck,
 };
 use crate::keys::KeyRing;
 use crate::masks::mask_expr;
@@ -1105,8 +1106,17 @@ fn apply_thresholds(
                 // Groups with fewer than k distinct units are suppressed, not rounded: nothing about them leaves.
                 let released = LogicalPlanBuilder::from(counted)
                     .filter(ThresholdCheck::expr(Arc::clone(suppressed), col("__lg_units"), i64::from(threshold.k)))?
-                    .project(output)?
-                    .build()?;
+                    .project(output.clone())?;
+                // Released groups leave sorted by their own values, not in the order DataFusion
+                // met them in the files (which says where one patient's rows lie): a LIMIT picks
+                // among sorted groups. A sort the optimizer removes (under the caller's own
+                // ORDER BY, a join) is backed by `order_released_groups` on the physical plan.
+                let released = if agg.group_expr.is_empty() {
+                    released
+                } else {
+                    released.sort(output.into_iter().map(|e| e.sort(true, true)))?
+                };
+                let released = released.build()?;
                 Ok(Transformed::yes(released))
             }
             _ => Ok(Transformed::no(node)),
@@ -1148,6 +1158,7 @@ pub(crate) async fn physical_plan(
         .query_planner()
         .create_physical_plan(&optimized, &state)
         .await?;
+    let physical = order_released_groups(physical)?;
     verify_physical(&physical).map_err(|why| {
         tracing::error!(%why, "plan verification refused a query");
         EngineError::PermissionDenied(format!(

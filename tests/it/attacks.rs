@@ -37,6 +37,9 @@ fn second_is_pseudonym(b: &[RecordBatch]) -> bool {
     let v = column_text(b, 1);
     !v.is_empty() && v.iter().all(|v| v.starts_with("ps_"))
 }
+fn first_is_a(b: &[RecordBatch]) -> bool {
+    column_text(b, 0).first().is_some_and(|v| v == "a")
+}
 fn any_answer(_: &[RecordBatch]) -> bool {
     true
 }
@@ -122,6 +125,15 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("bob", "SELECT p.sex, count(DISTINCT p.patient_id) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id GROUP BY p.sex", Answer(any_answer)),
     ("bob", "SELECT c.code, count(*) FROM clinical.conditions c JOIN clinical.patients p ON c.patient_id = p.patient_id WHERE c.code = 'D81.0' GROUP BY c.code", Answer(no_rows)),
     ("bob", "SELECT x, count(*) FROM (SELECT site_id AS x FROM clinical.patients) s GROUP BY x", Refused("PermissionDenied", "privacy unit patient_id")),
+    // Groups leave sorted by their own values, never in the order the rows lie in the files:
+    // otherwise LIMIT 1 answers with the group of the first patient of a file, and so says
+    // that patient's site.
+    ("bob", "SELECT CASE WHEN site_id = 'SITE_A' THEN 'z' ELSE 'a' END AS g, count(*) FROM clinical.patients GROUP BY 1 LIMIT 1", Answer(first_is_a)),
+    ("bob", "SELECT CASE WHEN site_id = 'SITE_B' THEN 'z' ELSE 'a' END AS g, count(*) FROM clinical.patients GROUP BY 1 LIMIT 1", Answer(first_is_a)),
+    ("bob", "SELECT CASE WHEN site_id = 'SITE_C' THEN 'z' ELSE 'a' END AS g, count(*) FROM clinical.patients GROUP BY 1 LIMIT 1", Answer(first_is_a)),
+    ("bob", "SELECT CASE WHEN site_id = 'SITE_D' THEN 'z' ELSE 'a' END AS g, count(*) FROM clinical.patients GROUP BY 1 LIMIT 1", Answer(first_is_a)),
+    ("bob", "SELECT CASE WHEN site_id = 'SITE_E' THEN 'z' ELSE 'a' END AS g, count(*) FROM clinical.patients GROUP BY 1 LIMIT 1", Answer(first_is_a)),
+    ("bob", "SELECT CASE WHEN e.site_id = 'SITE_B' THEN 'z' ELSE 'a' END AS g, count(*) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id GROUP BY 1 LIMIT 1", Answer(first_is_a)),
     // Names prove nothing: a column renamed to the privacy unit is not the unit. Grouping by the
     // real unit under another name still leaves one patient per group, suppressed; joining on an
     // impostor is refused.
