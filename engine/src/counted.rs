@@ -15,7 +15,11 @@
 //! - any other use (a predicate, a group key, a join key, a function, another aggregate, the
 //!   output, a union, a window, a node this pass does not know) keeps the pseudonym. Group and
 //!   join keys stay pseudonymized even though only equality is used there: the order rows come
-//!   out in follows the hash of the key, and a hash of a guessable raw id must not steer it;
+//!   out in follows the hash of the key, and a hash of a guessable raw id must not steer it.
+//!   One exception: the inner grouping of a lone distinct count under an aggregation threshold
+//!   (DataFusion plans `count(DISTINCT x) GROUP BY g` as `count(x)` over `GROUP BY g, x`),
+//!   because the released groups are sorted by their own values before anything can see
+//!   their order;
 //! - a plan holding any subquery expression is left as it is.
 //!
 //! Nothing is decided by names: columns are followed by position from the scan that produced
@@ -37,6 +41,17 @@ use crate::governed::GovernedTable;
 struct Candidate {
     scan: usize,
     column: usize,
+}
+
+/// What a node directly feeds, as far as this pass cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Above {
+    /// A threshold's filter (`lg_threshold(units)`): the node is the thresholded aggregate.
+    ThresholdFilter,
+    /// An aggregate directly under a threshold's filter, whose released groups leave sorted by
+    /// their own values.
+    ThresholdedAggregate,
+    Other,
 }
 
 #[derive(Default)]
@@ -67,8 +82,9 @@ impl Flow {
         }
     }
 
-    /// For each output column of `plan`, the candidate it carries unchanged, if any.
-    fn walk(&mut self, plan: &LogicalPlan) -> Vec<Option<usize>> {
+    /// For each output column of `plan`, the candidate it carries unchanged, if any. `above`
+    /// is what `plan` directly feeds.
+    fn walk(&mut self, plan: &LogicalPlan, above: Above) -> Vec<Option<usize>> {
         let width = plan.schema().fields().len();
         match plan {
             LogicalPlan::TableScan(scan) => {
@@ -105,7 +121,7 @@ impl Flow {
                 carried
             }
             LogicalPlan::Projection(p) => {
-                let input = self.walk(&p.input);
+                let input = self.walk(&p.input, Above::Other);
                 let schema = p.input.schema();
                 p.expr
                     .iter()
@@ -118,28 +134,60 @@ impl Flow {
                     })
                     .collect()
             }
-            LogicalPlan::SubqueryAlias(a) => self.walk(&a.input),
+            LogicalPlan::SubqueryAlias(a) => self.walk(&a.input, Above::Other),
             LogicalPlan::Filter(f) => {
-                let input = self.walk(&f.input);
+                let above = if is_threshold(&f.predicate) {
+                    Above::ThresholdFilter
+                } else {
+                    Above::Other
+                };
+                let input = self.walk(&f.input, above);
                 self.keep(&input, &f.predicate, f.input.schema());
                 input
             }
             LogicalPlan::Sort(s) => {
-                let input = self.walk(&s.input);
+                let input = self.walk(&s.input, Above::Other);
                 for e in &s.expr {
                     self.keep(&input, &e.expr, s.input.schema());
                 }
                 input
             }
             LogicalPlan::Limit(l) => {
-                let input = self.walk(&l.input);
+                let input = self.walk(&l.input, Above::Other);
                 for e in l.skip.iter().chain(l.fetch.iter()) {
                     self.keep(&input, e, l.input.schema());
                 }
                 input
             }
+            // The inner half of a lone distinct count that DataFusion planned as two levels
+            // (`count(DISTINCT x) GROUP BY g` -> `count(x) GROUP BY g` over `GROUP BY g, x`),
+            // under a threshold: grouping only deduplicates, which an injective pseudonym does
+            // not change, and the order it leaves groups in cannot reach the caller, because the
+            // released groups are sorted by their own values (`order_released_groups`). Its
+            // bare group columns pass up to the count above; anything else keeps the mask.
+            LogicalPlan::Aggregate(agg)
+                if above == Above::ThresholdedAggregate && agg.aggr_expr.is_empty() =>
+            {
+                let input = self.walk(&agg.input, Above::Other);
+                let schema = agg.input.schema();
+                agg.group_expr
+                    .iter()
+                    .map(|e| match e.clone().unalias_nested().data {
+                        Expr::Column(c) => schema.maybe_index_of_column(&c).and_then(|i| input[i]),
+                        other => {
+                            self.keep(&input, &other, schema);
+                            None
+                        }
+                    })
+                    .collect()
+            }
             LogicalPlan::Aggregate(agg) => {
-                let input = self.walk(&agg.input);
+                let feeds = if above == Above::ThresholdFilter {
+                    Above::ThresholdedAggregate
+                } else {
+                    Above::Other
+                };
+                let input = self.walk(&agg.input, feeds);
                 let schema = agg.input.schema();
                 for e in &agg.group_expr {
                     self.keep(&input, e, schema);
@@ -153,7 +201,7 @@ impl Flow {
             }
             other => {
                 for input in other.inputs() {
-                    let carried = self.walk(input);
+                    let carried = self.walk(input, Above::Other);
                     self.keep_all(&carried);
                 }
                 vec![None; width]
@@ -170,6 +218,16 @@ fn is_plain_count(e: &Expr) -> bool {
             && f.params.filter.is_none()
             && f.params.order_by.is_empty()
             && matches!(f.params.args.as_slice(), [Expr::Column(_)]))
+}
+
+/// A threshold's test of a group (`lg_threshold(units)`), alone or among other conjuncts.
+fn is_threshold(predicate: &Expr) -> bool {
+    predicate
+        .exists(|e| {
+            Ok(matches!(e, Expr::ScalarFunction(f)
+                if f.func.name() == crate::governed::ThresholdCheck::NAME))
+        })
+        .unwrap_or(false)
 }
 
 /// The plan with every pseudonymized column that is only counted read raw by its scan.
@@ -195,7 +253,7 @@ pub(crate) fn read_counted_pseudonyms_raw(
         return Ok(plan);
     }
     let mut flow = Flow::default();
-    let output = flow.walk(&plan);
+    let output = flow.walk(&plan, Above::Other);
     // What the query returns is never read raw.
     flow.keep_all(&output);
     let mut raw: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); flow.scans];

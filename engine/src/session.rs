@@ -1099,13 +1099,26 @@ fn apply_thresholds(
                             &rule,
                         ))
                     })?;
-                let mut aggr = agg.aggr_expr.clone();
-                aggr.push(datafusion::functions_aggregate::expr_fn::count_distinct(Expr::Column(unit)).alias("__lg_units"));
-                let counted = LogicalPlan::Aggregate(Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr)?);
+                // The caller's own `count(DISTINCT unit)`, as it stands in the aggregate, is the
+                // threshold's count: no second copy (whose alias would also stop DataFusion from
+                // planning a lone distinct count as a two-level GROUP BY, as it does unguarded).
+                let units_count = datafusion::functions_aggregate::expr_fn::count_distinct(Expr::Column(unit));
+                let (counted, units) = match agg.aggr_expr.iter().position(|e| *e == units_count) {
+                    Some(i) => {
+                        let field = agg.schema.qualified_field(agg.group_expr.len() + i);
+                        (LogicalPlan::Aggregate(agg.clone()), Expr::Column(Column::from(field)))
+                    }
+                    None => {
+                        let mut aggr = agg.aggr_expr.clone();
+                        aggr.push(units_count.alias("__lg_units"));
+                        let counted = Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr)?;
+                        (LogicalPlan::Aggregate(counted), col("__lg_units"))
+                    }
+                };
                 let output: Vec<Expr> = agg.schema.columns().into_iter().map(Expr::Column).collect();
                 // Groups with fewer than k distinct units are suppressed, not rounded: nothing about them leaves.
                 let released = LogicalPlanBuilder::from(counted)
-                    .filter(ThresholdCheck::expr(Arc::clone(suppressed), col("__lg_units"), i64::from(threshold.k)))?
+                    .filter(ThresholdCheck::expr(Arc::clone(suppressed), units, i64::from(threshold.k)))?
                     .project(output.clone())?;
                 // Released groups leave sorted by their own values, not in the order DataFusion
                 // met them in the files (which says where one patient's rows lie): a LIMIT picks

@@ -96,6 +96,11 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
             ),
         ),
     ];
+    // bob's cohort count runs as plain DataFusion plans it unguarded: a lone distinct count as
+    // a two-level GROUP BY (`alias1`), whose inner grouping reads the ids raw because the
+    // released groups leave sorted (engine/src/counted.rs).
+    let cohort = physical(&server, &bob(), same[0].1).await;
+    assert!(cohort.contains("alias1"), "not two levels:\n{cohort}");
     for (who, q, oracle) in &same {
         let plan = physical(&server, who, q).await;
         assert!(
@@ -131,6 +136,9 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
          (SELECT patient_id FROM clinical.patients ORDER BY patient_id LIMIT 10) t",
         "SELECT count(DISTINCT patient_id) FROM clinical.patients \
          WHERE birth_date > (SELECT min(birth_date) FROM clinical.patients)",
+        // A lone distinct count is a GROUP BY of the id; without a threshold, the order its
+        // groups leave in is not sorted away, so the id stays pseudonymized.
+        "SELECT site_id, count(DISTINCT patient_id) FROM clinical.patients GROUP BY site_id",
     ];
     for q in kept {
         let plan = physical(&server, &alice(), q).await;
@@ -139,4 +147,16 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
             "{q} lost its pseudonym:\n{plan}"
         );
     }
+    // Under a threshold too, only the counted column of the two-level plan is read raw: a group
+    // key of the released groups keeps its pseudonym.
+    let q = "SELECT patient_id, count(DISTINCT encounter_id) FROM clinical.encounters GROUP BY patient_id";
+    let plan = physical(&server, &bob(), q).await;
+    assert!(
+        plan.contains("lg_pseudonym(patient_id"),
+        "{q} lost its pseudonym:\n{plan}"
+    );
+    assert!(
+        !plan.contains("lg_pseudonym(encounter_id"),
+        "{q} pseudonymizes a count:\n{plan}"
+    );
 }
