@@ -16,10 +16,13 @@
 //!   output, a union, a window, a node this pass does not know) keeps the pseudonym. Group and
 //!   join keys stay pseudonymized even though only equality is used there: the order rows come
 //!   out in follows the hash of the key, and a hash of a guessable raw id must not steer it.
-//!   One exception: the inner grouping of a lone distinct count under an aggregation threshold
-//!   (DataFusion plans `count(DISTINCT x) GROUP BY g` as `count(x)` over `GROUP BY g, x`),
-//!   because the released groups are sorted by their own values before anything can see
-//!   their order;
+//!   Two exceptions, both only where rows reach an aggregate under an aggregation threshold
+//!   through projections, aliases, filters and inner joins (no limit, sort, union or window on
+//!   the way), because its released groups are sorted by their own values before anything can
+//!   see their order: the inner grouping of a lone distinct count (DataFusion plans
+//!   `count(DISTINCT x) GROUP BY g` as `count(x)` over `GROUP BY g, x`), and an inner join's
+//!   key pair of two pseudonyms (one project key: equal exactly when the raw ids are), read
+//!   raw on both sides or on neither;
 //! - a plan holding any subquery expression is left as it is.
 //!
 //! Nothing is decided by names: columns are followed by position from the scan that produced
@@ -31,7 +34,7 @@ use std::sync::Arc;
 
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::{provider_as_source, source_as_provider};
-use datafusion::logical_expr::{Expr, LogicalPlan, TableScan};
+use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, TableScan};
 
 use crate::governed::GovernedTable;
 
@@ -48,10 +51,21 @@ struct Candidate {
 enum Above {
     /// A threshold's filter (`lg_threshold(units)`): the node is the thresholded aggregate.
     ThresholdFilter,
-    /// An aggregate directly under a threshold's filter, whose released groups leave sorted by
-    /// their own values.
+    /// An aggregate under a threshold, whose released groups leave sorted by their own values,
+    /// reached only through projections, aliases, filters and inner joins: nodes whose rows
+    /// reach it as a set, whatever order they come in.
     ThresholdedAggregate,
     Other,
+}
+
+impl Above {
+    /// What the input of a projection, alias, filter or inner join feeds.
+    fn through(self) -> Self {
+        match self {
+            Above::ThresholdedAggregate => Above::ThresholdedAggregate,
+            _ => Above::Other,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -59,10 +73,41 @@ struct Flow {
     candidates: Vec<Candidate>,
     /// Per candidate: used in a way that needs the pseudonym.
     kept: Vec<bool>,
+    /// Per candidate: another it is joined with (union-find parent). Both sides of such a join
+    /// key are read raw or neither is, or the key would compare a raw id with a pseudonym.
+    joined: Vec<usize>,
     scans: usize,
 }
 
 impl Flow {
+    fn root(&mut self, mut id: usize) -> usize {
+        while self.joined[id] != id {
+            self.joined[id] = self.joined[self.joined[id]];
+            id = self.joined[id];
+        }
+        id
+    }
+
+    fn join(&mut self, a: usize, b: usize) {
+        let (a, b) = (self.root(a), self.root(b));
+        self.joined[a] = b;
+    }
+
+    /// Per candidate, kept if it or any candidate it is joined with is kept.
+    fn settle(&mut self) -> Vec<bool> {
+        let mut group_kept = vec![false; self.candidates.len()];
+        for id in 0..self.candidates.len() {
+            let r = self.root(id);
+            group_kept[r] |= self.kept[id];
+        }
+        (0..self.candidates.len())
+            .map(|id| {
+                let r = self.root(id);
+                group_kept[r]
+            })
+            .collect()
+    }
+
     fn keep(
         &mut self,
         carried: &[Option<usize>],
@@ -110,6 +155,7 @@ impl Flow {
                                 column,
                             });
                             self.kept.push(false);
+                            self.joined.push(self.candidates.len() - 1);
                             self.candidates.len() - 1
                         })
                     })
@@ -121,7 +167,7 @@ impl Flow {
                 carried
             }
             LogicalPlan::Projection(p) => {
-                let input = self.walk(&p.input, Above::Other);
+                let input = self.walk(&p.input, above.through());
                 let schema = p.input.schema();
                 p.expr
                     .iter()
@@ -134,14 +180,14 @@ impl Flow {
                     })
                     .collect()
             }
-            LogicalPlan::SubqueryAlias(a) => self.walk(&a.input, Above::Other),
+            LogicalPlan::SubqueryAlias(a) => self.walk(&a.input, above.through()),
             LogicalPlan::Filter(f) => {
-                let above = if is_threshold(&f.predicate) {
+                let feeds = if is_threshold(&f.predicate) {
                     Above::ThresholdFilter
                 } else {
-                    Above::Other
+                    above.through()
                 };
-                let input = self.walk(&f.input, above);
+                let input = self.walk(&f.input, feeds);
                 self.keep(&input, &f.predicate, f.input.schema());
                 input
             }
@@ -198,6 +244,38 @@ impl Flow {
                     }
                 }
                 vec![None; width]
+            }
+            // An inner equi-join feeding a thresholded aggregate: a key pair of two pseudonyms
+            // (one project key, so equal exactly when the raw ids are) may compare raw ids, both
+            // sides or neither; the order the join emits rows in (by the key's hash) reaches
+            // only that aggregate, whose released groups are sorted. Any other key, the join
+            // filter, and every other join keep their masks.
+            LogicalPlan::Join(j)
+                if above == Above::ThresholdedAggregate && j.join_type == JoinType::Inner =>
+            {
+                let left = self.walk(&j.left, Above::ThresholdedAggregate);
+                let right = self.walk(&j.right, Above::ThresholdedAggregate);
+                let (ls, rs) = (j.left.schema(), j.right.schema());
+                for (l, r) in &j.on {
+                    let carried = |side: &[Option<usize>],
+                                   schema: &datafusion::common::DFSchema,
+                                   e: &Expr| match e {
+                        Expr::Column(c) => schema.maybe_index_of_column(c).and_then(|i| side[i]),
+                        _ => None,
+                    };
+                    match (carried(&left, ls, l), carried(&right, rs, r)) {
+                        (Some(a), Some(b)) => self.join(a, b),
+                        _ => {
+                            self.keep(&left, l, ls);
+                            self.keep(&right, r, rs);
+                        }
+                    }
+                }
+                if let Some(f) = &j.filter {
+                    let both: Vec<Option<usize>> = left.iter().chain(&right).copied().collect();
+                    self.keep(&both, f, &j.schema);
+                }
+                left.into_iter().chain(right).collect()
             }
             other => {
                 for input in other.inputs() {
@@ -257,7 +335,8 @@ pub(crate) fn read_counted_pseudonyms_raw(
     // What the query returns is never read raw.
     flow.keep_all(&output);
     let mut raw: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); flow.scans];
-    for (c, kept) in flow.candidates.iter().zip(&flow.kept) {
+    let kept = flow.settle();
+    for (c, kept) in flow.candidates.iter().zip(&kept) {
         if !kept {
             raw[c.scan].insert(c.column);
         }
