@@ -121,6 +121,26 @@ impl Flow {
         }
     }
 
+    /// Per expression: the candidate a bare (possibly renamed) input column carries up; any
+    /// other expression keeps the candidates it reads.
+    fn pass_bare_columns(
+        &mut self,
+        exprs: &[Expr],
+        input: &[Option<usize>],
+        schema: &datafusion::common::DFSchema,
+    ) -> Vec<Option<usize>> {
+        exprs
+            .iter()
+            .map(|e| match e.clone().unalias_nested().data {
+                Expr::Column(c) => schema.maybe_index_of_column(&c).and_then(|i| input[i]),
+                other => {
+                    self.keep(input, &other, schema);
+                    None
+                }
+            })
+            .collect()
+    }
+
     fn keep_all(&mut self, carried: &[Option<usize>]) {
         for id in carried.iter().flatten() {
             self.kept[*id] = true;
@@ -168,17 +188,7 @@ impl Flow {
             }
             LogicalPlan::Projection(p) => {
                 let input = self.walk(&p.input, above.through());
-                let schema = p.input.schema();
-                p.expr
-                    .iter()
-                    .map(|e| match e.clone().unalias_nested().data {
-                        Expr::Column(c) => schema.maybe_index_of_column(&c).and_then(|i| input[i]),
-                        other => {
-                            self.keep(&input, &other, schema);
-                            None
-                        }
-                    })
-                    .collect()
+                self.pass_bare_columns(&p.expr, &input, p.input.schema())
             }
             LogicalPlan::SubqueryAlias(a) => self.walk(&a.input, above.through()),
             LogicalPlan::Filter(f) => {
@@ -215,17 +225,7 @@ impl Flow {
                 if above == Above::ThresholdedAggregate && agg.aggr_expr.is_empty() =>
             {
                 let input = self.walk(&agg.input, Above::Other);
-                let schema = agg.input.schema();
-                agg.group_expr
-                    .iter()
-                    .map(|e| match e.clone().unalias_nested().data {
-                        Expr::Column(c) => schema.maybe_index_of_column(&c).and_then(|i| input[i]),
-                        other => {
-                            self.keep(&input, &other, schema);
-                            None
-                        }
-                    })
-                    .collect()
+                self.pass_bare_columns(&agg.group_expr, &input, agg.input.schema())
             }
             LogicalPlan::Aggregate(agg) => {
                 let feeds = if above == Above::ThresholdFilter {
