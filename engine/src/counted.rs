@@ -16,13 +16,17 @@
 //!   output, a union, a window, a node this pass does not know) keeps the pseudonym. Group and
 //!   join keys stay pseudonymized even though only equality is used there: the order rows come
 //!   out in follows the hash of the key, and a hash of a guessable raw id must not steer it.
-//!   Two exceptions, both only where rows reach an aggregate under an aggregation threshold
-//!   through projections, aliases, filters and inner joins (no limit, sort, union or window on
-//!   the way), because its released groups are sorted by their own values before anything can
-//!   see their order: the inner grouping of a lone distinct count (DataFusion plans
+//!   Two exceptions, both only where rows reach an aggregate whose groups leave sorted by
+//!   their own values, through projections, aliases, filters and inner joins (no limit, sort,
+//!   union or window on the way): the inner grouping of a lone distinct count (DataFusion plans
 //!   `count(DISTINCT x) GROUP BY g` as `count(x)` over `GROUP BY g, x`), and an inner join's
 //!   key pair of two pseudonyms (one project key: equal exactly when the raw ids are), read
-//!   raw on both sides or on neither;
+//!   raw on both sides or on neither. Such an aggregate is one under an aggregation threshold
+//!   (its released groups are sorted), one without group keys (a single row), or one of counts
+//!   only, which then gets its groups sorted too (a release check that passes every group,
+//!   sorted above by `order_released_groups`). Counts only, because other aggregates may
+//!   depend on the order rows arrive in (a float sum's rounding), and a caller who sees the
+//!   values (alice) could read that order back;
 //! - a plan holding any subquery expression is left as it is.
 //!
 //! Nothing is decided by names: columns are followed by position from the scan that produced
@@ -33,8 +37,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::Column;
 use datafusion::datasource::{provider_as_source, source_as_provider};
-use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, TableScan};
+use datafusion::logical_expr::{Expr, Filter, JoinType, LogicalPlan, TableScan};
 
 use crate::governed::GovernedTable;
 
@@ -51,10 +56,12 @@ struct Candidate {
 enum Above {
     /// A threshold's filter (`lg_threshold(units)`): the node is the thresholded aggregate.
     ThresholdFilter,
-    /// An aggregate under a threshold, whose released groups leave sorted by their own values,
-    /// reached only through projections, aliases, filters and inner joins: nodes whose rows
-    /// reach it as a set, whatever order they come in.
-    ThresholdedAggregate,
+    /// An aggregate whose rows leave in an order set by their own values, reached only through
+    /// projections, aliases, filters and inner joins: nodes whose rows reach it as a set,
+    /// whatever order they come in. `None`: it is under a threshold (whose released groups are
+    /// sorted) or has no group keys (one row). `Some(slot)`: an aggregate of counts only, which
+    /// gets a sort of its own (`Flow::sorts[slot]`) if anything below reads raw thanks to it.
+    SortedAggregate(Option<usize>),
     Other,
 }
 
@@ -62,10 +69,20 @@ impl Above {
     /// What the input of a projection, alias, filter or inner join feeds.
     fn through(self) -> Self {
         match self {
-            Above::ThresholdedAggregate => Above::ThresholdedAggregate,
+            Above::SortedAggregate(slot) => Above::SortedAggregate(slot),
             _ => Above::Other,
         }
     }
+}
+
+/// An aggregate that is not under a threshold and whose groups get sorted if a candidate below
+/// relies on it.
+struct SortSlot {
+    /// The aggregate's position among the plan's aggregates in post-order (as `transform_up`
+    /// meets them).
+    aggregate: usize,
+    /// Candidates read raw only because its groups leave sorted.
+    relies: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -77,6 +94,9 @@ struct Flow {
     /// key are read raw or neither is, or the key would compare a raw id with a pseudonym.
     joined: Vec<usize>,
     scans: usize,
+    /// Aggregates met so far (numbered in post-order).
+    aggregates: usize,
+    sorts: Vec<SortSlot>,
 }
 
 impl Flow {
@@ -139,6 +159,13 @@ impl Flow {
                 }
             })
             .collect()
+    }
+
+    /// Under an aggregate that sorts only if something relies on it, `ids` do.
+    fn rely(&mut self, above: Above, ids: impl IntoIterator<Item = usize>) {
+        if let Above::SortedAggregate(Some(slot)) = above {
+            self.sorts[slot].relies.extend(ids);
+        }
     }
 
     fn keep_all(&mut self, carried: &[Option<usize>]) {
@@ -217,23 +244,41 @@ impl Flow {
             }
             // The inner half of a lone distinct count that DataFusion planned as two levels
             // (`count(DISTINCT x) GROUP BY g` -> `count(x) GROUP BY g` over `GROUP BY g, x`),
-            // under a threshold: grouping only deduplicates, which an injective pseudonym does
-            // not change, and the order it leaves groups in cannot reach the caller, because the
-            // released groups are sorted by their own values (`order_released_groups`). Its
-            // bare group columns pass up to the count above; anything else keeps the mask.
+            // under an aggregate whose groups leave sorted: grouping only deduplicates, which an
+            // injective pseudonym does not change, and the order it leaves groups in cannot
+            // reach the caller. Its bare group columns pass up to the count above; anything
+            // else keeps the mask.
             LogicalPlan::Aggregate(agg)
-                if above == Above::ThresholdedAggregate && agg.aggr_expr.is_empty() =>
+                if matches!(above, Above::SortedAggregate(_)) && agg.aggr_expr.is_empty() =>
             {
                 let input = self.walk(&agg.input, Above::Other);
-                self.pass_bare_columns(&agg.group_expr, &input, agg.input.schema())
+                self.aggregates += 1;
+                let passed = self.pass_bare_columns(&agg.group_expr, &input, agg.input.schema());
+                self.rely(above, passed.iter().flatten().copied());
+                passed
             }
             LogicalPlan::Aggregate(agg) => {
                 let feeds = if above == Above::ThresholdFilter {
-                    Above::ThresholdedAggregate
-                } else {
+                    Above::SortedAggregate(None)
+                } else if agg.aggr_expr.is_empty() || !agg.aggr_expr.iter().all(is_count) {
+                    // Other aggregates may depend on the order rows come in (a float sum's
+                    // rounding), which a raw id's hash must not steer; a bare GROUP BY (a
+                    // DISTINCT) leaves its groups in the order it formed them.
                     Above::Other
+                } else if agg.group_expr.is_empty() {
+                    Above::SortedAggregate(None)
+                } else {
+                    self.sorts.push(SortSlot {
+                        aggregate: usize::MAX,
+                        relies: Vec::new(),
+                    });
+                    Above::SortedAggregate(Some(self.sorts.len() - 1))
                 };
                 let input = self.walk(&agg.input, feeds);
+                if let Above::SortedAggregate(Some(slot)) = feeds {
+                    self.sorts[slot].aggregate = self.aggregates;
+                }
+                self.aggregates += 1;
                 let schema = agg.input.schema();
                 for e in &agg.group_expr {
                     self.keep(&input, e, schema);
@@ -245,16 +290,16 @@ impl Flow {
                 }
                 vec![None; width]
             }
-            // An inner equi-join feeding a thresholded aggregate: a key pair of two pseudonyms
-            // (one project key, so equal exactly when the raw ids are) may compare raw ids, both
-            // sides or neither; the order the join emits rows in (by the key's hash) reaches
-            // only that aggregate, whose released groups are sorted. Any other key, the join
-            // filter, and every other join keep their masks.
+            // An inner equi-join feeding an aggregate whose groups leave sorted: a key pair of
+            // two pseudonyms (one project key, so equal exactly when the raw ids are) may compare
+            // raw ids, both sides or neither; the order the join emits rows in (by the key's
+            // hash) reaches only that aggregate. Any other key, the join filter, and every other
+            // join keep their masks.
             LogicalPlan::Join(j)
-                if above == Above::ThresholdedAggregate && j.join_type == JoinType::Inner =>
+                if matches!(above, Above::SortedAggregate(_)) && j.join_type == JoinType::Inner =>
             {
-                let left = self.walk(&j.left, Above::ThresholdedAggregate);
-                let right = self.walk(&j.right, Above::ThresholdedAggregate);
+                let left = self.walk(&j.left, above);
+                let right = self.walk(&j.right, above);
                 let (ls, rs) = (j.left.schema(), j.right.schema());
                 for (l, r) in &j.on {
                     let carried = |side: &[Option<usize>],
@@ -264,7 +309,10 @@ impl Flow {
                         _ => None,
                     };
                     match (carried(&left, ls, l), carried(&right, rs, r)) {
-                        (Some(a), Some(b)) => self.join(a, b),
+                        (Some(a), Some(b)) => {
+                            self.join(a, b);
+                            self.rely(above, [a, b]);
+                        }
                         _ => {
                             self.keep(&left, l, ls);
                             self.keep(&right, r, rs);
@@ -296,6 +344,12 @@ fn is_plain_count(e: &Expr) -> bool {
             && f.params.filter.is_none()
             && f.params.order_by.is_empty()
             && matches!(f.params.args.as_slice(), [Expr::Column(_)]))
+}
+
+/// `count` in any form: an exact number, whatever order its rows come in.
+fn is_count(e: &Expr) -> bool {
+    matches!(e.clone().unalias_nested().data, Expr::AggregateFunction(f)
+        if f.func.name() == "count")
 }
 
 /// A threshold's test of a group (`lg_threshold(units)`), alone or among other conjuncts.
@@ -344,26 +398,52 @@ pub(crate) fn read_counted_pseudonyms_raw(
     if raw.iter().all(BTreeSet::is_empty) {
         return Ok(plan);
     }
-    // `transform_up` meets the scans (leaves) in the same depth-first order as `walk`.
-    let mut ordinal = 0;
-    plan.transform_up(|node| {
-        let LogicalPlan::TableScan(scan) = node else {
-            return Ok(Transformed::no(node));
-        };
-        let columns = &raw[ordinal];
-        ordinal += 1;
-        if columns.is_empty() {
-            return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
+    // Aggregates whose groups must now leave sorted because something below reads raw.
+    let sorted: BTreeSet<usize> = flow
+        .sorts
+        .iter()
+        .filter(|s| s.relies.iter().any(|&id| !kept[id]))
+        .map(|s| s.aggregate)
+        .collect();
+    // `transform_up` meets the scans (leaves) in the same depth-first order as `walk`, and the
+    // aggregates in the post-order `walk` numbered them in.
+    let (mut ordinal, mut aggregates) = (0, 0);
+    plan.transform_up(|node| match node {
+        LogicalPlan::TableScan(scan) => {
+            let columns = &raw[ordinal];
+            ordinal += 1;
+            if columns.is_empty() {
+                return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
+            }
+            let provider = source_as_provider(&scan.source)?;
+            let Some(table) = (provider.as_ref() as &dyn Any).downcast_ref::<GovernedTable>()
+            else {
+                return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
+            };
+            let source = provider_as_source(Arc::new(table.counting_raw(columns)));
+            Ok(Transformed::yes(LogicalPlan::TableScan(TableScan {
+                source,
+                ..scan
+            })))
         }
-        let provider = source_as_provider(&scan.source)?;
-        let Some(table) = (provider.as_ref() as &dyn Any).downcast_ref::<GovernedTable>() else {
-            return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
-        };
-        let source = provider_as_source(Arc::new(table.counting_raw(columns)));
-        Ok(Transformed::yes(LogicalPlan::TableScan(TableScan {
-            source,
-            ..scan
-        })))
+        LogicalPlan::Aggregate(agg) => {
+            aggregates += 1;
+            if !sorted.contains(&(aggregates - 1)) {
+                return Ok(Transformed::no(LogicalPlan::Aggregate(agg)));
+            }
+            // A release check that passes every group (k = 0): the physical plan sorts each
+            // partition directly above it (`order_released_groups`), where no optimizer pass
+            // can drop the sort. Its argument is one of the counts (slots hold only counts).
+            let count = Expr::Column(Column::from(
+                agg.schema.qualified_field(agg.group_expr.len()),
+            ));
+            let check = crate::governed::ThresholdCheck::release_every_group(count);
+            Ok(Transformed::yes(LogicalPlan::Filter(Filter::try_new(
+                check,
+                Arc::new(LogicalPlan::Aggregate(agg)),
+            )?)))
+        }
+        other => Ok(Transformed::no(other)),
     })
     .map(|t| t.data)
 }

@@ -95,9 +95,7 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
             ),
         ),
         (
-            // Renamed, through derived tables and a filter on another column. (A lone
-            // count(DISTINCT) is planned as a GROUP BY of the column, which keeps its pseudonym:
-            // hence the second count.)
+            // Renamed, through derived tables and a filter on another column.
             alice(),
             "SELECT n, m FROM (SELECT count(DISTINCT p) AS n, count(*) AS m FROM \
              (SELECT patient_id AS p, site_id FROM clinical.patients WHERE site_id = 'SITE_A') t) u",
@@ -106,7 +104,62 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
                  WHERE site_id = 'SITE_A' AND patient_id IN ({consenting})"
             ),
         ),
+        (
+            // Without a threshold, an aggregate of counts only gets the same treatment (its
+            // groups leave sorted instead): alice's cohort count, two levels over raw ids...
+            alice(),
+            "SELECT site_id, count(DISTINCT patient_id) AS n FROM clinical.patients GROUP BY site_id ORDER BY site_id",
+            format!(
+                "SELECT site_id, count(DISTINCT patient_id) AS n FROM clinical_patients \
+                 WHERE patient_id IN ({consenting}) GROUP BY site_id ORDER BY site_id"
+            ),
+        ),
+        (
+            // ... a join counted by group, raw ids on both sides...
+            alice(),
+            "SELECT p.sex, count(*) AS n, count(DISTINCT e.patient_id) AS d FROM clinical.encounters e \
+             JOIN clinical.patients p ON e.patient_id = p.patient_id GROUP BY p.sex ORDER BY p.sex",
+            format!(
+                "SELECT p.sex, count(*) AS n, count(DISTINCT e.patient_id) AS d FROM clinical_encounters e \
+                 JOIN clinical_patients p ON e.patient_id = p.patient_id \
+                 WHERE p.patient_id IN ({consenting}) GROUP BY p.sex ORDER BY p.sex"
+            ),
+        ),
+        (
+            // ... and, with no group keys (one row), a grouping of the ids counted.
+            alice(),
+            "SELECT count(*) AS n FROM (SELECT patient_id FROM clinical.patients GROUP BY patient_id) t",
+            format!("SELECT count(*) AS n FROM ({consenting}) t"),
+        ),
+        (
+            // Nested: only the aggregate whose grouping read raw ids gets its groups sorted.
+            alice(),
+            "SELECT n, count(*) AS sites FROM (SELECT site_id, count(DISTINCT patient_id) AS n \
+             FROM clinical.patients GROUP BY site_id) t GROUP BY n ORDER BY n",
+            format!(
+                "SELECT n, count(*) AS sites FROM (SELECT site_id, count(DISTINCT patient_id) AS n \
+                 FROM clinical_patients WHERE patient_id IN ({consenting}) GROUP BY site_id) t \
+                 GROUP BY n ORDER BY n"
+            ),
+        ),
     ];
+    // Those groups leave sorted: each partition is sorted directly above a release check that
+    // passes every group (k = 0), as above a threshold.
+    for q in [same[5].1, same[6].1, same[8].1] {
+        let plan = physical(&server, &alice(), q).await;
+        assert_eq!(plan.matches("lg_threshold").count(), 1, "{q}:\n{plan}");
+        let lines: Vec<&str> = plan.lines().collect();
+        let check = lines
+            .iter()
+            .position(|l| l.contains("FilterExec") && l.contains("lg_threshold"))
+            .unwrap_or_else(|| panic!("{q}: no release check:\n{plan}"));
+        assert!(
+            check > 0
+                && lines[check - 1].contains("SortExec")
+                && lines[check - 1].contains("preserve_partitioning=[true]"),
+            "{q}: groups not sorted above the check:\n{plan}"
+        );
+    }
     // bob's cohort count runs as plain DataFusion plans it unguarded: a lone distinct count as
     // a two-level GROUP BY (`alias1`), whose inner grouping reads the ids raw because the
     // released groups leave sorted (engine/src/counted.rs).
@@ -138,18 +191,21 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
         "SELECT count(DISTINCT upper(patient_id)) FROM clinical.patients",
         "SELECT count(DISTINCT patient_id), min(patient_id) FROM clinical.patients",
         "SELECT count(DISTINCT patient_id) FILTER (WHERE patient_id > 'ps_8') FROM clinical.patients",
-        "SELECT count(*) FROM (SELECT patient_id FROM clinical.patients GROUP BY patient_id) t",
-        "SELECT count(DISTINCT e.patient_id) FROM clinical.encounters e \
+        // An aggregate other than a count may depend on the order rows arrive in (a float
+        // sum's rounding), which a join or grouping of raw ids would steer.
+        "SELECT p.sex, avg(e.total_cost) FROM clinical.encounters e \
+         JOIN clinical.patients p ON e.patient_id = p.patient_id GROUP BY p.sex",
+        "SELECT sum(e.total_cost) FROM clinical.encounters e \
          JOIN clinical.patients p ON e.patient_id = p.patient_id",
+        "SELECT site_id, count(DISTINCT patient_id), sum(total_cost) FROM clinical.encounters GROUP BY site_id",
         "SELECT count(DISTINCT patient_id) FROM \
          (SELECT patient_id FROM clinical.patients UNION ALL SELECT patient_id FROM clinical.encounters) t",
         "SELECT count(DISTINCT patient_id) FROM \
          (SELECT patient_id FROM clinical.patients ORDER BY patient_id LIMIT 10) t",
         "SELECT count(DISTINCT patient_id) FROM clinical.patients \
          WHERE birth_date > (SELECT min(birth_date) FROM clinical.patients)",
-        // A lone distinct count is a GROUP BY of the id; without a threshold, the order its
-        // groups leave in is not sorted away, so the id stays pseudonymized.
-        "SELECT site_id, count(DISTINCT patient_id) FROM clinical.patients GROUP BY site_id",
+        // A grouping of the id that a LIMIT cuts (which groups it keeps follows their order).
+        "SELECT count(*) FROM (SELECT patient_id FROM clinical.patients GROUP BY patient_id LIMIT 5) t",
     ];
     for q in kept {
         let plan = physical(&server, &alice(), q).await;
