@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use datafusion::arrow::array::BooleanBufferBuilder;
 use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray};
 use datafusion::arrow::buffer::BooleanBuffer;
 use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
@@ -535,23 +536,17 @@ impl InSubjectSet {
 
 impl InSubjectSet {
     fn members(&self, strings: &crate::masks::Strings) -> BooleanBuffer {
-        // Adjacent rows usually belong to one subject: remember the last answer (this runs on
-        // every row the scan reads).
-        let mut last: Option<(usize, bool)> = None;
+        // One answer per run of a subject's rows (this runs on every row the scan reads).
         let mut cursor = Cursor::default();
-        BooleanBuffer::collect_bool(strings.len(), |i| {
-            if strings.is_null(i) {
-                return false;
-            }
-            match last {
-                Some((j, member)) if strings.same(i, j) => member,
-                _ => {
-                    let member = self.set.contains(strings.value(i).as_bytes(), &mut cursor);
-                    last = Some((i, member));
-                    member
-                }
-            }
-        })
+        let mut out = BooleanBufferBuilder::new(strings.len());
+        for run in strings.runs() {
+            let member = !strings.is_null(run.start)
+                && self
+                    .set
+                    .contains(strings.value(run.start).as_bytes(), &mut cursor);
+            out.append_n(run.len(), member);
+        }
+        out.finish()
     }
 }
 

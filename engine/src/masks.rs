@@ -134,23 +134,24 @@ impl<'a> Strings<'a> {
         }
     }
 
-    /// Whether rows `i` and `j` (neither null) hold the same string. Kernels ask this of
-    /// adjacent rows to reuse an answer; a view of up to 12 bytes (ids, codes) holds the whole
-    /// string, so one 16-byte comparison settles it.
-    pub(crate) fn same(&self, i: usize, j: usize) -> bool {
+    /// Rows in runs of one value, in order and covering every row: each run is all null or
+    /// all one string. Kernels compute one answer per run, because rows of one subject lie
+    /// together (files are written per patient). Equal strings stored apart may start a new
+    /// run (an answer computed twice); unequal ones never share a run.
+    pub(crate) fn runs(&self) -> Vec<std::ops::Range<usize>> {
+        // One pass per kind, each comparing neighbours inline (a call per row cost more than
+        // the comparison: this runs on every row a scan reads, once per kernel).
         match self {
-            Self::Plain(s) => s.value(i) == s.value(j),
+            Self::Plain(s) => runs_where(s.len(), s.nulls(), |i| s.value(i) == s.value(i - 1)),
             Self::View(s) => {
                 let views = s.views();
-                let (a, b) = (views[i], views[j]);
-                if a == b {
-                    return true;
-                }
-                // Length and first four bytes differ, or the whole (inline) string does.
-                if (a as u64) != (b as u64) || (a as u32) <= 12 {
-                    return false;
-                }
-                s.value(i) == s.value(j)
+                runs_where(s.len(), s.nulls(), |i| {
+                    let (a, b) = (views[i], views[i - 1]);
+                    a == b
+                        || ((a as u64) == (b as u64)
+                            && (a as u32) > 12
+                            && s.value(i) == s.value(i - 1))
+                })
             }
         }
     }
@@ -166,6 +167,35 @@ impl<'a> Strings<'a> {
             Self::View(s) => s.total_bytes_len(),
         }
     }
+}
+
+/// Runs of rows where `same_as_previous(i)` (asked only when rows `i - 1` and `i` are both
+/// valid) holds; nullness changes always cut, and adjacent nulls share a run.
+fn runs_where(
+    n: usize,
+    nulls: Option<&NullBuffer>,
+    same_as_previous: impl Fn(usize) -> bool,
+) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::with_capacity(n / 4 + 1);
+    let mut start = 0;
+    for i in 1..n {
+        let continues = match nulls {
+            None => same_as_previous(i),
+            Some(b) => match (b.is_valid(i), b.is_valid(i - 1)) {
+                (true, true) => same_as_previous(i),
+                (false, false) => true,
+                _ => false,
+            },
+        };
+        if !continues {
+            runs.push(start..i);
+            start = i;
+        }
+    }
+    if n > 0 {
+        runs.push(start..n);
+    }
+    runs
 }
 
 fn map_strings(a: &ArrayRef, mut f: impl FnMut(&str, &mut String)) -> DFResult<ArrayRef> {
@@ -198,6 +228,20 @@ fn keep(s: &str, n: usize, from_end: bool, out: &mut String) {
         // Separators stay so the shape of an SSN or phone number is still recognisable.
         out.push(if visible || c == '-' { c } else { '*' });
     }
+}
+
+/// `values` with each run's offset applied by `shift`. A null slot's value is whatever the
+/// source held, shifted too (saturating): it stays hidden under the null buffer.
+fn shifted<T: Copy>(
+    values: &[T],
+    runs: &[(std::ops::Range<usize>, i64)],
+    shift: impl Fn(T, i64) -> T,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(values.len());
+    for (run, offset) in runs {
+        out.extend(values[run.clone()].iter().map(|&v| shift(v, *offset)));
+    }
+    out
 }
 
 fn shift_days(base: &HmacSha256, max_days: u32, subject: &str) -> i64 {
@@ -250,29 +294,26 @@ impl ScalarUDFImpl for MaskUdf {
                 // Every pseudonym has the same length: size the output once.
                 let mut out =
                     StringBuilder::with_capacity(strings.len(), strings.len() * PSEUDONYM_LEN);
-                // Rows of one subject tend to be adjacent (files are written per patient):
-                // reuse the last pseudonym instead of recomputing the HMAC.
-                let mut last: Option<usize> = None;
-                let mut last_out = String::with_capacity(PSEUDONYM_LEN);
-                for i in 0..strings.len() {
-                    if strings.is_null(i) {
-                        out.append_null();
+                let mut pseudonym = String::with_capacity(PSEUDONYM_LEN);
+                for run in strings.runs() {
+                    if strings.is_null(run.start) {
+                        for _ in run {
+                            out.append_null();
+                        }
                         continue;
                     }
-                    if !last.is_some_and(|j| strings.same(i, j)) {
-                        let s = strings.value(i);
-                        let mut m = base.clone();
-                        m.update(s.as_bytes());
-                        let d = m.finalize().into_bytes();
-                        last_out.clear();
-                        last_out.push_str("ps_");
-                        for b in &d[..12] {
-                            last_out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-                            last_out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
-                        }
-                        last = Some(i);
+                    let mut m = base.clone();
+                    m.update(strings.value(run.start).as_bytes());
+                    let d = m.finalize().into_bytes();
+                    pseudonym.clear();
+                    pseudonym.push_str("ps_");
+                    for b in &d[..12] {
+                        pseudonym.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+                        pseudonym.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
                     }
-                    out.append_value(&last_out);
+                    for _ in run {
+                        out.append_value(&pseudonym);
+                    }
                 }
                 Arc::new(out.finish())
             }
@@ -292,49 +333,33 @@ impl ScalarUDFImpl for MaskUdf {
             Kernel::DateShift { key, max_days } => {
                 let subjects = Strings::of(&arrays[1])?;
                 let base = key.mac(b"date-shift\0");
-                // Adjacent rows usually share a subject: remember the last offset.
-                let mut last: Option<(usize, i64)> = None;
-                let mut offset = |i: usize| {
-                    if let Some((j, o)) = last {
-                        if subjects.same(i, j) {
-                            return o;
-                        }
-                    }
-                    let o = shift_days(&base, *max_days, subjects.value(i));
-                    last = Some((i, o));
-                    o
-                };
-                // A row without a subject cannot be shifted consistently: hidden (null), as a
-                // null value stays null.
+                // One offset per run of a subject's rows; a row without a subject cannot be
+                // shifted consistently: hidden (null), as a null value stays null.
                 let nulls = NullBuffer::union(a.logical_nulls().as_ref(), subjects.nulls());
-                let valid = |i: usize| nulls.as_ref().is_none_or(|n| n.is_valid(i));
+                let runs: Vec<(std::ops::Range<usize>, i64)> = subjects
+                    .runs()
+                    .into_iter()
+                    .map(|run| {
+                        let offset = if subjects.is_null(run.start) {
+                            0
+                        } else {
+                            shift_days(&base, *max_days, subjects.value(run.start))
+                        };
+                        (run, offset)
+                    })
+                    .collect();
                 match a.data_type() {
                     DataType::Date32 => {
                         let d = a.as_primitive::<datafusion::arrow::datatypes::Date32Type>();
-                        let values: Vec<i32> = (0..d.len())
-                            .map(|i| {
-                                if valid(i) {
-                                    d.value(i).saturating_add(offset(i) as i32)
-                                } else {
-                                    0
-                                }
-                            })
-                            .collect();
+                        let values = shifted(d.values(), &runs, |v, o| v.saturating_add(o as i32));
                         Arc::new(Date32Array::new(values.into(), nulls))
                     }
                     DataType::Timestamp(TimeUnit::Microsecond, tz) => {
                         let t = a
                             .as_primitive::<datafusion::arrow::datatypes::TimestampMicrosecondType>(
                             );
-                        let values: Vec<i64> = (0..t.len())
-                            .map(|i| {
-                                if valid(i) {
-                                    t.value(i).saturating_add(offset(i) * DAY_MICROS)
-                                } else {
-                                    0
-                                }
-                            })
-                            .collect();
+                        let values =
+                            shifted(t.values(), &runs, |v, o| v.saturating_add(o * DAY_MICROS));
                         Arc::new(
                             TimestampMicrosecondArray::new(values.into(), nulls)
                                 .with_timezone_opt(tz.clone()),
@@ -630,8 +655,8 @@ mod tests {
 
     #[test]
     fn adjacent_rows_share_an_answer_only_when_their_strings_are_equal() {
-        // Kernels reuse the previous row's answer when `same` says the strings are equal:
-        // inline views, long views at different offsets, equal prefixes and lengths.
+        // Kernels reuse one answer per run of equal strings: inline views, long views at
+        // different offsets, equal prefixes and lengths, nulls beside empty strings.
         let values = vec![
             Some("P00000001"),
             Some("P00000001"),
@@ -642,6 +667,11 @@ mod tests {
             Some("patient-0000000000021"),
             None,
             Some("P00000002"),
+            None,
+            None,
+            Some(""),
+            Some(""),
+            None,
         ];
         let views: ArrayRef = Arc::new(datafusion::arrow::array::StringViewArray::from(
             values.clone(),
@@ -649,13 +679,14 @@ mod tests {
         let plain: ArrayRef = Arc::new(StringArray::from(values.clone()));
         for a in [&views, &plain] {
             let strings = Strings::of(a).unwrap();
-            for i in 0..values.len() {
-                for j in 0..values.len() {
-                    if values[i].is_some() && values[j].is_some() {
-                        assert_eq!(strings.same(i, j), values[i] == values[j], "{i} {j}");
-                    }
-                }
-            }
+            // Runs cover every row in order; each is all null or all one string, and a new run
+            // starts exactly where the value or its nullness changes: a null never joins an
+            // empty string, equal long strings stored apart share a run.
+            let runs = strings.runs();
+            let starts: Vec<usize> = runs.iter().map(|r| r.start).collect();
+            assert_eq!(starts, [0, 2, 3, 5, 6, 7, 8, 9, 11, 13]);
+            assert_eq!(runs.last().map(|r| r.end), Some(values.len()));
+            assert!(runs.windows(2).all(|w| w[0].end == w[1].start));
         }
         // Each row's pseudonym is the one it gets alone.
         let key = ProjectKey([5; 32]);
