@@ -31,6 +31,11 @@ impl MemoryBudget {
         }
     }
 
+    /// Identity of the budget (clones share it): the address of its pool.
+    pub(crate) fn id(&self) -> usize {
+        Arc::as_ptr(&self.pool) as usize
+    }
+
     /// Bytes reserved now by the principal's queries.
     pub fn reserved(&self) -> usize {
         self.pool.reserved()

@@ -97,6 +97,8 @@ struct Inner {
     /// Subject sets (e.g. consenting patients) computed once per filter: the lake is read-only
     /// while served.
     subject_sets: AsyncMutex<HashMap<String, Arc<crate::governed::Members>>>,
+    /// Per memory budget, the template state with that budget in its runtime.
+    budgeted: std::sync::Mutex<HashMap<usize, SessionState>>,
     /// Callers' catalog views built during the current second. Decisions depend on the
     /// principal, the policy and the request time at one-second resolution (what casbin's
     /// context sees), so within one second a view can be reused exactly.
@@ -122,6 +124,8 @@ struct View {
 
 /// Most views kept within one second.
 const MAX_VIEWS: usize = 1024;
+/// Cached per-budget session states (one per principal); cleared whole when full.
+const MAX_BUDGETED_STATES: usize = 1024;
 
 /// What every request shares. Cheap to clone.
 #[derive(Clone)]
@@ -186,6 +190,7 @@ impl Engine {
                 keys,
                 config,
                 subject_sets: AsyncMutex::new(HashMap::new()),
+                budgeted: std::sync::Mutex::new(HashMap::new()),
                 views: std::sync::Mutex::new((0, HashMap::new())),
             }),
         })
@@ -296,17 +301,13 @@ impl Engine {
                 v
             }
         };
-        let mut builder = SessionStateBuilder::new_from_existing(self.inner.template.clone())
-            .with_catalog_list(Arc::new(MemoryCatalogProviderList::new()));
-        if let Some(budget) = budget {
-            let mut runtime = (*self.inner.template.runtime_env()).as_ref().clone();
-            runtime.memory_pool = Arc::new(crate::budget::BudgetedPool {
-                budget: budget.clone(),
-                shared: Arc::clone(&runtime.memory_pool),
-            });
-            builder = builder.with_runtime_env(Arc::new(runtime));
-        }
-        let state = builder.build();
+        let mut state = match budget {
+            None => self.inner.template.clone(),
+            Some(budget) => self.budgeted_state(budget),
+        };
+        // Each session gets a catalog list of its own: the caller's view is registered into
+        // it below, and nothing else can be.
+        state.register_catalog_list(Arc::new(MemoryCatalogProviderList::new()));
         let ctx = SessionContext::new_with_state(state);
         ctx.register_catalog(
             CATALOG_NAME,
@@ -323,6 +324,33 @@ impl Engine {
             decisions: view.decisions.clone(),
             policy_version: view.policy_version.clone(),
         })
+    }
+
+    /// The template state with queries' memory held within `budget` too. Built once per
+    /// budget (a principal keeps one): building a state registers every built-in function
+    /// again, 6% of planning bob's join; a clone only copies the registries.
+    fn budgeted_state(&self, budget: &crate::MemoryBudget) -> SessionState {
+        let mut states = match self.inner.budgeted.lock() {
+            Ok(states) => states,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // The cached state holds the budget's pool, so its address is not reused while cached.
+        if let Some(state) = states.get(&budget.id()) {
+            return state.clone();
+        }
+        let mut runtime = (*self.inner.template.runtime_env()).as_ref().clone();
+        runtime.memory_pool = Arc::new(crate::budget::BudgetedPool {
+            budget: budget.clone(),
+            shared: Arc::clone(&runtime.memory_pool),
+        });
+        let state = SessionStateBuilder::new_from_existing(self.inner.template.clone())
+            .with_runtime_env(Arc::new(runtime))
+            .build();
+        if states.len() >= MAX_BUDGETED_STATES {
+            states.clear();
+        }
+        states.insert(budget.id(), state.clone());
+        state
     }
 
     /// Decide every dataset for `principal` and build its governed tables.
