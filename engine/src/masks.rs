@@ -135,9 +135,9 @@ impl<'a> Strings<'a> {
     }
 
     /// Rows in runs of one value, in order and covering every row: each run is all null or
-    /// all one string. Kernels compute one answer per run, because rows of one subject lie
-    /// together (files are written per patient). Equal strings stored apart may start a new
-    /// run (an answer computed twice); unequal ones never share a run.
+    /// all one string, and a run ends where the value or its nullness changes. Kernels compute
+    /// one answer per run, because rows of one subject lie together (files are written per
+    /// patient).
     pub(crate) fn runs(&self) -> Vec<std::ops::Range<usize>> {
         // One pass per kind, each comparing neighbours inline (a call per row cost more than
         // the comparison: this runs on every row a scan reads, once per kernel).
@@ -297,9 +297,7 @@ impl ScalarUDFImpl for MaskUdf {
                 let mut pseudonym = String::with_capacity(PSEUDONYM_LEN);
                 for run in strings.runs() {
                     if strings.is_null(run.start) {
-                        for _ in run {
-                            out.append_null();
-                        }
+                        out.append_nulls(run.len());
                         continue;
                     }
                     let mut m = base.clone();
