@@ -141,6 +141,16 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     // of either key, beside the join, keeps both sides pseudonymized.
     ("bob", "SELECT count(DISTINCT p.patient_id) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id WHERE e.patient_id LIKE 'P%'", Answer(no_rows)),
     ("bob", "SELECT substr(e.patient_id, 1, 3) AS k, count(DISTINCT p.patient_id) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id GROUP BY 1", Answer(first_is_ps)),
+    // alice's counts group and join raw ids (engine/src/counted.rs); their groups then leave
+    // sorted too, so neither the files' order nor a hash of raw ids decides which one a LIMIT
+    // keeps. Any other use of the id keeps its pseudonym.
+    ("alice", "SELECT CASE WHEN site_id = 'SITE_A' THEN 'z' ELSE 'a' END AS g, count(DISTINCT patient_id) FROM clinical.patients GROUP BY 1 LIMIT 1", Answer(first_is_a)),
+    ("alice", "SELECT CASE WHEN site_id = 'SITE_B' THEN 'z' ELSE 'a' END AS g, count(DISTINCT patient_id) FROM clinical.patients GROUP BY 1 LIMIT 1", Answer(first_is_a)),
+    ("alice", "SELECT CASE WHEN site_id = 'SITE_C' THEN 'z' ELSE 'a' END AS g, count(DISTINCT patient_id) FROM clinical.patients GROUP BY 1 LIMIT 1", Answer(first_is_a)),
+    ("alice", "SELECT CASE WHEN site_id = 'SITE_D' THEN 'z' ELSE 'a' END AS g, count(DISTINCT patient_id) FROM clinical.patients GROUP BY 1 LIMIT 1", Answer(first_is_a)),
+    ("alice", "SELECT CASE WHEN site_id = 'SITE_E' THEN 'z' ELSE 'a' END AS g, count(DISTINCT patient_id) FROM clinical.patients GROUP BY 1 LIMIT 1", Answer(first_is_a)),
+    ("alice", "SELECT CASE WHEN e.site_id = 'SITE_B' THEN 'z' ELSE 'a' END AS g, count(*) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id GROUP BY 1 LIMIT 1", Answer(first_is_a)),
+    ("alice", "SELECT substr(e.patient_id, 1, 3) AS k, count(*) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id GROUP BY 1", Answer(first_is_ps)),
     // Names prove nothing: a column renamed to the privacy unit is not the unit. Grouping by the
     // real unit under another name still leaves one patient per group, suppressed; joining on an
     // impostor is refused.
