@@ -619,6 +619,37 @@ fn results_without_views(plan: LogicalPlan) -> Result<LogicalPlan> {
     ))
 }
 
+/// The plan without a round-robin split of its sorted result on the way out.
+///
+/// DataFusion's `EnforceDistribution` splits the single sorted stream under a projection at
+/// the root (here `results_without_views`' cast) into partitions, to run the projection in
+/// parallel (apache/datafusion#21349); the result then leaves with its partitions interleaved,
+/// and an `ORDER BY` of more than one batch arrives out of order. Above the last merge only
+/// projections run, so the split buys nothing: it is removed, down the chain of projections
+/// from the root.
+fn keep_output_order(
+    plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+    use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
+    use datafusion::physical_plan::projection::ProjectionExec;
+    use datafusion::physical_plan::repartition::RepartitionExec;
+    use datafusion::physical_plan::{ExecutionPlanProperties, Partitioning};
+    if let Some(split) = plan.downcast_ref::<RepartitionExec>() {
+        let input = split.input();
+        let sorted_stream =
+            input.output_partitioning().partition_count() == 1 && input.output_ordering().is_some();
+        if sorted_stream && matches!(split.partitioning(), Partitioning::RoundRobinBatch(_)) {
+            return Ok(Arc::clone(input));
+        }
+        return Ok(plan);
+    }
+    let Some(projection) = plan.downcast_ref::<ProjectionExec>() else {
+        return Ok(plan);
+    };
+    let kept = keep_output_order(Arc::clone(projection.input()))?;
+    Ok(replace_children_if_necessary(plan, vec![kept])?)
+}
+
 /// One request's view of the lake.
 pub struct Session {
     ctx: SessionContext,
@@ -1199,7 +1230,7 @@ pub(crate) async fn physical_plan(
         .query_planner()
         .create_physical_plan(&optimized, &state)
         .await?;
-    let physical = order_released_groups(physical)?;
+    let physical = keep_output_order(order_released_groups(physical)?)?;
     verify_physical(&physical).map_err(|why| {
         tracing::error!(%why, "plan verification refused a query");
         EngineError::PermissionDenied(format!(

@@ -90,3 +90,18 @@ pub fn code_of(err: &FlightError) -> String {
         other => format!("{other:?}"),
     }
 }
+
+/// A demo persona's principal, with the attributes the demo identity gives it.
+pub fn persona(name: &str) -> lakegate_policies::Principal {
+    let (_, attributes) = lakegate_flight_server::demo::PERSONAS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .expect("a demo persona");
+    lakegate_policies::Principal {
+        name: name.into(),
+        attributes: attributes
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}

@@ -5,40 +5,7 @@ use datafusion::physical_plan::displayable;
 use lakegate_policies::Principal;
 use lakegate_tests::{raw_query, TestServer};
 
-use crate::common::{column_text, login, sql};
-
-fn principal(name: &str, attributes: &[(&str, &str)]) -> Principal {
-    Principal {
-        name: name.into(),
-        attributes: attributes
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    }
-}
-
-fn alice() -> Principal {
-    principal(
-        "alice",
-        &[
-            ("role", "data_scientist"),
-            ("project", "oncology"),
-            ("purpose", "model_training"),
-            ("environment", "sandbox"),
-        ],
-    )
-}
-
-fn bob() -> Principal {
-    principal(
-        "bob",
-        &[
-            ("role", "analyst"),
-            ("project", "readmissions"),
-            ("purpose", "operations"),
-        ],
-    )
-}
+use crate::common::{column_text, login, persona, sql};
 
 async fn physical(server: &TestServer, who: &Principal, q: &str) -> String {
     let planned = server
@@ -61,7 +28,7 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
     // (who, governed query, plain DataFusion query giving the same answer over raw files)
     let same: Vec<(Principal, &str, String)> = vec![
         (
-            bob(),
+            persona("bob"),
             "SELECT site_id, count(DISTINCT patient_id) AS n FROM clinical.patients GROUP BY site_id ORDER BY site_id",
             "SELECT site_id, count(DISTINCT patient_id) AS n FROM clinical_patients GROUP BY site_id \
              HAVING count(DISTINCT patient_id) >= 11 ORDER BY site_id"
@@ -69,7 +36,7 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
         ),
         (
             // The threshold's own hidden count of patients is read raw too.
-            bob(),
+            persona("bob"),
             "SELECT encounter_class, count(*) AS n FROM clinical.encounters GROUP BY encounter_class ORDER BY encounter_class",
             "SELECT encounter_class, count(*) AS n FROM clinical_encounters GROUP BY encounter_class \
              HAVING count(DISTINCT patient_id) >= 11 ORDER BY encounter_class"
@@ -77,7 +44,7 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
         ),
         (
             // Under a threshold, both sides of the privacy-unit join compare raw ids.
-            bob(),
+            persona("bob"),
             "SELECT p.sex, count(DISTINCT p.patient_id) AS n, round(avg(e.total_cost), 2) AS c \
              FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id \
              GROUP BY p.sex ORDER BY p.sex",
@@ -87,7 +54,7 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
                 .into(),
         ),
         (
-            alice(),
+            persona("alice"),
             "SELECT count(DISTINCT patient_id) AS d, count(patient_id) AS n FROM clinical.encounters",
             format!(
                 "SELECT count(DISTINCT patient_id) AS d, count(patient_id) AS n FROM clinical_encounters \
@@ -96,7 +63,7 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
         ),
         (
             // Renamed, through derived tables and a filter on another column.
-            alice(),
+            persona("alice"),
             "SELECT n, m FROM (SELECT count(DISTINCT p) AS n, count(*) AS m FROM \
              (SELECT patient_id AS p, site_id FROM clinical.patients WHERE site_id = 'SITE_A') t) u",
             format!(
@@ -107,7 +74,7 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
         (
             // Without a threshold, an aggregate of counts only gets the same treatment (its
             // groups leave sorted instead): alice's cohort count, two levels over raw ids...
-            alice(),
+            persona("alice"),
             "SELECT site_id, count(DISTINCT patient_id) AS n FROM clinical.patients GROUP BY site_id ORDER BY site_id",
             format!(
                 "SELECT site_id, count(DISTINCT patient_id) AS n FROM clinical_patients \
@@ -116,7 +83,7 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
         ),
         (
             // ... a join counted by group, raw ids on both sides...
-            alice(),
+            persona("alice"),
             "SELECT p.sex, count(*) AS n, count(DISTINCT e.patient_id) AS d FROM clinical.encounters e \
              JOIN clinical.patients p ON e.patient_id = p.patient_id GROUP BY p.sex ORDER BY p.sex",
             format!(
@@ -127,13 +94,13 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
         ),
         (
             // ... and, with no group keys (one row), a grouping of the ids counted.
-            alice(),
+            persona("alice"),
             "SELECT count(*) AS n FROM (SELECT patient_id FROM clinical.patients GROUP BY patient_id) t",
             format!("SELECT count(*) AS n FROM ({consenting}) t"),
         ),
         (
             // Nested: only the aggregate whose grouping read raw ids gets its groups sorted.
-            alice(),
+            persona("alice"),
             "SELECT n, count(*) AS sites FROM (SELECT site_id, count(DISTINCT patient_id) AS n \
              FROM clinical.patients GROUP BY site_id) t GROUP BY n ORDER BY n",
             format!(
@@ -146,7 +113,7 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
     // Those groups leave sorted: each partition is sorted directly above a release check that
     // passes every group (k = 0), as above a threshold.
     for q in [same[5].1, same[6].1, same[8].1] {
-        let plan = physical(&server, &alice(), q).await;
+        let plan = physical(&server, &persona("alice"), q).await;
         assert_eq!(plan.matches("lg_threshold").count(), 1, "{q}:\n{plan}");
         let lines: Vec<&str> = plan.lines().collect();
         let check = lines
@@ -163,7 +130,7 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
     // bob's cohort count runs as plain DataFusion plans it unguarded: a lone distinct count as
     // a two-level GROUP BY (`alias1`), whose inner grouping reads the ids raw because the
     // released groups leave sorted (engine/src/counted.rs).
-    let cohort = physical(&server, &bob(), same[0].1).await;
+    let cohort = physical(&server, &persona("bob"), same[0].1).await;
     assert!(cohort.contains("alias1"), "not two levels:\n{cohort}");
     for (who, q, oracle) in &same {
         let plan = physical(&server, who, q).await;
@@ -208,7 +175,7 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
         "SELECT count(*) FROM (SELECT patient_id FROM clinical.patients GROUP BY patient_id LIMIT 5) t",
     ];
     for q in kept {
-        let plan = physical(&server, &alice(), q).await;
+        let plan = physical(&server, &persona("alice"), q).await;
         assert!(
             plan.contains("lg_pseudonym"),
             "{q} lost its pseudonym:\n{plan}"
@@ -224,7 +191,7 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
         "SELECT p.patient_id, count(*) FROM clinical.encounters e \
          JOIN clinical.patients p ON e.patient_id = p.patient_id GROUP BY p.patient_id",
     ] {
-        let plan = physical(&server, &bob(), q).await;
+        let plan = physical(&server, &persona("bob"), q).await;
         // Every scan of the query: both sides of a join, or neither, compare pseudonyms.
         let scans = plan.matches("DataSourceExec").count();
         assert_eq!(
@@ -234,7 +201,7 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
         );
     }
     let q = "SELECT patient_id, count(DISTINCT encounter_id) FROM clinical.encounters GROUP BY patient_id";
-    let plan = physical(&server, &bob(), q).await;
+    let plan = physical(&server, &persona("bob"), q).await;
     assert!(
         !plan.contains("lg_pseudonym(encounter_id"),
         "{q} pseudonymizes a count:\n{plan}"

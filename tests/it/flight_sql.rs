@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::common::column_text;
+use crate::common::{column_text, persona};
 use arrow::array::{Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow_flight::error::FlightError;
@@ -14,6 +14,7 @@ use arrow_flight::sql::{
     TicketStatementQuery,
 };
 use arrow_flight::{FlightDescriptor, FlightInfo, Ticket};
+use datafusion::physical_plan::{displayable, ExecutionPlanProperties};
 use futures::TryStreamExt;
 use lakegate_engine::EngineConfig;
 use lakegate_flight_server::Lifetimes;
@@ -538,6 +539,61 @@ async fn explain_shows_the_governed_plan_to_explain_roles_only() {
         .await
         .unwrap_err();
     assert!(assert_code(err, "PermissionDenied").contains("explain-admin-only"));
+}
+
+/// An ORDER BY holds over the whole result, not batch by batch: the cast that turns views into
+/// `Utf8` at the root must not let DataFusion split the sorted stream into partitions that
+/// then leave interleaved (apache/datafusion#21349). Small batches make any result span many.
+#[tokio::test]
+async fn order_by_holds_across_batches() {
+    let server = TestServer::start_with(ServerOptions {
+        engine: Some(EngineConfig {
+            batch_size: 64,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    for (user, sql, descending) in [
+        ("carol", "SELECT patient_id, encounter_class FROM clinical.encounters ORDER BY patient_id", false),
+        ("carol", "SELECT encounter_class, patient_id FROM clinical.encounters WHERE total_cost > 100 ORDER BY encounter_class DESC, patient_id DESC", true),
+        ("alice", "SELECT patient_id, zip FROM clinical.patients ORDER BY patient_id DESC LIMIT 500", true),
+        ("alice", "SELECT upper(encounter_class) AS c FROM clinical.encounters ORDER BY c", false),
+    ] {
+        // The plan leaves as one stream (however the partitions happen to interleave in a run,
+        // which on a small lake is often in order)...
+        let planned = server
+            .engine
+            .session(&persona(user))
+            .await
+            .unwrap()
+            .plan(sql)
+            .await
+            .unwrap();
+        let plan = planned.verified_physical_plan().await.unwrap();
+        assert_eq!(
+            plan.output_partitioning().partition_count(),
+            1,
+            "{sql}:\n{}",
+            displayable(plan.as_ref()).indent(false)
+        );
+        // ...and what the client reads is in order.
+        let mut client = login(&server, user).await;
+        let batches = query(&mut client, sql).await.unwrap();
+        assert!(batches.len() > 4, "{sql}: {} batches", batches.len());
+        let rows: Vec<(String, String)> = column_text(&batches, 0)
+            .into_iter()
+            .zip(column_text(&batches, batches[0].num_columns() - 1))
+            .collect();
+        let mut expected = rows.clone();
+        expected.sort();
+        if descending {
+            expected.reverse();
+        }
+        // Ties (equal keys) may come in any order; the key column must not.
+        let keys = |r: &[(String, String)]| r.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        assert_eq!(keys(&rows), keys(&expected), "{user}: {sql}");
+    }
 }
 
 /// Raw strings are read as `Utf8View` inside the engine; every result leaves as plain `Utf8`
