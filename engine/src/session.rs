@@ -175,11 +175,18 @@ impl Engine {
             .execution
             .parquet
             .pushdown_filters = false;
-        let template = SessionStateBuilder::new()
+        let mut template = SessionStateBuilder::new()
             .with_config(session_config)
             .with_runtime_env(runtime)
             .with_default_features()
             .build();
+        // `VARIANCE` (PostgreSQL's and most BI tools' name for the sample variance, and one of
+        // the aggregates a threshold allows) is not among DataFusion's names for it.
+        let variance = datafusion::functions_aggregate::variance::var_samp_udaf()
+            .as_ref()
+            .clone()
+            .with_aliases(["variance"]);
+        datafusion::execution::FunctionRegistry::register_udaf(&mut template, Arc::new(variance))?;
 
         Ok(Self {
             inner: Arc::new(Inner {
