@@ -1068,6 +1068,57 @@ fn join_operand_is_unit(j: &datafusion::logical_expr::Join, e: &Expr, unit: &Uni
         .is_some_and(|i| is_unit(&j.right, i, unit))
 }
 
+/// The plan with each `WHERE a.x = b.y` over an inner join (a comma join, `CROSS JOIN`, or
+/// `JOIN ... ON` with more in WHERE) moved into the join's condition, where the threshold's join
+/// check reads it: for an inner join the two are the same query, and DataFusion's optimizer
+/// moves them there itself later. Only equalities of a column from each side move; the rest of
+/// the WHERE stays above.
+fn joins_from_where(plan: LogicalPlan) -> datafusion::common::Result<LogicalPlan> {
+    use datafusion::logical_expr::utils::{conjunction, split_conjunction_owned};
+    plan.transform_up_with_subqueries(|node| {
+        let LogicalPlan::Filter(filter) = &node else {
+            return Ok(Transformed::no(node));
+        };
+        let LogicalPlan::Join(join) = filter.input.as_ref() else {
+            return Ok(Transformed::no(node));
+        };
+        if join.join_type != datafusion::common::JoinType::Inner {
+            return Ok(Transformed::no(node));
+        }
+        let side_of = |e: &Expr| match e {
+            Expr::Column(c) if join.left.schema().has_column(c) => Some(0),
+            Expr::Column(c) if join.right.schema().has_column(c) => Some(1),
+            _ => None,
+        };
+        let (across, rest): (Vec<Expr>, Vec<Expr>) =
+            split_conjunction_owned(filter.predicate.clone())
+                .into_iter()
+                .partition(|c| match c {
+                    Expr::BinaryExpr(b) if b.op == datafusion::logical_expr::Operator::Eq => {
+                        matches!(
+                            (side_of(&b.left), side_of(&b.right)),
+                            (Some(0), Some(1)) | (Some(1), Some(0))
+                        )
+                    }
+                    _ => false,
+                });
+        if across.is_empty() {
+            return Ok(Transformed::no(node));
+        }
+        let mut joined = join.clone();
+        joined.filter = conjunction(joined.filter.take().into_iter().chain(across));
+        let joined = LogicalPlan::Join(joined);
+        Ok(Transformed::yes(match conjunction(rest) {
+            Some(rest) => LogicalPlan::Filter(datafusion::logical_expr::Filter::try_new(
+                rest,
+                Arc::new(joined),
+            )?),
+            None => joined,
+        }))
+    })
+    .map(|t| t.data)
+}
+
 fn apply_thresholds(
     plan: LogicalPlan,
     thresholds: &HashMap<String, (Threshold, String)>,
@@ -1075,6 +1126,7 @@ fn apply_thresholds(
 ) -> Result<LogicalPlan> {
     let refuse =
         |why: String, rule: &str| EngineError::PermissionDenied(format!("{why} (rule: {rule})"));
+    let plan = joins_from_where(plan)?;
     let rewritten = plan.transform_up_with_subqueries(|node| {
         let Some((threshold, rule)) = protected_below(&node, thresholds) else {
             return Ok(Transformed::no(node));
@@ -1092,24 +1144,23 @@ fn apply_thresholds(
             LogicalPlan::Join(j) => {
                 let both = protected_below(&j.left, thresholds).is_some() && protected_below(&j.right, thresholds).is_some();
                 // SQL's `JOIN ... ON a = b` arrives as a join filter (the optimizer turns it into
-                // equi-join keys later): accept keys and filter conjuncts alike, all of them unit = unit.
+                // equi-join keys later), a comma join's `WHERE a = b` too (`joins_from_where`):
+                // accept keys and filter conjuncts alike. One conjunct unit = unit pairs rows of
+                // one unit only; further conditions can only drop such pairs (as they would in
+                // WHERE), never pair two units. A disjunction is one conjunct, and not unit = unit.
                 let mut pairs: Vec<(&Expr, &Expr)> = j.on.iter().map(|(l, r)| (l, r)).collect();
-                let mut other_conditions = false;
                 if let Some(f) = &j.filter {
                     for c in datafusion::logical_expr::utils::split_conjunction(f) {
-                        match c {
-                            Expr::BinaryExpr(b) if b.op == datafusion::logical_expr::Operator::Eq => {
+                        if let Expr::BinaryExpr(b) = c {
+                            if b.op == datafusion::logical_expr::Operator::Eq {
                                 pairs.push((b.left.as_ref(), b.right.as_ref()))
                             }
-                            _ => other_conditions = true,
                         }
                     }
                 }
-                let on_unit = !other_conditions
-                    && !pairs.is_empty()
-                    && pairs.iter().all(|(l, r)| {
-                        join_operand_is_unit(j, l, &sought) && join_operand_is_unit(j, r, &sought)
-                    });
+                let on_unit = pairs.iter().any(|(l, r)| {
+                    join_operand_is_unit(j, l, &sought) && join_operand_is_unit(j, r, &sought)
+                });
                 if both && !on_unit {
                     return Err(fail(refuse(
                         format!("datasets under an aggregation threshold may be joined only on {}", threshold.unit),

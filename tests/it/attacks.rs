@@ -122,7 +122,14 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("bob", "SELECT code, count(*) FROM clinical.conditions GROUP BY code HAVING count(DISTINCT patient_id) < 11", Answer(no_rows)),
     ("bob", "SELECT birth_date, count(*) FROM clinical.patients GROUP BY birth_date", Answer(no_rows)),
     ("bob", "SELECT count(*) FROM clinical.encounters e JOIN clinical.patients p ON e.site_id = p.site_id", Refused("PermissionDenied", "joined only on patient_id")),
-    ("bob", "SELECT count(*) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id AND e.site_id = p.site_id", Refused("PermissionDenied", "joined only on patient_id")),
+    // More in the join condition than unit = unit only drops same-patient pairs, as WHERE
+    // would; a rare group met that way is still suppressed.
+    ("bob", "SELECT c.code, count(*) FROM clinical.conditions c JOIN clinical.patients p ON c.patient_id = p.patient_id AND c.code = 'D81.0' GROUP BY c.code", Answer(no_rows)),
+    // Comma and cross joins are joins on what their WHERE says.
+    ("bob", "SELECT count(*) FROM clinical.encounters e, clinical.patients p", Refused("PermissionDenied", "joined only on patient_id")),
+    ("bob", "SELECT count(*) FROM clinical.encounters e CROSS JOIN clinical.patients p WHERE e.site_id = p.site_id", Refused("PermissionDenied", "joined only on patient_id")),
+    ("bob", "SELECT count(*) FROM clinical.encounters e, clinical.patients p WHERE e.patient_id = p.patient_id OR e.site_id = p.site_id", Refused("PermissionDenied", "joined only on patient_id")),
+    ("bob", "SELECT c.code, count(*) FROM clinical.conditions c, clinical.patients p WHERE c.patient_id = p.patient_id AND c.code = 'D81.0' GROUP BY c.code", Answer(no_rows)),
     ("bob", "SELECT count(*) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id OR e.site_id = p.site_id", Refused("PermissionDenied", "joined only on patient_id")),
     // The privacy-unit join is what cohort analysts need; its small groups are still suppressed.
     ("bob", "SELECT p.sex, count(DISTINCT p.patient_id) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id GROUP BY p.sex", Answer(any_answer)),
