@@ -1068,53 +1068,74 @@ fn join_operand_is_unit(j: &datafusion::logical_expr::Join, e: &Expr, unit: &Uni
         .is_some_and(|i| is_unit(&j.right, i, unit))
 }
 
-/// The plan with each `WHERE a.x = b.y` over an inner join (a comma join, `CROSS JOIN`, or
-/// `JOIN ... ON` with more in WHERE) moved into the join's condition, where the threshold's join
-/// check reads it: for an inner join the two are the same query, and DataFusion's optimizer
-/// moves them there itself later. Only equalities of a column from each side move; the rest of
-/// the WHERE stays above.
+/// The plan with each `WHERE a.x = b.y` over inner joins (comma joins, `CROSS JOIN`, or
+/// `JOIN ... ON` with more in WHERE) moved into the condition of the join that brings `a` and
+/// `b` together, where the threshold's join check reads it: for inner joins the two are the
+/// same query, and DataFusion's optimizer moves them there itself later. Equalities of a column
+/// from each side move into the join; conjuncts on one side only go down with that side when it
+/// is itself an inner join (`FROM a, b, c WHERE a.id = b.id AND b.id = c.id`); the rest stays.
 fn joins_from_where(plan: LogicalPlan) -> datafusion::common::Result<LogicalPlan> {
+    use datafusion::common::JoinType;
     use datafusion::logical_expr::utils::{conjunction, split_conjunction_owned};
-    plan.transform_up_with_subqueries(|node| {
+    use datafusion::logical_expr::{Filter, Join};
+    fn inner(plan: &LogicalPlan) -> Option<&Join> {
+        match plan {
+            LogicalPlan::Join(j) if j.join_type == JoinType::Inner => Some(j),
+            _ => None,
+        }
+    }
+    fn filtered(
+        predicate: Option<Expr>,
+        input: LogicalPlan,
+    ) -> datafusion::common::Result<LogicalPlan> {
+        Ok(match predicate {
+            Some(p) => LogicalPlan::Filter(Filter::try_new(p, Arc::new(input))?),
+            None => input,
+        })
+    }
+    plan.transform_down_with_subqueries(|node| {
         let LogicalPlan::Filter(filter) = &node else {
             return Ok(Transformed::no(node));
         };
-        let LogicalPlan::Join(join) = filter.input.as_ref() else {
+        let Some(join) = inner(filter.input.as_ref()) else {
             return Ok(Transformed::no(node));
         };
-        if join.join_type != datafusion::common::JoinType::Inner {
-            return Ok(Transformed::no(node));
+        let (left, right) = (join.left.schema(), join.right.schema());
+        // 0: left only, 1: right only, 2: both, None: neither or unknown.
+        let sides = |e: &Expr| {
+            let refs = e.column_refs();
+            let l = refs.iter().all(|c| left.has_column(c));
+            let r = refs.iter().all(|c| right.has_column(c));
+            match (refs.is_empty(), l, r) {
+                (true, _, _) | (_, true, true) => None,
+                (_, true, false) => Some(0),
+                (_, false, true) => Some(1),
+                _ => Some(2),
+            }
+        };
+        let (mut across, mut lefts, mut rights, mut rest) = (vec![], vec![], vec![], vec![]);
+        for c in split_conjunction_owned(filter.predicate.clone()) {
+            let equates_columns = matches!(&c, Expr::BinaryExpr(b)
+                if b.op == datafusion::logical_expr::Operator::Eq
+                    && matches!((b.left.as_ref(), b.right.as_ref()), (Expr::Column(_), Expr::Column(_))));
+            match sides(&c) {
+                Some(2) if equates_columns => across.push(c),
+                Some(0) if inner(&join.left).is_some() => lefts.push(c),
+                Some(1) if inner(&join.right).is_some() => rights.push(c),
+                _ => rest.push(c),
+            }
         }
-        let side_of = |e: &Expr| match e {
-            Expr::Column(c) if join.left.schema().has_column(c) => Some(0),
-            Expr::Column(c) if join.right.schema().has_column(c) => Some(1),
-            _ => None,
-        };
-        let (across, rest): (Vec<Expr>, Vec<Expr>) =
-            split_conjunction_owned(filter.predicate.clone())
-                .into_iter()
-                .partition(|c| match c {
-                    Expr::BinaryExpr(b) if b.op == datafusion::logical_expr::Operator::Eq => {
-                        matches!(
-                            (side_of(&b.left), side_of(&b.right)),
-                            (Some(0), Some(1)) | (Some(1), Some(0))
-                        )
-                    }
-                    _ => false,
-                });
-        if across.is_empty() {
+        if across.is_empty() && lefts.is_empty() && rights.is_empty() {
             return Ok(Transformed::no(node));
         }
         let mut joined = join.clone();
         joined.filter = conjunction(joined.filter.take().into_iter().chain(across));
-        let joined = LogicalPlan::Join(joined);
-        Ok(Transformed::yes(match conjunction(rest) {
-            Some(rest) => LogicalPlan::Filter(datafusion::logical_expr::Filter::try_new(
-                rest,
-                Arc::new(joined),
-            )?),
-            None => joined,
-        }))
+        joined.left = Arc::new(filtered(conjunction(lefts), joined.left.as_ref().clone())?);
+        joined.right = Arc::new(filtered(conjunction(rights), joined.right.as_ref().clone())?);
+        Ok(Transformed::yes(filtered(
+            conjunction(rest),
+            LogicalPlan::Join(joined),
+        )?))
     })
     .map(|t| t.data)
 }

@@ -129,6 +129,7 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("bob", "SELECT count(*) FROM clinical.encounters e, clinical.patients p", Refused("PermissionDenied", "joined only on patient_id")),
     ("bob", "SELECT count(*) FROM clinical.encounters e CROSS JOIN clinical.patients p WHERE e.site_id = p.site_id", Refused("PermissionDenied", "joined only on patient_id")),
     ("bob", "SELECT count(*) FROM clinical.encounters e, clinical.patients p WHERE e.patient_id = p.patient_id OR e.site_id = p.site_id", Refused("PermissionDenied", "joined only on patient_id")),
+    ("bob", "SELECT count(*) FROM clinical.conditions c, clinical.encounters e, clinical.patients p WHERE c.patient_id = e.patient_id AND e.site_id = p.site_id", Refused("PermissionDenied", "joined only on patient_id")),
     ("bob", "SELECT c.code, count(*) FROM clinical.conditions c, clinical.patients p WHERE c.patient_id = p.patient_id AND c.code = 'D81.0' GROUP BY c.code", Answer(no_rows)),
     ("bob", "SELECT count(*) FROM clinical.encounters e JOIN clinical.patients p ON e.patient_id = p.patient_id OR e.site_id = p.site_id", Refused("PermissionDenied", "joined only on patient_id")),
     // The privacy-unit join is what cohort analysts need; its small groups are still suppressed.
