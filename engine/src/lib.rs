@@ -27,6 +27,7 @@
 pub mod audit;
 mod budget;
 mod counted;
+mod depth;
 mod error;
 mod governed;
 mod keys;
@@ -34,6 +35,7 @@ pub mod masks;
 mod session;
 
 pub use budget::MemoryBudget;
+pub use depth::MAX_DEPTH as MAX_QUERY_DEPTH;
 pub use error::EngineError;
 pub use keys::KeyRing;
 pub use session::{AccessReport, Engine, EngineConfig, PlannedQuery, Session};

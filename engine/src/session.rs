@@ -758,7 +758,13 @@ impl Session {
         }
         let state = self.ctx.state();
         let dialect = state.config().options().sql_parser.dialect;
-        let mut statement = match state.sql_to_statement(sql, &dialect)? {
+        // Parsed on a stack of its own: a deep tree is refused (and dropped) there.
+        let parsed = crate::depth::on_parse_stack(sql, || {
+            let statement = state.sql_to_statement(sql, &dialect)?;
+            crate::depth::check(&statement).map_err(EngineError::InvalidQuery)?;
+            Ok::<_, EngineError>(statement)
+        });
+        let mut statement = match parsed? {
             DFStatement::Explain(e) if self.may_explain => {
                 return self.explain(*e.statement, e.options.analyze).await;
             }

@@ -541,6 +541,71 @@ async fn explain_shows_the_governed_plan_to_explain_roles_only() {
     assert!(assert_code(err, "PermissionDenied").contains("explain-admin-only"));
 }
 
+/// Queries that nest deeply (a long flat chain of operators parses into a tree as deep as it is
+/// long) are refused with a clear error, and the server keeps serving: a 5,000-term sum used to
+/// overflow a worker's stack and abort the process. Just under the limit, every stage (planning,
+/// optimizing, evaluating) still fits, in this debug build too.
+#[tokio::test]
+async fn deep_queries_are_refused_and_the_server_keeps_serving() {
+    let server = TestServer::start().await;
+    let mut carol = login(&server, "carol").await;
+    let terms = |n: usize, term: &str, op: &str| vec![term; n].join(op);
+    for sql in [
+        format!("SELECT {}", terms(5_000, "1", "+")),
+        format!("SELECT {}", terms(30_000, "1", "+")),
+        format!(
+            "SELECT count(*) FROM clinical.patients WHERE {}",
+            terms(3_000, "sex = 'x'", " OR ")
+        ),
+        format!(
+            "SELECT NOT {}",
+            terms(1_500, "x IS NULL", " IS NOT TRUE AND ")
+        ),
+        terms(1_500, "SELECT 1", " UNION ALL "),
+        // A deep tree that fails to parse is dropped on the parser's stack too.
+        format!("SELECT {} FROM", terms(30_000, "1", "+")),
+    ] {
+        let err = query(&mut carol, &sql).await.unwrap_err();
+        let text = assert_code(err, "InvalidArgument");
+        assert!(
+            text.contains("nests deeper than") || text.contains("SQL error"),
+            "{text}"
+        );
+    }
+    // Over the size limit, refused for its size: the audit trail's fingerprint parses it first
+    // (on a stack sized for it) and records it as too deep to render.
+    let huge = format!("SELECT {}", terms(500_000, "1", "+"));
+    let err = query(&mut carol, &huge).await.unwrap_err();
+    assert!(assert_code(err, "ResourceExhausted").contains("limit"));
+    // Explicit nesting stops at the parser's recursion limit.
+    let err = query(
+        &mut carol,
+        &format!("SELECT {}1{}", "(".repeat(200), ")".repeat(200)),
+    )
+    .await
+    .unwrap_err();
+    assert!(assert_code(err, "InvalidArgument").contains("recursion limit"));
+    // Just under the limit: answered, through planning, optimizing and evaluation.
+    let n = lakegate_engine::MAX_QUERY_DEPTH - 10;
+    let sum = query(&mut carol, &format!("SELECT {}", terms(n, "1", "+")))
+        .await
+        .unwrap();
+    assert_eq!(column_text(&sum, 0), vec![n.to_string()]);
+    let ors = format!(
+        "SELECT count(*) FROM clinical.encounters WHERE {} OR total_cost > 0",
+        terms(n - 5, "encounter_class = 'x'", " OR ")
+    );
+    let all = query(&mut carol, "SELECT count(*) FROM clinical.encounters")
+        .await
+        .unwrap();
+    let counted = query(&mut carol, &ors).await.unwrap();
+    assert_eq!(column_text(&counted, 0), column_text(&all, 0));
+    let unions = query(&mut carol, &terms(n, "SELECT 1 AS one", " UNION ALL "))
+        .await
+        .unwrap();
+    assert_eq!(unions.iter().map(|b| b.num_rows()).sum::<usize>(), n);
+}
+
 /// An ORDER BY holds over the whole result, not batch by batch: the cast that turns views into
 /// `Utf8` at the root must not let DataFusion split the sorted stream into partitions that
 /// then leave interleaved (apache/datafusion#21349). Small batches make any result span many.

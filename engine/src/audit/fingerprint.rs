@@ -11,10 +11,23 @@ use sqlparser::parser::Parser;
 /// `(normalized SQL, hex SHA-256 of it)`. Literals, typed literals (`DATE '...'`) and
 /// intervals become `?`. SQL that does not parse yields a fixed marker and no hash: hashing raw
 /// text would let anyone brute-force a short literal (an SSN) back out of the digest.
+///
+/// It parses the caller's SQL again, before the engine refuses anything, so it runs on the
+/// engine's parse stack and leaves a statement that nests too deep unrendered (see `depth.rs`).
 pub fn fingerprint(sql: &str) -> (String, String) {
+    crate::depth::on_parse_stack(sql, || normalize(sql))
+}
+
+fn normalize(sql: &str) -> (String, String) {
     let Ok(mut statements) = Parser::parse_sql(&GenericDialect {}, sql) else {
         return ("<unparsable>".into(), String::new());
     };
+    if statements
+        .iter()
+        .any(|s| crate::depth::check_sql(s).is_err())
+    {
+        return ("<too deep>".into(), String::new());
+    }
     for s in &mut statements {
         let _ = sqlparser::ast::visit_expressions_mut(s, |e| {
             let literal = match e {
@@ -63,5 +76,8 @@ mod tests {
             fingerprint("SELEC '123-45-6789'"),
             ("<unparsable>".into(), String::new())
         );
+        // Nor a statement too deep to render: its literals stay out too.
+        let deep = format!("SELECT {}", vec!["'123-45-6789'"; 40_000].join("||"));
+        assert_eq!(fingerprint(&deep), ("<too deep>".into(), String::new()));
     }
 }
