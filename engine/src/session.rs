@@ -5,6 +5,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
+use datafusion::arrow::record_batch::{RecordBatch, RecordBatchOptions};
 use datafusion::catalog::{
     CatalogProvider, MemoryCatalogProvider, MemoryCatalogProviderList, MemorySchemaProvider,
     SchemaProvider, TableProvider,
@@ -1510,9 +1511,43 @@ impl PlannedQuery {
         };
         let (physical, task) = physical_plan(&self.ctx, plan).await?;
         report.columns = touched_columns(&physical);
-        Ok((
-            datafusion::physical_plan::execute_stream(physical, task)?,
-            report,
-        ))
+        let stream = datafusion::physical_plan::execute_stream(physical, task)?;
+        Ok((as_announced(stream, self.schema), report))
     }
+}
+
+/// `stream` with the schema that planning announced (GetFlightInfo's), where the executed plan's
+/// differs only in nullability or metadata: the optimizer folds constants (`length('abc')`
+/// becomes a non-null 3), and clients that compare the two (the ADBC Flight SQL driver) refused
+/// the result as inconsistent. Batches are rebuilt under the announced schema, which checks
+/// that a column announced non-null holds no null.
+fn as_announced(
+    stream: SendableRecordBatchStream,
+    announced: SchemaRef,
+) -> SendableRecordBatchStream {
+    use futures::StreamExt;
+    let actual = stream.schema();
+    let same_types = actual.fields().len() == announced.fields().len()
+        && actual
+            .fields()
+            .iter()
+            .zip(announced.fields())
+            .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+    if actual == announced || !same_types {
+        return stream;
+    }
+    let schema = Arc::clone(&announced);
+    Box::pin(
+        datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+            announced,
+            stream.map(move |batch| {
+                let batch = batch?;
+                Ok(RecordBatch::try_new_with_options(
+                    Arc::clone(&schema),
+                    batch.columns().to_vec(),
+                    &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+                )?)
+            }),
+        ),
+    )
 }

@@ -155,6 +155,9 @@ def test_mallory_sees_nothing(server):
         ("COPY (SELECT 1) TO '/tmp/x.csv'", "COPY statements are refused"),
         ("SET datafusion.catalog.information_schema = true", "SET statements are refused"),
         ("EXPLAIN SELECT * FROM clinical.patients", "EXPLAIN is refused"),
+        # A flat chain parses into a tree as deep as it is long; 5,000 terms once crashed the server.
+        ("SELECT " + "+".join(["1"] * 5000), "nests deeper than 1000 levels"),
+        ("SELECT count(*) FROM clinical.encounters WHERE " + " OR ".join(["total_cost = 1"] * 2000), "nests deeper"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_server_keeps_serving(alice, sql, expected):
@@ -166,3 +169,13 @@ def test_bad_input_gets_a_clear_error_and_server_keeps_serving(alice, sql, expec
     assert "root:" not in str(err.value)
     cur.execute("SELECT 1 AS one")
     assert cur.fetchone() == (1,)
+
+
+def test_constant_results_match_the_announced_schema(alice):
+    # The driver compares DoGet's schema with GetFlightInfo's, nullability included; the
+    # optimizer folds these into non-null literals.
+    cur = alice.cursor()
+    cur.execute("SELECT length('abc') AS n, 1 + 1 AS two, upper('x') AS u")
+    assert cur.fetchall() == [(3, 2, "X")]
+    cur.execute("SELECT length('abc') + ? AS n", parameters=(2,))
+    assert cur.fetchall() == [(5,)]

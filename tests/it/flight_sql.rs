@@ -41,7 +41,10 @@ async fn login(server: &TestServer, user: &str) -> Client {
     c
 }
 
+/// Every endpoint's batches, each checked (as the ADBC driver does) to carry exactly the schema
+/// GetFlightInfo announced, nullability included.
 async fn fetch(client: &mut Client, info: FlightInfo) -> Result<Vec<RecordBatch>, FlightError> {
+    let announced = info.clone().try_decode_schema().expect("announced schema");
     let mut out = Vec::new();
     for ep in info.endpoint {
         assert!(
@@ -50,6 +53,13 @@ async fn fetch(client: &mut Client, info: FlightInfo) -> Result<Vec<RecordBatch>
         );
         let ticket = ep.ticket.expect("ticket");
         let batches: Vec<RecordBatch> = client.do_get(ticket).await?.try_collect().await?;
+        for b in &batches {
+            assert_eq!(
+                b.schema().as_ref(),
+                &announced,
+                "DoGet's schema is not the announced one"
+            );
+        }
         out.extend(batches);
     }
     Ok(out)
@@ -604,6 +614,32 @@ async fn deep_queries_are_refused_and_the_server_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(unions.iter().map(|b| b.num_rows()).sum::<usize>(), n);
+}
+
+/// The optimizer folds constants into non-null literals; the result still carries the schema
+/// GetFlightInfo announced (`fetch` checks it), or the ADBC driver refuses it as inconsistent.
+#[tokio::test]
+async fn folded_constants_keep_the_announced_schema() {
+    let server = TestServer::start().await;
+    let mut carol = login(&server, "carol").await;
+    for sql in [
+        "SELECT length('abc') AS n",
+        "SELECT 1 + 1 AS two, upper('x') AS u, CAST(NULL AS INT) AS nothing",
+        "SELECT patient_id, length('abc') AS n, coalesce(death_date, DATE '2000-01-01') AS d FROM clinical.patients LIMIT 3",
+    ] {
+        let batches = query(&mut carol, sql).await.unwrap();
+        assert!(rows(&batches) > 0, "{sql}");
+    }
+    let mut prepared = carol
+        .prepare("SELECT length('abc') + $1 AS n".to_string(), None)
+        .await
+        .unwrap();
+    let params =
+        RecordBatch::try_from_iter([("$1", Arc::new(Int64Array::from(vec![2])) as Arc<dyn Array>)])
+            .unwrap();
+    prepared.set_parameters(params).unwrap();
+    let info = prepared.execute().await.unwrap();
+    assert_eq!(column_text(&fetch(&mut carol, info).await.unwrap(), 0), ["5"]);
 }
 
 /// An ORDER BY holds over the whole result, not batch by batch: the cast that turns views into
