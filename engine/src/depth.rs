@@ -28,10 +28,18 @@ const PARSE_STACK: usize = 16 << 20;
 /// and under 128 bytes of stack to drop (debug builds included).
 const STACK_PER_BYTE: usize = 256;
 
+/// SQL this short parses into at most a few thousand levels (each takes two bytes or more, or
+/// counts against the parser's recursion limit), which the calling thread's stack holds.
+const SHORT_SQL: usize = 4 << 10;
+
 /// Run `f` (parsing `sql`, then [`check`]) on a stack deep enough for any tree that `sql` can
-/// parse into, including dropping it when refused. The stack is reserved, not touched: only
-/// what a deep tree uses is ever written.
+/// parse into, including dropping it when refused. Short SQL (nearly every query) runs where it
+/// is; longer SQL on a stack of its own, reserved per call (mapping it costs more than planning
+/// a short query gains from skipping it: bob's cohort count planned 0.9 ms slower with it).
 pub(crate) fn on_parse_stack<T>(sql: &str, f: impl FnOnce() -> T) -> T {
+    if sql.len() <= SHORT_SQL {
+        return f();
+    }
     let size = PARSE_STACK.max(sql.len().saturating_mul(STACK_PER_BYTE));
     stacker::grow(size, f)
 }
@@ -121,7 +129,11 @@ mod tests {
         ] {
             assert_eq!(check(&parse(&ok)), Ok(()), "{}", &ok[..40]);
         }
+        // The deepest chain short enough to be parsed on the caller's stack.
+        let short = chain(2_044, "+");
+        assert!(short.len() <= SHORT_SQL, "{}", short.len());
         for deep in [
+            short,
             chain(MAX_DEPTH + 1, " + "),
             chain(30_000, " OR "),
             format!(

@@ -639,7 +639,10 @@ async fn folded_constants_keep_the_announced_schema() {
             .unwrap();
     prepared.set_parameters(params).unwrap();
     let info = prepared.execute().await.unwrap();
-    assert_eq!(column_text(&fetch(&mut carol, info).await.unwrap(), 0), ["5"]);
+    assert_eq!(
+        column_text(&fetch(&mut carol, info).await.unwrap(), 0),
+        ["5"]
+    );
 }
 
 /// An ORDER BY holds over the whole result, not batch by batch: the cast that turns views into
