@@ -295,6 +295,16 @@ impl LakegateService {
         self.ticket_info(&principal, schema, body, request.into_inner())
     }
 
+    /// The audit fingerprint of `sql`; SQL over the size limit (refused, and audited, for its
+    /// size) is not even parsed.
+    fn fingerprint(&self, sql: &str) -> (String, String) {
+        if sql.len() <= self.engine.config().max_sql_bytes {
+            fingerprint(sql)
+        } else {
+            ("<too long>".to_string(), String::new())
+        }
+    }
+
     /// Plan `sql` for `principal` and audit the decision (`kind`: plan, prepare, query). An
     /// allowed decision that cannot be recorded is refused.
     async fn plan_audited(
@@ -303,7 +313,7 @@ impl LakegateService {
         event: AuditEvent,
         sql: &str,
     ) -> Result<(PlannedQuery, AuditEvent), Status> {
-        let (normalized, digest) = fingerprint(sql);
+        let (normalized, digest) = self.fingerprint(sql);
         let mut e = event.by(principal);
         e.fingerprint = normalized;
         e.fingerprint_sha256 = digest;
@@ -370,7 +380,7 @@ impl LakegateService {
             Ok(g) => g,
             Err(status) => {
                 let mut e = event.by(principal);
-                let (normalized, digest) = fingerprint(sql);
+                let (normalized, digest) = self.fingerprint(sql);
                 e.fingerprint = normalized;
                 e.fingerprint_sha256 = digest;
                 e.outcome = outcome_of(&status).into();

@@ -384,3 +384,19 @@ async fn a_trail_that_cannot_be_written_refuses_queries_with_unavailable() {
     assert_eq!(code_of(&err), "Unavailable", "{err}");
     assert!(err.to_string().contains("audit-fail-closed"), "{err}");
 }
+
+/// SQL over the size limit is audited without being parsed; SQL that nests too deep is parsed
+/// (on a stack of its own) but recorded without a rendering: neither stalls nor crashes the trail.
+#[tokio::test]
+async fn oversized_and_too_deep_sql_are_audited_unrendered() {
+    let server = TestServer::start().await;
+    let mut carol = login(&server, "carol").await;
+    let long = format!("SELECT {}", vec!["1"; 500_000].join("+"));
+    assert!(sql(&mut carol, &long).await.is_err());
+    let deep = format!("SELECT {}", vec!["1"; 5_000].join("+"));
+    assert!(sql(&mut carol, &deep).await.is_err());
+    for marker in ["<too long>", "<too deep>"] {
+        let filter = format!("principal = 'carol' AND fingerprint = '{marker}'");
+        assert_eq!(erin_count(&server, &filter, 1).await, 1, "{marker}");
+    }
+}
