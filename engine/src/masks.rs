@@ -2,7 +2,9 @@
 //! UTF-8 input. The keyed masks (pseudonym, date shift) are UDFs that carry their project's key;
 //! they are never registered in a session, so no query can call them with another key.
 
-use std::sync::Arc;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::{Arc, Weak};
 
 use chrono::Datelike;
 use datafusion::arrow::array::{
@@ -244,13 +246,82 @@ fn shifted<T: Copy>(
     out
 }
 
-fn shift_days(base: &HmacSha256, max_days: u32, subject: &str) -> i64 {
-    let mut m = base.clone();
-    m.update(subject.as_bytes());
-    let d = m.finalize().into_bytes();
-    let n = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
+/// The offset of a subject's dates, from bytes of its digest that its pseudonym does not show
+/// (the pseudonym shows the first 12), so knowing one tells nothing of the other.
+fn shift_days(digest: &Digest, max_days: u32) -> i64 {
+    let n = u64::from_le_bytes(digest[24..32].try_into().expect("8 bytes"));
     let span = 2 * u64::from(max_days) + 1;
     (n % span) as i64 - i64::from(max_days)
+}
+
+/// A subject id's keyed digest, `HMAC-SHA256(project key, "pseudonym\0" || id)`: its first 12
+/// bytes are the id's pseudonym, its last 8 the subject's date shift. (The domain is named for
+/// the pseudonym, which it served alone first; it stays so pseudonyms stay stable.)
+type Digest = [u8; 32];
+const SUBJECT_DOMAIN: &[u8] = b"pseudonym\0";
+
+/// One digest per run of equal subject ids, `None` for a run of nulls.
+type RunDigests = Rc<[(std::ops::Range<usize>, Option<Digest>)]>;
+
+/// How many subject columns a thread remembers the digests of.
+const DIGEST_CACHE_LEN: usize = 4;
+
+thread_local! {
+    /// The digests of the subject columns this thread met last. A projection evaluates its
+    /// expressions one after another on one thread, so the pseudonym of `patient_id` and every
+    /// date shift keyed on it read the same array of the same batch: one HMAC per patient
+    /// serves them all, where an HMAC per patient per mask was most of their cost. Entries
+    /// hold a weak reference to the array: it keeps the allocation's address from being
+    /// reused (so an equal pointer is the same array, the same values) without keeping its
+    /// buffers alive.
+    static DIGESTS: RefCell<Vec<KnownDigests>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The digests of one subject array under one project key.
+struct KnownDigests {
+    key: ProjectKey,
+    subjects: Weak<dyn Array>,
+    digests: RunDigests,
+}
+
+/// The digests of `subjects` under `key`, computed once per array and key on this thread.
+fn subject_digests(key: &ProjectKey, subjects: &ArrayRef) -> DFResult<RunDigests> {
+    let hit = DIGESTS.with_borrow(|cache| {
+        cache
+            .iter()
+            .find(|k| {
+                std::ptr::addr_eq(k.subjects.as_ptr(), Arc::as_ptr(subjects)) && k.key == *key
+            })
+            .map(|k| Rc::clone(&k.digests))
+    });
+    if let Some(digests) = hit {
+        return Ok(digests);
+    }
+    let strings = Strings::of(subjects)?;
+    let base = key.mac(SUBJECT_DOMAIN);
+    let digests: RunDigests = strings
+        .runs()
+        .into_iter()
+        .map(|run| {
+            let digest = (!strings.is_null(run.start)).then(|| {
+                let mut m = base.clone();
+                m.update(strings.value(run.start).as_bytes());
+                Digest::from(m.finalize().into_bytes())
+            });
+            (run, digest)
+        })
+        .collect();
+    DIGESTS.with_borrow_mut(|cache| {
+        if cache.len() == DIGEST_CACHE_LEN {
+            cache.remove(0);
+        }
+        cache.push(KnownDigests {
+            key: key.clone(),
+            subjects: Arc::downgrade(subjects),
+            digests: Rc::clone(&digests),
+        });
+    });
+    Ok(digests)
 }
 
 fn year_start_days(year: i32) -> i32 {
@@ -289,27 +360,22 @@ impl ScalarUDFImpl for MaskUdf {
         let a = &arrays[0];
         let out: ArrayRef = match &self.kernel {
             Kernel::Pseudonym(key) => {
-                let strings = Strings::of(a)?;
-                let base = key.mac(b"pseudonym\0");
+                let digests = subject_digests(key, a)?;
                 // Every pseudonym has the same length: size the output once.
-                let mut out =
-                    StringBuilder::with_capacity(strings.len(), strings.len() * PSEUDONYM_LEN);
+                let mut out = StringBuilder::with_capacity(a.len(), a.len() * PSEUDONYM_LEN);
                 let mut pseudonym = String::with_capacity(PSEUDONYM_LEN);
-                for run in strings.runs() {
-                    if strings.is_null(run.start) {
+                for (run, digest) in digests.iter() {
+                    let Some(d) = digest else {
                         out.append_nulls(run.len());
                         continue;
-                    }
-                    let mut m = base.clone();
-                    m.update(strings.value(run.start).as_bytes());
-                    let d = m.finalize().into_bytes();
+                    };
                     pseudonym.clear();
                     pseudonym.push_str("ps_");
                     for b in &d[..12] {
                         pseudonym.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
                         pseudonym.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
                     }
-                    for _ in run {
+                    for _ in run.clone() {
                         out.append_value(&pseudonym);
                     }
                 }
@@ -330,20 +396,15 @@ impl ScalarUDFImpl for MaskUdf {
             })?,
             Kernel::DateShift { key, max_days } => {
                 let subjects = Strings::of(&arrays[1])?;
-                let base = key.mac(b"date-shift\0");
+                let digests = subject_digests(key, &arrays[1])?;
                 // One offset per run of a subject's rows; a row without a subject cannot be
                 // shifted consistently: hidden (null), as a null value stays null.
                 let nulls = NullBuffer::union(a.logical_nulls().as_ref(), subjects.nulls());
-                let runs: Vec<(std::ops::Range<usize>, i64)> = subjects
-                    .runs()
-                    .into_iter()
-                    .map(|run| {
-                        let offset = if subjects.is_null(run.start) {
-                            0
-                        } else {
-                            shift_days(&base, *max_days, subjects.value(run.start))
-                        };
-                        (run, offset)
+                let runs: Vec<(std::ops::Range<usize>, i64)> = digests
+                    .iter()
+                    .map(|(run, digest)| {
+                        let offset = digest.as_ref().map_or(0, |d| shift_days(d, *max_days));
+                        (run.clone(), offset)
                     })
                     .collect();
                 match a.data_type() {
@@ -649,6 +710,64 @@ mod tests {
         assert!(out.is_null(3));
         // A date without a subject cannot be shifted consistently: hidden.
         assert!(out.is_null(4));
+    }
+
+    #[test]
+    fn pseudonym_and_date_shift_derive_from_one_digest_of_the_subject() {
+        // Known answer: the pseudonym shows the digest's first 12 bytes, the date shift reads
+        // its last 8, so one HMAC per subject serves both and neither reveals the other.
+        let key = ProjectKey([9; 32]);
+        let mut m = HmacSha256::new_from_slice(&key.0).unwrap();
+        m.update(b"pseudonym\0P1");
+        let d = m.finalize().into_bytes();
+        let hex: String = d[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let n = u64::from_le_bytes(d[24..32].try_into().unwrap());
+        let offset = (n % 61) as i32 - 30;
+
+        let ids: ArrayRef = Arc::new(datafusion::arrow::array::StringViewArray::from(vec![
+            Some("P1"),
+            Some("P1"),
+            None,
+            Some("P2"),
+        ]));
+        let dates: ArrayRef = Arc::new(Date32Array::from(vec![Some(20_000); 4]));
+        let shift = Mask::DateShift {
+            subject: "s".into(),
+            max_days: 30,
+        };
+        // In either order on the same array (as one projection evaluates them), and on a copy
+        // of it (computed afresh), the answers are the same.
+        let shifted = run(
+            &shift,
+            Arc::clone(&dates),
+            Some(&key),
+            Some(Arc::clone(&ids)),
+        );
+        let pseudonyms = strings(&run(&Mask::Pseudonym, Arc::clone(&ids), Some(&key), None));
+        assert_eq!(pseudonyms[0].as_deref(), Some(format!("ps_{hex}").as_str()));
+        assert_eq!(pseudonyms[0], pseudonyms[1]);
+        assert_eq!(pseudonyms[2], None);
+        assert_ne!(pseudonyms[3], pseudonyms[0]);
+        let days = shifted.as_primitive::<datafusion::arrow::datatypes::Date32Type>();
+        assert_eq!(days.value(0), 20_000 + offset);
+        assert!(days.is_null(2));
+
+        let copy: ArrayRef = Arc::new(datafusion::arrow::array::StringViewArray::from(vec![
+            Some("P1"),
+            Some("P1"),
+            None,
+            Some("P2"),
+        ]));
+        let fresh = strings(&run(&Mask::Pseudonym, Arc::clone(&copy), Some(&key), None));
+        assert_eq!(fresh, pseudonyms);
+        assert_eq!(
+            &run(&shift, Arc::clone(&dates), Some(&key), Some(copy)),
+            &shifted
+        );
+        // Another project's key on the same array is not answered from the first one's digests.
+        let other = ProjectKey([10; 32]);
+        let theirs = strings(&run(&Mask::Pseudonym, Arc::clone(&ids), Some(&other), None));
+        assert_ne!(theirs[0], pseudonyms[0]);
     }
 
     #[test]
