@@ -256,9 +256,40 @@ async fn metadata_lists_only_visible_datasets() {
             .as_any()
             .downcast_ref::<StringArray>()
             .unwrap();
-        assert!(b.column_by_name("table_schema").is_some());
+        let table_schemas = b
+            .column_by_name("table_schema")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<arrow::array::BinaryArray>()
+            .unwrap();
         for i in 0..b.num_rows() {
             names.push(format!("{}.{}", schemas.value(i), tables.value(i)));
+            // Each column carries Flight SQL's column metadata: clients (ADBC's
+            // `xdbc_type_name`, SQLAlchemy's reflected types) read the SQL type name from it.
+            let schema =
+                arrow::ipc::convert::try_schema_from_ipc_buffer(table_schemas.value(i)).unwrap();
+            for f in schema.fields() {
+                let md = f.metadata();
+                let type_name = md.get("ARROW:FLIGHT:SQL:TYPE_NAME").map(String::as_str);
+                let expected = match f.data_type() {
+                    DataType::Utf8 => "VARCHAR",
+                    DataType::Int64 => "BIGINT",
+                    DataType::Float64 => "DOUBLE",
+                    DataType::Boolean => "BOOLEAN",
+                    DataType::Date32 => "DATE",
+                    DataType::Timestamp(_, Some(_)) => "TIMESTAMP WITH TIME ZONE",
+                    other => panic!("{}: unexpected type {other}", f.name()),
+                };
+                assert_eq!(type_name, Some(expected), "{}", f.name());
+                assert_eq!(
+                    md.get("ARROW:FLIGHT:SQL:TABLE_NAME"),
+                    Some(&tables.value(i).to_string())
+                );
+                assert_eq!(
+                    md.get("ARROW:FLIGHT:SQL:SCHEMA_NAME"),
+                    Some(&schemas.value(i).to_string())
+                );
+            }
         }
     }
     names.sort();
