@@ -1007,9 +1007,7 @@ fn describe_rule(dataset: &str, action: Action, rule: &str, o: &Obligations) -> 
 /// Only datasets under a threshold with this unit supply units: a dataset the caller may read
 /// row by row, joined on some other key, could otherwise lend its own patients to a group.
 fn is_unit(plan: &LogicalPlan, i: usize, unit: &Units) -> bool {
-    use datafusion::common::JoinType;
-    use datafusion::logical_expr::Distinct;
-    match plan {
+    let scanned_unit = |node: &LogicalPlan, i: usize| match node {
         LogicalPlan::TableScan(scan) => {
             governed_dataset(scan).is_some_and(|d| {
                 unit.thresholds
@@ -1018,42 +1016,104 @@ fn is_unit(plan: &LogicalPlan, i: usize, unit: &Units) -> bool {
             }) && i < scan.projected_schema.fields().len()
                 && scan.projected_schema.field(i).name() == unit.name
         }
+        _ => false,
+    };
+    traces_to(plan, i, false, &scanned_unit)
+}
+
+/// Whether output column `i` of `plan` holds a governed dataset's values as its scan read them
+/// (renamed, and cast if `casts`), or an aggregate's output (a group key or an aggregate that
+/// the thresholds check in turn). An aggregate over thresholded data may only take such
+/// columns: an argument computed from a condition (`sum(CASE WHEN birth_date = ... THEN
+/// total_cost END)`, `count(*) FILTER (WHERE ...)`, a weight joined in from `VALUES` or a
+/// literal of one union branch) would release one patient's value inside a group the
+/// threshold counts as large. Conditions belong in WHERE or GROUP BY, where groups are counted.
+fn carries_dataset_values(plan: &LogicalPlan, i: usize) -> bool {
+    let read = |node: &LogicalPlan, _: usize| match node {
+        LogicalPlan::TableScan(scan) => governed_dataset(scan).is_some(),
+        LogicalPlan::Aggregate(_) => true,
+        _ => false,
+    };
+    traces_to(plan, i, true, &read)
+}
+
+/// Follows output column `i` of `plan` down through renames (and casts, if `casts`), filters,
+/// sorts, limits, unions (every branch) and joins to the node that produced it, and asks
+/// `source` about that node's column. A column computed by any other expression traces to
+/// nothing.
+fn traces_to(
+    plan: &LogicalPlan,
+    i: usize,
+    casts: bool,
+    source: &dyn Fn(&LogicalPlan, usize) -> bool,
+) -> bool {
+    use datafusion::common::JoinType;
+    use datafusion::logical_expr::Distinct;
+    let down = |input: &LogicalPlan, i: usize| traces_to(input, i, casts, source);
+    match plan {
         LogicalPlan::Projection(p) => {
-            match p.expr.get(i).map(|e| e.clone().unalias_nested().data) {
-                Some(Expr::Column(c)) => p
+            let Some(e) = p.expr.get(i).map(|e| e.clone().unalias_nested().data) else {
+                return false;
+            };
+            match if casts { uncast(e) } else { e } {
+                Expr::Column(c) => p
                     .input
                     .schema()
                     .maybe_index_of_column(&c)
-                    .is_some_and(|j| is_unit(&p.input, j, unit)),
+                    .is_some_and(|j| down(&p.input, j)),
                 _ => false,
             }
         }
-        LogicalPlan::SubqueryAlias(a) => is_unit(&a.input, i, unit),
-        LogicalPlan::Filter(f) => is_unit(&f.input, i, unit),
-        LogicalPlan::Sort(s) => is_unit(&s.input, i, unit),
-        LogicalPlan::Limit(l) => is_unit(&l.input, i, unit),
-        LogicalPlan::Repartition(r) => is_unit(&r.input, i, unit),
-        LogicalPlan::Distinct(Distinct::All(input)) => is_unit(input, i, unit),
-        LogicalPlan::Union(u) => u.inputs.iter().all(|input| is_unit(input, i, unit)),
+        LogicalPlan::SubqueryAlias(a) => down(&a.input, i),
+        LogicalPlan::Filter(f) => down(&f.input, i),
+        LogicalPlan::Sort(s) => down(&s.input, i),
+        LogicalPlan::Limit(l) => down(&l.input, i),
+        LogicalPlan::Repartition(r) => down(&r.input, i),
+        LogicalPlan::Distinct(Distinct::All(input)) => down(input, i),
+        LogicalPlan::Union(u) => u.inputs.iter().all(|input| down(input, i)),
         LogicalPlan::Join(j) => {
             let left = j.left.schema().fields().len();
             match j.join_type {
                 JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full => {
                     if i < left {
-                        is_unit(&j.left, i, unit)
+                        down(&j.left, i)
                     } else {
-                        is_unit(&j.right, i - left, unit)
+                        down(&j.right, i - left)
                     }
                 }
                 JoinType::LeftSemi | JoinType::LeftAnti | JoinType::LeftMark => {
-                    i < left && is_unit(&j.left, i, unit)
+                    i < left && down(&j.left, i)
                 }
                 JoinType::RightSemi | JoinType::RightAnti | JoinType::RightMark => {
-                    i < j.right.schema().fields().len() && is_unit(&j.right, i, unit)
+                    i < j.right.schema().fields().len() && down(&j.right, i)
                 }
             }
         }
+        other => source(other, i),
+    }
+}
+
+/// Whether an argument of an aggregate over `input` is a column `carries_dataset_values` (cast
+/// at most) or a literal (`count(*)` counts `1`).
+fn plain_argument(input: &LogicalPlan, arg: &Expr) -> bool {
+    match uncast(arg.clone().unalias_nested().data) {
+        Expr::Literal(..) => true,
+        Expr::Column(c) => input
+            .schema()
+            .maybe_index_of_column(&c)
+            .is_some_and(|i| carries_dataset_values(input, i)),
         _ => false,
+    }
+}
+
+/// `e` without the casts around it.
+fn uncast(mut e: Expr) -> Expr {
+    loop {
+        match e {
+            Expr::Cast(c) => e = *c.expr,
+            Expr::TryCast(c) => e = *c.expr,
+            other => return other,
+        }
     }
 }
 
@@ -1216,6 +1276,16 @@ fn apply_thresholds(
                             ),
                             &rule,
                         )));
+                    }
+                    if let Expr::AggregateFunction(f) = e.clone().unalias_nested().data {
+                        if f.params.filter.is_some() || !f.params.args.iter().all(|a| plain_argument(&agg.input, a)) {
+                            return Err(fail(refuse(
+                                format!(
+                                    "aggregate {name} over data under an aggregation threshold must take columns of the data as they are (a FILTER clause, CASE or other expression could single out one patient within a group); put conditions in WHERE or GROUP BY"
+                                ),
+                                &rule,
+                            )));
+                        }
                     }
                 }
                 let input = agg.input.schema();

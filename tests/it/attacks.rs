@@ -165,6 +165,18 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("bob", "SELECT p, count(*) FROM (SELECT patient_id AS p, encounter_id AS patient_id FROM clinical.encounters) t GROUP BY p", Answer(no_rows)),
     ("bob", "SELECT count(*) FROM clinical.encounters e JOIN (SELECT encounter_id AS patient_id FROM clinical.observations) o ON e.patient_id = o.patient_id", Refused("PermissionDenied", "joined only on patient_id")),
     ("bob", "SELECT s, count(*) FROM (SELECT site_id AS s, upper(patient_id) AS patient_id FROM clinical.patients) t GROUP BY s", Refused("PermissionDenied", "privacy unit patient_id")),
+    // Targeting inside a large group: an aggregate's argument built from a condition would
+    // carry one patient's value (or presence) in a group of thousands. Aggregates over
+    // thresholded data take columns as they are; conditions go to WHERE or GROUP BY, where the
+    // threshold counts the patients they leave.
+    ("bob", "SELECT site_id, count(CASE WHEN birth_date = DATE '1950-03-04' AND zip = '02139' THEN 1 END) FROM clinical.patients GROUP BY site_id", Refused("PermissionDenied", "must take columns of the data as they are")),
+    ("bob", "SELECT site_id, sum(CASE WHEN sex = 'F' THEN total_cost ELSE 0 END) FROM clinical.encounters e JOIN clinical.patients p USING (patient_id, site_id) GROUP BY site_id", Refused("PermissionDenied", "must take columns")),
+    ("bob", "SELECT site_id, count(*) FILTER (WHERE zip = '02139') FROM clinical.patients GROUP BY site_id", Refused("PermissionDenied", "must take columns")),
+    ("bob", "SELECT site_id, sum(x) FROM (SELECT site_id, patient_id, CASE WHEN birth_date = DATE '1950-03-04' THEN 1 ELSE 0 END AS x FROM clinical.patients) t GROUP BY site_id", Refused("PermissionDenied", "must take columns")),
+    ("bob", "SELECT site_id, sum(power(total_cost, 20)) FROM clinical.encounters GROUP BY site_id", Refused("PermissionDenied", "must take columns")),
+    ("bob", "SELECT p.site_id, sum(v.w) FROM clinical.patients p JOIN (VALUES ('02139', 1000000)) v(z, w) ON p.zip = v.z GROUP BY p.site_id", Refused("PermissionDenied", "must take columns")),
+    ("bob", "SELECT site_id, sum(w) FROM (SELECT site_id, patient_id, 1 AS w FROM clinical.patients WHERE zip = '02139' UNION ALL SELECT site_id, patient_id, 0 FROM clinical.patients WHERE zip <> '02139') t GROUP BY site_id", Refused("PermissionDenied", "must take columns")),
+    ("bob", "SELECT site_id, avg(CAST(total_cost AS DOUBLE)), count(DISTINCT patient_id) FROM clinical.encounters GROUP BY site_id", Answer(any_answer)),
     ("bob", "SELECT count(*) FROM omics.variants", Refused("InvalidArgument", "not found")),
     // Nothing at all for those without grants.
     ("mallory", "SELECT * FROM clinical.patients", Refused("InvalidArgument", "not found")),
