@@ -1265,7 +1265,8 @@ fn apply_thresholds(
                     )));
                 }
                 for e in &agg.aggr_expr {
-                    let name = match e.clone().unalias_nested().data {
+                    let e = e.clone().unalias_nested().data;
+                    let name = match &e {
                         Expr::AggregateFunction(f) => f.func.name().to_ascii_lowercase(),
                         other => other.schema_name().to_string(),
                     };
@@ -1277,7 +1278,7 @@ fn apply_thresholds(
                             &rule,
                         )));
                     }
-                    if let Expr::AggregateFunction(f) = e.clone().unalias_nested().data {
+                    if let Expr::AggregateFunction(f) = &e {
                         if f.params.filter.is_some() || !f.params.args.iter().all(|a| plain_argument(&agg.input, a)) {
                             return Err(fail(refuse(
                                 format!(
