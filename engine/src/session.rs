@@ -1018,44 +1018,72 @@ fn is_unit(plan: &LogicalPlan, i: usize, unit: &Units) -> bool {
         }
         _ => false,
     };
-    traces_to(plan, i, false, &scanned_unit)
+    traces_to(
+        plan,
+        i,
+        Trace {
+            casts: false,
+            optional: true,
+        },
+        &scanned_unit,
+    )
 }
 
 /// Whether output column `i` of `plan` holds a governed dataset's values as its scan read them
-/// (renamed, and cast if `casts`), or an aggregate's output (a group key or an aggregate that
+/// (renamed, cast), or an aggregate's output (a group key or an aggregate that
 /// the thresholds check in turn). An aggregate over thresholded data may only take such
 /// columns: an argument computed from a condition (`sum(CASE WHEN birth_date = ... THEN
 /// total_cost END)`, `count(*) FILTER (WHERE ...)`, a weight joined in from `VALUES` or a
 /// literal of one union branch) would release one patient's value inside a group the
 /// threshold counts as large. Conditions belong in WHERE or GROUP BY, where groups are counted.
-fn carries_dataset_values(plan: &LogicalPlan, i: usize) -> bool {
+/// With `optional` false, a column from the optional side of an outer join does not count
+/// (see [`plain_argument`]).
+fn carries_dataset_values(plan: &LogicalPlan, i: usize, optional: bool) -> bool {
     let read = |node: &LogicalPlan, _: usize| match node {
         LogicalPlan::TableScan(scan) => governed_dataset(scan).is_some(),
         LogicalPlan::Aggregate(_) => true,
         _ => false,
     };
-    traces_to(plan, i, true, &read)
+    traces_to(
+        plan,
+        i,
+        Trace {
+            casts: true,
+            optional,
+        },
+        &read,
+    )
 }
 
-/// Follows output column `i` of `plan` down through renames (and casts, if `casts`), filters,
-/// sorts, limits, unions (every branch) and joins to the node that produced it, and asks
-/// `source` about that node's column. A column computed by any other expression traces to
-/// nothing.
+/// What [`traces_to`] lets a column pass through on its way down.
+#[derive(Clone, Copy)]
+struct Trace {
+    /// Casts (`CAST(x AS DOUBLE)` still carries `x`'s values).
+    casts: bool,
+    /// The side of an outer join that may find no match (the right of a LEFT JOIN, the left
+    /// of a RIGHT JOIN, both of a FULL JOIN): its columns are NULL on the rows that did not.
+    optional: bool,
+}
+
+/// Follows output column `i` of `plan` down through renames (and casts, if `trace.casts`),
+/// filters, sorts, limits, unions (every branch) and joins (the optional side of an outer join
+/// only if `trace.optional`) to the node that produced it, and asks `source` about that node's
+/// column. A column computed by any other expression traces to nothing.
 fn traces_to(
     plan: &LogicalPlan,
     i: usize,
-    casts: bool,
+    trace: Trace,
     source: &dyn Fn(&LogicalPlan, usize) -> bool,
 ) -> bool {
     use datafusion::common::JoinType;
     use datafusion::logical_expr::Distinct;
-    let down = |input: &LogicalPlan, i: usize| traces_to(input, i, casts, source);
+    let down = |input: &LogicalPlan, i: usize| traces_to(input, i, trace, source);
     match plan {
         LogicalPlan::Projection(p) => {
             let Some(e) = p.expr.get(i).map(|e| e.clone().unalias_nested().data) else {
                 return false;
             };
-            match if casts { uncast(e) } else { e } {
+            match if trace.casts { uncast(e) } else { e } {
                 Expr::Column(c) => p
                     .input
                     .schema()
@@ -1075,7 +1103,15 @@ fn traces_to(
             let left = j.left.schema().fields().len();
             match j.join_type {
                 JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full => {
-                    if i < left {
+                    let optional = match j.join_type {
+                        JoinType::Left => i >= left,
+                        JoinType::Right => i < left,
+                        JoinType::Full => true,
+                        _ => false,
+                    };
+                    if optional && !trace.optional {
+                        false
+                    } else if i < left {
                         down(&j.left, i)
                     } else {
                         down(&j.right, i - left)
@@ -1094,14 +1130,18 @@ fn traces_to(
 }
 
 /// Whether an argument of an aggregate over `input` is a column `carries_dataset_values` (cast
-/// at most) or a literal (`count(*)` counts `1`).
-fn plain_argument(input: &LogicalPlan, arg: &Expr) -> bool {
+/// at most) or a literal (`count(*)` counts `1`); with `optional` false, not from the optional
+/// side of an outer join. The threshold counts the patients of a group's rows, but such a
+/// column holds values only where the join found a match: `patients p LEFT JOIN (SELECT ...
+/// FROM encounters WHERE <one patient>) x ON ...` puts one patient's `avg(x.total_cost)` in a
+/// group of thousands, exactly as a CASE would.
+fn plain_argument(input: &LogicalPlan, arg: &Expr, optional: bool) -> bool {
     match uncast(arg.clone().unalias_nested().data) {
         Expr::Literal(..) => true,
         Expr::Column(c) => input
             .schema()
             .maybe_index_of_column(&c)
-            .is_some_and(|i| carries_dataset_values(input, i)),
+            .is_some_and(|i| carries_dataset_values(input, i, optional)),
         _ => false,
     }
 }
@@ -1279,10 +1319,18 @@ fn apply_thresholds(
                         )));
                     }
                     if let Expr::AggregateFunction(f) = &e {
-                        if f.params.filter.is_some() || !f.params.args.iter().all(|a| plain_argument(&agg.input, a)) {
+                        if f.params.filter.is_some() || !f.params.args.iter().all(|a| plain_argument(&agg.input, a, true)) {
                             return Err(fail(refuse(
                                 format!(
                                     "aggregate {name} over data under an aggregation threshold must take columns of the data as they are (a FILTER clause, CASE or other expression could single out one patient within a group); put conditions in WHERE or GROUP BY"
+                                ),
+                                &rule,
+                            )));
+                        }
+                        if !f.params.args.iter().all(|a| plain_argument(&agg.input, a, false)) {
+                            return Err(fail(refuse(
+                                format!(
+                                    "aggregate {name} over data under an aggregation threshold may not take a column from the optional side of an outer join (it holds values only for the patients that matched, which the threshold does not count); use an inner join"
                                 ),
                                 &rule,
                             )));

@@ -177,6 +177,14 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("bob", "SELECT p.site_id, sum(v.w) FROM clinical.patients p JOIN (VALUES ('02139', 1000000)) v(z, w) ON p.zip = v.z GROUP BY p.site_id", Refused("PermissionDenied", "must take columns")),
     ("bob", "SELECT site_id, sum(w) FROM (SELECT site_id, patient_id, 1 AS w FROM clinical.patients WHERE zip = '02139' UNION ALL SELECT site_id, patient_id, 0 FROM clinical.patients WHERE zip <> '02139') t GROUP BY site_id", Refused("PermissionDenied", "must take columns")),
     ("bob", "SELECT site_id, avg(CAST(total_cost AS DOUBLE)), count(DISTINCT patient_id) FROM clinical.encounters GROUP BY site_id", Answer(any_answer)),
+    // An outer join is a CASE in disguise: the threshold counts the patients of the group's rows,
+    // but the optional side holds values only where a (filtered) match was found, so its
+    // columns may not be aggregated; the preserved side's may.
+    ("bob", "SELECT e.site_id, count(x.patient_id), avg(x.total_cost) FROM clinical.encounters e LEFT JOIN (SELECT patient_id, total_cost FROM clinical.encounters WHERE total_cost > 49995) x ON e.patient_id = x.patient_id GROUP BY e.site_id", Refused("PermissionDenied", "optional side of an outer join")),
+    ("bob", "SELECT p.site_id, avg(x.total_cost) FROM clinical.patients p LEFT JOIN clinical.encounters x ON p.patient_id = x.patient_id AND x.total_cost > 49995 GROUP BY p.site_id", Refused("PermissionDenied", "optional side of an outer join")),
+    ("bob", "SELECT p.site_id, sum(x.total_cost) FROM clinical.encounters x RIGHT JOIN clinical.patients p ON p.patient_id = x.patient_id AND p.birth_date = DATE '1950-03-04' GROUP BY p.site_id", Refused("PermissionDenied", "optional side of an outer join")),
+    ("bob", "SELECT site_id, avg(c) FROM (SELECT p.site_id, p.patient_id, x.total_cost AS c FROM clinical.patients p FULL JOIN (SELECT patient_id, total_cost FROM clinical.encounters WHERE total_cost > 49995) x ON p.patient_id = x.patient_id) t GROUP BY site_id", Refused("PermissionDenied", "optional side of an outer join")),
+    ("bob", "SELECT p.site_id, count(DISTINCT p.patient_id), count(*) FROM clinical.patients p LEFT JOIN clinical.encounters e ON p.patient_id = e.patient_id GROUP BY p.site_id", Answer(any_answer)),
     ("bob", "SELECT count(*) FROM omics.variants", Refused("InvalidArgument", "not found")),
     // Nothing at all for those without grants.
     ("mallory", "SELECT * FROM clinical.patients", Refused("InvalidArgument", "not found")),
