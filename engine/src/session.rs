@@ -1030,8 +1030,7 @@ fn is_unit(plan: &LogicalPlan, i: usize, unit: &Units) -> bool {
 }
 
 /// Whether output column `i` of `plan` holds a governed dataset's values as its scan read them
-/// (renamed, cast), or an aggregate's output (a group key or an aggregate that
-/// the thresholds check in turn). An aggregate over thresholded data may only take such
+/// (renamed, cast). An aggregate over thresholded data may only take such
 /// columns: an argument computed from a condition (`sum(CASE WHEN birth_date = ... THEN
 /// total_cost END)`, `count(*) FILTER (WHERE ...)`, a weight joined in from `VALUES` or a
 /// literal of one union branch) would release one patient's value inside a group the
@@ -1039,9 +1038,12 @@ fn is_unit(plan: &LogicalPlan, i: usize, unit: &Units) -> bool {
 /// With `optional` false, a column from the optional side of an outer join does not count
 /// (see [`plain_argument`]).
 fn carries_dataset_values(plan: &LogicalPlan, i: usize, optional: bool) -> bool {
+    // Not an inner aggregate's output: released groups joined back to the rows turn any
+    // expression into a weight (`GROUP BY zip3, CASE WHEN zip3 = '890' THEN 1000000 ELSE 0 END`,
+    // joined on zip3 and summed per site, counts that area's patients at each site, where the
+    // threshold suppresses the sites with few of them).
     let read = |node: &LogicalPlan, _: usize| match node {
         LogicalPlan::TableScan(scan) => governed_dataset(scan).is_some(),
-        LogicalPlan::Aggregate(_) => true,
         _ => false,
     };
     traces_to(

@@ -185,6 +185,11 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("bob", "SELECT p.site_id, sum(x.total_cost) FROM clinical.encounters x RIGHT JOIN clinical.patients p ON p.patient_id = x.patient_id AND p.birth_date = DATE '1950-03-04' GROUP BY p.site_id", Refused("PermissionDenied", "optional side of an outer join")),
     ("bob", "SELECT site_id, avg(c) FROM (SELECT p.site_id, p.patient_id, x.total_cost AS c FROM clinical.patients p FULL JOIN (SELECT patient_id, total_cost FROM clinical.encounters WHERE total_cost > 49995) x ON p.patient_id = x.patient_id) t GROUP BY site_id", Refused("PermissionDenied", "optional side of an outer join")),
     ("bob", "SELECT p.site_id, count(DISTINCT p.patient_id), count(*) FROM clinical.patients p LEFT JOIN clinical.encounters e ON p.patient_id = e.patient_id GROUP BY p.site_id", Answer(any_answer)),
+    // Released groups joined back to the rows they came from make any expression a weight: here
+    // each site's count of patients in one ZIP3 area, where the threshold suppresses the sites
+    // with few of them. Aggregate arguments come from the data's rows, not from inner aggregates.
+    ("bob", "SELECT p.site_id, sum(a.w) FROM clinical.patients p JOIN (SELECT substr(zip, 1, 3) AS z3, CASE WHEN substr(zip, 1, 3) = '890' THEN 1000000 ELSE 0 END AS w, count(DISTINCT patient_id) AS n FROM clinical.patients GROUP BY 1, 2) a ON substr(p.zip, 1, 3) = a.z3 GROUP BY p.site_id", Refused("PermissionDenied", "must take columns")),
+    ("bob", "SELECT p.site_id, sum(v.w) FROM clinical.patients p JOIN (SELECT z, sum(w) AS w FROM (VALUES ('021', 1000000), ('100', 1)) t(z, w) GROUP BY z) v ON substr(p.zip, 1, 3) = v.z GROUP BY p.site_id", Refused("PermissionDenied", "must take columns")),
     ("bob", "SELECT count(*) FROM omics.variants", Refused("InvalidArgument", "not found")),
     // Nothing at all for those without grants.
     ("mallory", "SELECT * FROM clinical.patients", Refused("InvalidArgument", "not found")),
