@@ -583,19 +583,57 @@ pub(crate) fn order_released_groups(
 ) -> DFResult<Arc<dyn ExecutionPlan>> {
     use datafusion::arrow::compute::SortOptions;
     use datafusion::physical_expr::expressions::Column;
-    use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr, ScalarFunctionExpr};
+    use datafusion::physical_expr::{
+        conjunction, split_conjunction, LexOrdering, PhysicalSortExpr, ScalarFunctionExpr,
+    };
+    use datafusion::physical_plan::filter::FilterExecBuilder;
     use datafusion::physical_plan::sorts::sort::SortExec;
     plan.transform_up(|node| {
         let Some(filter) = node.downcast_ref::<FilterExec>() else {
             return Ok(Transformed::no(node));
         };
-        let mut thresholded = false;
-        filter.predicate().apply(|e| {
-            thresholded |= e
-                .downcast_ref::<ScalarFunctionExpr>()
-                .is_some_and(|f| f.name() == ThresholdCheck::NAME);
-            Ok(TreeNodeRecursion::Continue)
-        })?;
+        let is_check = |e: &Arc<dyn datafusion::physical_expr::PhysicalExpr>| {
+            let mut found = false;
+            e.apply(|e| {
+                found |= e
+                    .downcast_ref::<ScalarFunctionExpr>()
+                    .is_some_and(|f| f.name() == ThresholdCheck::NAME);
+                Ok(TreeNodeRecursion::Continue)
+            })
+            .map(|_| found)
+        };
+        if !is_check(filter.predicate())? {
+            return Ok(Transformed::no(node));
+        }
+        // The optimizer merges a HAVING over the aggregate into the threshold's filter, whose
+        // conjunction evaluates the caller's part on every group, suppressed ones too: there
+        // `HAVING 1 / (count(DISTINCT patient_id) - 1) > 0` failed with division by zero exactly
+        // when some group held one patient. The caller's part runs above, on released groups.
+        let (check, theirs): (Vec<_>, Vec<_>) = split_conjunction(filter.predicate())
+            .into_iter()
+            .cloned()
+            .try_fold((vec![], vec![]), |(mut c, mut t), e| {
+                if is_check(&e)? {
+                    c.push(e)
+                } else {
+                    t.push(e)
+                }
+                Ok::<_, datafusion::error::DataFusionError>((c, t))
+            })?;
+        let node: Arc<dyn ExecutionPlan> = if theirs.is_empty() {
+            node
+        } else {
+            let released = FilterExecBuilder::new(conjunction(check), Arc::clone(filter.input()))
+                .with_batch_size(filter.batch_size())
+                .build()?;
+            Arc::new(
+                FilterExecBuilder::new(conjunction(theirs), Arc::new(released))
+                    .apply_projection(filter.projection().as_ref().map(|p| p.to_vec()))?
+                    .with_batch_size(filter.batch_size())
+                    .with_fetch(filter.fetch())
+                    .build()?,
+            )
+        };
         let schema = node.schema();
         let ordering = LexOrdering::new(schema.fields().iter().enumerate().map(|(i, f)| {
             PhysicalSortExpr::new(
@@ -606,8 +644,8 @@ pub(crate) fn order_released_groups(
                 },
             )
         }));
-        let (true, Some(ordering)) = (thresholded, ordering) else {
-            return Ok(Transformed::no(node));
+        let Some(ordering) = ordering else {
+            return Ok(Transformed::yes(node));
         };
         let fetch = node.fetch();
         let input = match fetch {
@@ -665,6 +703,11 @@ impl ThresholdCheck {
     /// threshold but whose groups must leave sorted by their own values, because a raw id
     /// decided the order they were formed in (`counted.rs`); `order_released_groups` sorts
     /// above it as above a threshold.
+    /// The least number of units a released group holds (0: a release check only).
+    pub(crate) fn k(&self) -> i64 {
+        self.k
+    }
+
     pub(crate) fn release_every_group(count: Expr) -> Expr {
         Self::expr(Arc::new(AtomicU64::new(0)), count, 0)
     }

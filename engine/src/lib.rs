@@ -33,6 +33,7 @@ mod governed;
 mod keys;
 pub mod masks;
 mod session;
+mod total;
 
 pub use budget::MemoryBudget;
 pub use depth::MAX_DEPTH as MAX_QUERY_DEPTH;

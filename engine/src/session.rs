@@ -1417,9 +1417,9 @@ fn optimize(
     state: &datafusion::execution::SessionState,
     plan: &LogicalPlan,
 ) -> Result<LogicalPlan> {
-    Ok(crate::counted::read_counted_pseudonyms_raw(
-        state.optimize(plan)?,
-    )?)
+    let optimized = state.optimize(plan)?;
+    crate::total::check(&optimized)?;
+    Ok(crate::counted::read_counted_pseudonyms_raw(optimized)?)
 }
 
 /// Optimize to a physical plan and verify it; nothing is read yet.

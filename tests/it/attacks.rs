@@ -190,6 +190,16 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     // with few of them. Aggregate arguments come from the data's rows, not from inner aggregates.
     ("bob", "SELECT p.site_id, sum(a.w) FROM clinical.patients p JOIN (SELECT substr(zip, 1, 3) AS z3, CASE WHEN substr(zip, 1, 3) = '890' THEN 1000000 ELSE 0 END AS w, count(DISTINCT patient_id) AS n FROM clinical.patients GROUP BY 1, 2) a ON substr(p.zip, 1, 3) = a.z3 GROUP BY p.site_id", Refused("PermissionDenied", "must take columns")),
     ("bob", "SELECT p.site_id, sum(v.w) FROM clinical.patients p JOIN (SELECT z, sum(w) AS w FROM (VALUES ('021', 1000000), ('100', 1)) t(z, w) GROUP BY z) v ON substr(p.zip, 1, 3) = v.z GROUP BY p.site_id", Refused("PermissionDenied", "must take columns")),
+    // Errors are answers too: under a threshold, an expression that fails on some rows tells
+    // whether such rows exist (one patient's diagnosis), whatever the threshold suppresses.
+    // Below the threshold only operations that cannot fail run; a HAVING over released groups
+    // runs on released groups only (it used to be merged into the threshold's own filter).
+    ("bob", "SELECT site_id, count(*) FROM clinical.encounters WHERE 1 / (CASE WHEN total_cost > 49995 THEN 0 ELSE 1 END) = 1 GROUP BY site_id", Refused("PermissionDenied", "could fail on some rows")),
+    ("bob", "SELECT site_id, count(*) FROM clinical.patients WHERE CAST(CASE WHEN zip = '02139' THEN 'x' ELSE '1' END AS INT) = 1 GROUP BY site_id", Refused("PermissionDenied", "could fail on some rows")),
+    ("bob", "SELECT code, count(*) FROM clinical.conditions GROUP BY code HAVING 1 / (CASE WHEN code = 'G71.01' THEN 0 ELSE 1 END) = 1", Refused("PermissionDenied", "could fail on some rows")),
+    ("bob", "SELECT site_id, count(*) FROM clinical.patients WHERE substr(zip, 1, CASE WHEN zip = '02139' THEN -1 ELSE 3 END) <> '' GROUP BY site_id", Refused("PermissionDenied", "could fail on some rows")),
+    ("bob", "SELECT code, count(*) FROM clinical.conditions GROUP BY code HAVING 1 / (count(DISTINCT patient_id) - 1) > 0", Answer(any_answer)),
+    ("bob", "SELECT site_id, count(*) FROM clinical.encounters WHERE total_cost / 2 > 100 AND substr(reason_code, 1, 1) = 'I' GROUP BY site_id", Answer(any_answer)),
     ("bob", "SELECT count(*) FROM omics.variants", Refused("InvalidArgument", "not found")),
     // Nothing at all for those without grants.
     ("mallory", "SELECT * FROM clinical.patients", Refused("InvalidArgument", "not found")),

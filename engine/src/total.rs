@@ -1,0 +1,293 @@
+//! Expressions that run on rows under an aggregation threshold must not be able to fail.
+//!
+//! A caller under a threshold sees no row, only groups of at least k patients. But an error is
+//! an answer too: `WHERE 1 / (CASE WHEN birth_date = ... AND code = 'B20' THEN 0 ELSE 1 END) = 1`
+//! fails with division by zero exactly when that one patient has that diagnosis, whatever the
+//! threshold suppresses. So every expression the optimized plan evaluates below a threshold's
+//! check (filters, including those pushed into scans, group keys, join conditions, projections,
+//! aggregate arguments) must be built from operations that cannot fail on any value: columns,
+//! literals, comparisons, boolean logic, `CASE`, `IN`, `LIKE` with a literal pattern, `TRY_CAST`,
+//! casts that always succeed, floating-point arithmetic and a list of total functions. Anything
+//! else is refused before the query runs, naming what could fail. Above the check (on released
+//! groups) anything goes: `order_released_groups` keeps a merged HAVING above it too.
+
+use crate::error::EngineError;
+use crate::governed::ThresholdCheck;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::logical_expr::{BinaryExpr, Expr, ExprSchemable, LogicalPlan, Operator};
+
+/// Functions that return a value for every input (given total arguments), by name.
+const TOTAL_FUNCTIONS: &[&str] = &[
+    "lower",
+    "upper",
+    "btrim",
+    "trim",
+    "ltrim",
+    "rtrim",
+    "length",
+    "char_length",
+    "character_length",
+    "octet_length",
+    "bit_length",
+    "concat",
+    "concat_ws",
+    "starts_with",
+    "ends_with",
+    "strpos",
+    "instr",
+    "replace",
+    "translate",
+    "reverse",
+    "initcap",
+    "left",
+    "right",
+    "md5",
+    "sha224",
+    "sha256",
+    "sha384",
+    "sha512",
+    "levenshtein",
+    "coalesce",
+    "nullif",
+    "nvl",
+    "ifnull",
+    "nvl2",
+    "isnan",
+    "iszero",
+    "date_part",
+    "datepart",
+    "date_trunc",
+    "datetrunc",
+    "now",
+    "current_date",
+    "current_time",
+];
+
+/// Numeric functions that are total when they compute in floating point (integer `abs` of the
+/// smallest value overflows; float functions give NaN or infinity instead of failing).
+const FLOAT_FUNCTIONS: &[&str] = &[
+    "abs", "round", "floor", "ceil", "trunc", "sqrt", "cbrt", "exp", "ln", "log", "log2", "log10",
+    "power", "pow", "signum", "degrees", "radians", "sin", "cos", "tan", "pi",
+];
+
+/// Refuses the plan if an expression below an aggregation threshold's check could fail on
+/// some rows. Run on the optimized logical plan: that is where the caller's predicates have
+/// been moved to (into scans, below aggregates) and where casts are explicit.
+pub(crate) fn check(plan: &LogicalPlan) -> Result<(), EngineError> {
+    let mut found: Option<String> = None;
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::Filter(f) = node {
+            if is_threshold(&f.predicate) {
+                found = below(&f.input);
+                if found.is_some() {
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                return Ok(TreeNodeRecursion::Jump);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(|e| EngineError::Internal(e.to_string()))?;
+    match found {
+        None => Ok(()),
+        Some(what) => Err(EngineError::PermissionDenied(format!(
+            "{what} could fail on some rows of data under an aggregation threshold, and whether it \
+             fails would tell whether such rows exist; use operations that cannot fail (TRY_CAST, \
+             floating-point arithmetic) (rule: threshold-total-expressions)"
+        ))),
+    }
+}
+
+/// Whether `e` holds a threshold's check with k > 0.
+fn is_threshold(e: &Expr) -> bool {
+    let mut yes = false;
+    let _ = e.apply(|e| {
+        if let Expr::ScalarFunction(f) = e {
+            yes |= f
+                .func
+                .inner()
+                .downcast_ref::<ThresholdCheck>()
+                .is_some_and(|t| t.k() > 0);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    yes
+}
+
+/// The first expression under `plan` that could fail, described.
+fn below(plan: &LogicalPlan) -> Option<String> {
+    let mut found = None;
+    let _ = plan.apply_with_subqueries(|node| {
+        let schema = match node {
+            LogicalPlan::TableScan(scan) => {
+                DFSchema::try_from_qualified_schema(scan.table_name.clone(), &scan.source.schema())
+                    .ok()
+            }
+            LogicalPlan::Join(j) => Some(j.schema.as_ref().clone()),
+            other => other
+                .inputs()
+                .iter()
+                .try_fold(DFSchema::empty(), |mut acc, i| {
+                    acc.merge(i.schema());
+                    Some(acc)
+                }),
+        };
+        let Some(schema) = schema else {
+            found = Some("an expression of unknown type".to_string());
+            return Ok(TreeNodeRecursion::Stop);
+        };
+        let exprs = match node {
+            LogicalPlan::TableScan(scan) => scan.filters.clone(),
+            other => other.expressions(),
+        };
+        for e in &exprs {
+            if let Some(what) = failing(e, &schema) {
+                found = Some(what);
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+fn is_float(t: &DataType) -> bool {
+    matches!(t, DataType::Float16 | DataType::Float32 | DataType::Float64)
+}
+
+fn is_string(t: &DataType) -> bool {
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
+/// Whether a cast from `from` to `to` succeeds for every value.
+fn cast_is_total(from: &DataType, to: &DataType) -> bool {
+    use DataType::*;
+    let int_width = |t: &DataType| match t {
+        Int8 => Some((8, true)),
+        Int16 => Some((16, true)),
+        Int32 => Some((32, true)),
+        Int64 => Some((64, true)),
+        UInt8 => Some((8, false)),
+        UInt16 => Some((16, false)),
+        UInt32 => Some((32, false)),
+        UInt64 => Some((64, false)),
+        _ => None,
+    };
+    if from == to || is_string(to) || matches!(from, Null) {
+        return true;
+    }
+    if let Dictionary(_, value) = from {
+        return cast_is_total(value, to);
+    }
+    match (int_width(from), int_width(to)) {
+        (Some((a, sa)), Some((b, sb))) => return (sa == sb && b >= a) || (!sa && sb && b > a),
+        (Some(_), None) if is_float(to) => return true,
+        _ => {}
+    }
+    matches!(
+        (from, to),
+        (Float16 | Float32, Float32 | Float64)
+            | (Decimal128(..), Float64)
+            | (Boolean, Int8 | Int16 | Int32 | Int64 | Float32 | Float64)
+            | (Date32, Date64 | Timestamp(..))
+            | (Timestamp(..), Date32 | Date64)
+    )
+}
+
+/// What in `e` could fail on some value, if anything.
+fn failing(e: &Expr, schema: &DFSchema) -> Option<String> {
+    let mut found = None;
+    let _ = e.apply(|e| {
+        let bad = match e {
+            Expr::Column(_)
+            | Expr::OuterReferenceColumn(..)
+            | Expr::Literal(..)
+            | Expr::Placeholder(_)
+            | Expr::Alias(_)
+            | Expr::Not(_)
+            | Expr::IsNull(_)
+            | Expr::IsNotNull(_)
+            | Expr::IsTrue(_)
+            | Expr::IsFalse(_)
+            | Expr::IsUnknown(_)
+            | Expr::IsNotTrue(_)
+            | Expr::IsNotFalse(_)
+            | Expr::IsNotUnknown(_)
+            | Expr::Between(_)
+            | Expr::Case(_)
+            | Expr::InList(_)
+            | Expr::TryCast(_)
+            | Expr::AggregateFunction(_)
+            | Expr::Exists(_)
+            | Expr::InSubquery(_)
+            | Expr::ScalarSubquery(_) => None,
+            Expr::Like(l) => (!matches!(*l.pattern, Expr::Literal(..)))
+                .then(|| "LIKE with a pattern that is not a literal".to_string()),
+            Expr::SimilarTo(l) => (!matches!(*l.pattern, Expr::Literal(..)))
+                .then(|| "SIMILAR TO with a pattern that is not a literal".to_string()),
+            Expr::Negative(x) => match x.get_type(schema) {
+                Ok(t) if is_float(&t) => None,
+                _ => Some("negation of an integer (it overflows)".to_string()),
+            },
+            Expr::BinaryExpr(b) => binary(b, e, schema),
+            Expr::Cast(c) => match c.expr.get_type(schema) {
+                Ok(from) if cast_is_total(&from, c.field.data_type()) => None,
+                Ok(from) => Some(format!("CAST from {from} to {}", c.field.data_type())),
+                Err(_) => Some("a cast".to_string()),
+            },
+            Expr::ScalarFunction(f) => function(f, e, schema),
+            other => Some(format!("the expression {}", other.variant_name())),
+        };
+        if bad.is_some() {
+            found = bad;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+fn binary(b: &BinaryExpr, e: &Expr, schema: &DFSchema) -> Option<String> {
+    use Operator::*;
+    match b.op {
+        Eq | NotEq | Lt | LtEq | Gt | GtEq | IsDistinctFrom | IsNotDistinctFrom | And | Or
+        | StringConcat => None,
+        LikeMatch | ILikeMatch | NotLikeMatch | NotILikeMatch | RegexMatch | RegexIMatch
+        | RegexNotMatch | RegexNotIMatch => (!matches!(*b.right, Expr::Literal(..)))
+            .then(|| format!("{} with a pattern that is not a literal", b.op)),
+        Plus | Minus | Multiply | Divide | Modulo => match e.get_type(schema) {
+            Ok(t) if is_float(&t) => None,
+            Ok(t) => Some(format!("arithmetic ({}) on {t}", b.op)),
+            Err(_) => Some(format!("arithmetic ({})", b.op)),
+        },
+        other => Some(format!("the operator {other}")),
+    }
+}
+
+fn function(
+    f: &datafusion::logical_expr::expr::ScalarFunction,
+    e: &Expr,
+    schema: &DFSchema,
+) -> Option<String> {
+    let name = f.func.name();
+    if name.starts_with("lg_") || TOTAL_FUNCTIONS.contains(&name) {
+        return None;
+    }
+    if FLOAT_FUNCTIONS.contains(&name) {
+        return match e.get_type(schema) {
+            Ok(t) if is_float(&t) => None,
+            _ => Some(format!("the function {name} on integers")),
+        };
+    }
+    if matches!(name, "substr" | "substring") {
+        // A negative length fails; positions and lengths must be literals, lengths >= 0.
+        let ok = f.args.iter().skip(1).enumerate().all(|(i, a)| match a {
+            Expr::Literal(ScalarValue::Int64(Some(n)), _) => i == 0 || *n >= 0,
+            _ => false,
+        });
+        return (!ok).then(|| format!("the function {name} with computed or negative bounds"));
+    }
+    Some(format!("the function {name}"))
+}
