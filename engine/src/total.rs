@@ -6,7 +6,8 @@
 //! threshold suppresses. So every expression the optimized plan evaluates below a threshold's
 //! check (filters, including those pushed into scans, group keys, join conditions, projections,
 //! aggregate arguments) must be built from operations that cannot fail on any value: columns,
-//! literals, comparisons, boolean logic, `CASE`, `IN`, `LIKE` with a literal pattern, `TRY_CAST`,
+//! literals, comparisons, boolean logic, `CASE`, `IN`, `LIKE` with a literal pattern (no regular
+//! expressions: one that does not compile fails on the first row it meets), `TRY_CAST`,
 //! casts that always succeed, floating-point arithmetic and a list of total functions. Anything
 //! else is refused before the query runs, naming what could fail. Above the check (on released
 //! groups) anything goes: `order_released_groups` keeps a merged HAVING above it too.
@@ -56,10 +57,6 @@ const TOTAL_FUNCTIONS: &[&str] = &[
     "nvl2",
     "isnan",
     "iszero",
-    "date_part",
-    "datepart",
-    "date_trunc",
-    "datetrunc",
     "now",
     "current_date",
     "current_time",
@@ -225,8 +222,8 @@ fn failing(e: &Expr, schema: &DFSchema) -> Option<String> {
             | Expr::ScalarSubquery(_) => None,
             Expr::Like(l) => (!matches!(*l.pattern, Expr::Literal(..)))
                 .then(|| "LIKE with a pattern that is not a literal".to_string()),
-            Expr::SimilarTo(l) => (!matches!(*l.pattern, Expr::Literal(..)))
-                .then(|| "SIMILAR TO with a pattern that is not a literal".to_string()),
+            // A regular expression that does not compile fails on the first row that reaches it.
+            Expr::SimilarTo(_) => Some("SIMILAR TO".to_string()),
             Expr::Negative(x) => match x.get_type(schema) {
                 Ok(t) if is_float(&t) => None,
                 _ => Some("negation of an integer (it overflows)".to_string()),
@@ -254,9 +251,10 @@ fn binary(b: &BinaryExpr, e: &Expr, schema: &DFSchema) -> Option<String> {
     match b.op {
         Eq | NotEq | Lt | LtEq | Gt | GtEq | IsDistinctFrom | IsNotDistinctFrom | And | Or
         | StringConcat => None,
-        LikeMatch | ILikeMatch | NotLikeMatch | NotILikeMatch | RegexMatch | RegexIMatch
-        | RegexNotMatch | RegexNotIMatch => (!matches!(*b.right, Expr::Literal(..)))
-            .then(|| format!("{} with a pattern that is not a literal", b.op)),
+        LikeMatch | ILikeMatch | NotLikeMatch | NotILikeMatch => {
+            (!matches!(*b.right, Expr::Literal(..)))
+                .then(|| format!("{} with a pattern that is not a literal", b.op))
+        }
         Plus | Minus | Multiply | Divide | Modulo => match e.get_type(schema) {
             Ok(t) if is_float(&t) => None,
             Ok(t) => Some(format!("arithmetic ({}) on {t}", b.op)),
@@ -280,6 +278,14 @@ fn function(
             Ok(t) if is_float(&t) => None,
             _ => Some(format!("the function {name} on integers")),
         };
+    }
+    if matches!(name, "date_part" | "datepart" | "date_trunc" | "datetrunc") {
+        // The unit must be written in the query: a computed one could be invalid on some rows.
+        let literal = matches!(
+            f.args.first(),
+            Some(Expr::Literal(ScalarValue::Utf8(Some(_)), _))
+        );
+        return (!literal).then(|| format!("the function {name} with a computed unit"));
     }
     if matches!(name, "substr" | "substring") {
         // A negative length fails; positions and lengths must be literals, lengths >= 0.

@@ -198,7 +198,9 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("bob", "SELECT site_id, count(*) FROM clinical.patients WHERE CAST(CASE WHEN zip = '02139' THEN 'x' ELSE '1' END AS INT) = 1 GROUP BY site_id", Refused("PermissionDenied", "could fail on some rows")),
     ("bob", "SELECT code, count(*) FROM clinical.conditions GROUP BY code HAVING 1 / (CASE WHEN code = 'G71.01' THEN 0 ELSE 1 END) = 1", Refused("PermissionDenied", "could fail on some rows")),
     ("bob", "SELECT site_id, count(*) FROM clinical.patients WHERE substr(zip, 1, CASE WHEN zip = '02139' THEN -1 ELSE 3 END) <> '' GROUP BY site_id", Refused("PermissionDenied", "could fail on some rows")),
+    ("bob", "SELECT site_id, count(*) FROM (SELECT * FROM clinical.patients WHERE zip = '02139') t WHERE zip ~ '[0-9]{3}.[1-5]' GROUP BY site_id", Refused("PermissionDenied", "could fail on some rows")),
     ("bob", "SELECT code, count(*) FROM clinical.conditions GROUP BY code HAVING 1 / (count(DISTINCT patient_id) - 1) > 0", Answer(any_answer)),
+    ("bob", "SELECT date_trunc('month', start_time) AS m, count(*) FROM clinical.encounters WHERE date_part('year', start_time) > 2000 GROUP BY 1", Answer(any_answer)),
     ("bob", "SELECT site_id, count(*) FROM clinical.encounters WHERE total_cost / 2 > 100 AND substr(reason_code, 1, 1) = 'I' GROUP BY site_id", Answer(any_answer)),
     ("bob", "SELECT count(*) FROM omics.variants", Refused("InvalidArgument", "not found")),
     // Nothing at all for those without grants.
