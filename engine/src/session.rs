@@ -1159,6 +1159,105 @@ fn uncast(mut e: Expr) -> Expr {
     }
 }
 
+/// A subquery expression (`IN`, `EXISTS`, scalar) of `node` that reads rows under a threshold
+/// (not through an aggregate of its own, which the threshold then guards) answers from rows no
+/// threshold counts: `WHERE EXISTS (SELECT 1 FROM encounters WHERE total_cost > 49998)` released
+/// every group exactly when one such encounter existed, and `site_id IN (SELECT site_id FROM
+/// encounters WHERE ...)` named the sites holding one. Such a subquery may only select patients
+/// for the outer rows: `unit IN (SELECT unit ...)`, or an `EXISTS` whose rows are tied to the
+/// outer row by `inner.unit = outer.unit` (a conjunct of a filter on its direct path); the
+/// outer threshold then counts the patients it leaves.
+fn subqueries_match_units(
+    node: &LogicalPlan,
+    thresholds: &HashMap<String, (Threshold, String)>,
+) -> Result<()> {
+    let outer = node.inputs();
+    // Whether `c` is the unit in one of the node's inputs (an outer reference in a subquery).
+    let outer_unit = |c: &Column, units: &Units| {
+        outer.iter().any(|input| {
+            input
+                .schema()
+                .maybe_index_of_column(c)
+                .is_some_and(|i| is_unit(input, i, units))
+        })
+    };
+    let mut refused = None;
+    for e in node.expressions() {
+        e.apply(|x| {
+            let (sub, in_expr) = match x {
+                Expr::InSubquery(q) => (&q.subquery, Some(q.expr.as_ref())),
+                Expr::Exists(q) => (&q.subquery, None),
+                Expr::ScalarSubquery(q) => (q, None),
+                _ => return Ok(TreeNodeRecursion::Continue),
+            };
+            let Some((t, rule)) = protected_below(&sub.subquery, thresholds) else {
+                return Ok(TreeNodeRecursion::Continue);
+            };
+            let units = Units {
+                name: &t.unit,
+                thresholds,
+            };
+            let ok = match (x, in_expr) {
+                (Expr::InSubquery(_), Some(Expr::Column(c))) => {
+                    outer_unit(c, &units) && is_unit(&sub.subquery, 0, &units)
+                }
+                (Expr::Exists(_), _) => tied_to_outer_unit(&sub.subquery, &units, &outer_unit),
+                _ => false,
+            };
+            if !ok {
+                refused = Some(EngineError::PermissionDenied(format!(
+                    "a subquery over data under an aggregation threshold must aggregate, or select \
+                     patients by {unit} ({unit} IN (SELECT {unit} ...), or EXISTS tied by \
+                     inner.{unit} = outer.{unit}): its rows are counted by no threshold (rule: {rule})",
+                    unit = t.unit
+                )));
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+    }
+    refused.map_or(Ok(()), Err)
+}
+
+/// Whether a filter on the direct path from `plan` down (through projections, aliases, sorts,
+/// limits, distinct) has a conjunct `inner.unit = outer.unit`.
+fn tied_to_outer_unit(
+    plan: &LogicalPlan,
+    units: &Units,
+    outer_unit: &dyn Fn(&Column, &Units) -> bool,
+) -> bool {
+    use datafusion::logical_expr::{Distinct, Operator};
+    match plan {
+        LogicalPlan::Filter(f) => {
+            let tied = datafusion::logical_expr::utils::split_conjunction(&f.predicate)
+                .into_iter()
+                .any(|c| match c {
+                    Expr::BinaryExpr(b) if b.op == Operator::Eq => {
+                        let pair = |inner: &Expr, out: &Expr| match (inner, out) {
+                            (Expr::Column(i), Expr::OuterReferenceColumn(_, o)) => {
+                                f.input
+                                    .schema()
+                                    .maybe_index_of_column(i)
+                                    .is_some_and(|j| is_unit(&f.input, j, units))
+                                    && outer_unit(o, units)
+                            }
+                            _ => false,
+                        };
+                        pair(&b.left, &b.right) || pair(&b.right, &b.left)
+                    }
+                    _ => false,
+                });
+            tied || tied_to_outer_unit(&f.input, units, outer_unit)
+        }
+        LogicalPlan::Projection(p) => tied_to_outer_unit(&p.input, units, outer_unit),
+        LogicalPlan::SubqueryAlias(a) => tied_to_outer_unit(&a.input, units, outer_unit),
+        LogicalPlan::Sort(s) => tied_to_outer_unit(&s.input, units, outer_unit),
+        LogicalPlan::Limit(l) => tied_to_outer_unit(&l.input, units, outer_unit),
+        LogicalPlan::Distinct(Distinct::All(input)) => tied_to_outer_unit(input, units, outer_unit),
+        _ => false,
+    }
+}
+
 /// The privacy unit sought, and the thresholds of the datasets that may supply it.
 struct Units<'a> {
     name: &'a str,
@@ -1258,10 +1357,11 @@ fn apply_thresholds(
         |why: String, rule: &str| EngineError::PermissionDenied(format!("{why} (rule: {rule})"));
     let plan = joins_from_where(plan)?;
     let rewritten = plan.transform_up_with_subqueries(|node| {
+        let fail = |e: EngineError| datafusion::error::DataFusionError::External(Box::new(e));
+        subqueries_match_units(&node, thresholds).map_err(fail)?;
         let Some((threshold, rule)) = protected_below(&node, thresholds) else {
             return Ok(Transformed::no(node));
         };
-        let fail = |e: EngineError| datafusion::error::DataFusionError::External(Box::new(e));
         let sought = Units {
             name: &threshold.unit,
             thresholds,

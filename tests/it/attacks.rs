@@ -202,6 +202,16 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("bob", "SELECT code, count(*) FROM clinical.conditions GROUP BY code HAVING 1 / (count(DISTINCT patient_id) - 1) > 0", Answer(any_answer)),
     ("bob", "SELECT date_trunc('month', start_time) AS m, count(*) FROM clinical.encounters WHERE date_part('year', start_time) > 2000 GROUP BY 1", Answer(any_answer)),
     ("bob", "SELECT site_id, count(*) FROM clinical.encounters WHERE total_cost / 2 > 100 AND substr(reason_code, 1, 1) = 'I' GROUP BY site_id", Answer(any_answer)),
+    // Subqueries answer from rows no threshold counts unless they aggregate or only pick
+    // patients for the outer rows (IN on the unit, EXISTS tied by the unit).
+    ("bob", "SELECT site_id, count(*) FROM clinical.patients WHERE EXISTS (SELECT 1 FROM clinical.encounters WHERE total_cost > 49998) GROUP BY site_id", Refused("PermissionDenied", "subquery over data under an aggregation threshold")),
+    ("bob", "SELECT site_id, count(*) FROM clinical.patients WHERE site_id IN (SELECT site_id FROM clinical.encounters WHERE total_cost > 49998) GROUP BY site_id", Refused("PermissionDenied", "subquery over data under an aggregation threshold")),
+    ("bob", "SELECT site_id, count(*) FROM clinical.patients WHERE (SELECT total_cost FROM clinical.encounters WHERE total_cost > 49998) > 49000 GROUP BY site_id", Refused("PermissionDenied", "subquery over data under an aggregation threshold")),
+    ("bob", "SELECT count(*) FROM (VALUES (1)) t(x) WHERE EXISTS (SELECT 1 FROM clinical.encounters WHERE total_cost > 49998)", Refused("PermissionDenied", "subquery over data under an aggregation threshold")),
+    ("bob", "SELECT site_id, count(*) FROM clinical.patients p WHERE EXISTS (SELECT 1 FROM clinical.encounters e WHERE e.patient_id = p.patient_id UNION ALL SELECT 1 FROM clinical.encounters WHERE total_cost > 49998) GROUP BY site_id", Refused("PermissionDenied", "subquery over data under an aggregation threshold")),
+    ("bob", "SELECT site_id, count(DISTINCT patient_id) FROM clinical.patients WHERE patient_id IN (SELECT patient_id FROM clinical.conditions WHERE code LIKE 'I%') GROUP BY site_id", Answer(any_answer)),
+    ("bob", "SELECT site_id, count(*) FROM clinical.patients p WHERE EXISTS (SELECT 1 FROM clinical.encounters e WHERE e.patient_id = p.patient_id AND e.total_cost > 40000) GROUP BY site_id", Answer(any_answer)),
+    ("bob", "SELECT site_id, count(*) FROM clinical.encounters WHERE total_cost > (SELECT avg(total_cost) FROM clinical.encounters) GROUP BY site_id", Answer(any_answer)),
     ("bob", "SELECT count(*) FROM omics.variants", Refused("InvalidArgument", "not found")),
     // Nothing at all for those without grants.
     ("mallory", "SELECT * FROM clinical.patients", Refused("InvalidArgument", "not found")),
