@@ -1167,10 +1167,12 @@ fn uncast(mut e: Expr) -> Expr {
 /// for the outer rows: `unit IN (SELECT unit ...)`, or an `EXISTS` whose rows are tied to the
 /// outer row by `inner.unit = outer.unit` (a conjunct of a filter on its direct path); the
 /// outer threshold then counts the patients it leaves.
+///
+/// Returns whether `node` holds a subquery expression at all.
 fn subqueries_match_units(
     node: &LogicalPlan,
     thresholds: &HashMap<String, (Threshold, String)>,
-) -> Result<()> {
+) -> Result<bool> {
     let outer = node.inputs();
     // Whether `c` is the unit in one of the node's inputs (an outer reference in a subquery).
     let outer_unit = |c: &Column, units: &Units| {
@@ -1182,6 +1184,7 @@ fn subqueries_match_units(
         })
     };
     let mut refused = None;
+    let mut any = false;
     for e in node.expressions() {
         e.apply(|x| {
             let (sub, in_expr) = match x {
@@ -1190,6 +1193,7 @@ fn subqueries_match_units(
                 Expr::ScalarSubquery(q) => (q, None),
                 _ => return Ok(TreeNodeRecursion::Continue),
             };
+            any = true;
             let Some((t, rule)) = protected_below(&sub.subquery, thresholds) else {
                 return Ok(TreeNodeRecursion::Continue);
             };
@@ -1216,7 +1220,7 @@ fn subqueries_match_units(
             Ok(TreeNodeRecursion::Continue)
         })?;
     }
-    refused.map_or(Ok(()), Err)
+    refused.map_or(Ok(any), Err)
 }
 
 /// Whether a filter on the direct path from `plan` down (through projections, aliases, sorts,
@@ -1356,9 +1360,12 @@ fn apply_thresholds(
     let refuse =
         |why: String, rule: &str| EngineError::PermissionDenied(format!("{why} (rule: {rule})"));
     let plan = joins_from_where(plan)?;
+    let subqueries = std::cell::Cell::new(false);
     let rewritten = plan.transform_up_with_subqueries(|node| {
         let fail = |e: EngineError| datafusion::error::DataFusionError::External(Box::new(e));
-        subqueries_match_units(&node, thresholds).map_err(fail)?;
+        if subqueries_match_units(&node, thresholds).map_err(fail)? {
+            subqueries.set(true);
+        }
         let Some((threshold, rule)) = protected_below(&node, thresholds) else {
             return Ok(Transformed::no(node));
         };
@@ -1482,10 +1489,29 @@ fn apply_thresholds(
                     }
                 };
                 let output: Vec<Expr> = agg.schema.columns().into_iter().map(Expr::Column).collect();
+                // Without GROUP BY, DataFusion takes an aggregate to answer exactly one row, and
+                // `count(*)` to be non-null: a suppressed one answers none, which a scalar
+                // subquery reads as NULL. Its columns are declared nullable (`nullif(x, NULL)` is
+                // `x`), or that NULL fails the batch's schema check.
+                let shown: Vec<Expr> = if agg.group_expr.is_empty() {
+                    agg.schema
+                        .columns()
+                        .into_iter()
+                        .map(|c| {
+                            datafusion::functions::core::expr_fn::nullif(
+                                Expr::Column(c.clone()),
+                                datafusion::prelude::lit(datafusion::common::ScalarValue::Null),
+                            )
+                            .alias_qualified(c.relation, c.name)
+                        })
+                        .collect()
+                } else {
+                    output.clone()
+                };
                 // Groups with fewer than k distinct units are suppressed, not rounded: nothing about them leaves.
                 let released = LogicalPlanBuilder::from(counted)
                     .filter(ThresholdCheck::expr(Arc::clone(suppressed), units, i64::from(threshold.k)))?
-                    .project(output.clone())?;
+                    .project(shown)?;
                 // Released groups leave sorted by their own values, not in the order DataFusion
                 // met them in the files (which says where one patient's rows lie): a LIMIT picks
                 // among sorted groups. A sort the optimizer removes (under the caller's own
@@ -1499,6 +1525,16 @@ fn apply_thresholds(
                 Ok(Transformed::yes(released))
             }
             _ => Ok(Transformed::no(node)),
+        }
+    });
+    // A node keeps the schema it was built with when a subquery in its expressions changes
+    // (a suppressed aggregate's columns become nullable): derive every schema again.
+    let rewritten = rewritten.and_then(|t| {
+        if t.transformed && subqueries.get() {
+            t.data
+                .transform_up_with_subqueries(|n| n.recompute_schema().map(Transformed::yes))
+        } else {
+            Ok(t)
         }
     });
     match rewritten {

@@ -212,6 +212,9 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("bob", "SELECT site_id, count(DISTINCT patient_id) FROM clinical.patients WHERE patient_id IN (SELECT patient_id FROM clinical.conditions WHERE code LIKE 'I%') GROUP BY site_id", Answer(any_answer)),
     ("bob", "SELECT site_id, count(*) FROM clinical.patients p WHERE EXISTS (SELECT 1 FROM clinical.encounters e WHERE e.patient_id = p.patient_id AND e.total_cost > 40000) GROUP BY site_id", Answer(any_answer)),
     ("bob", "SELECT site_id, count(*) FROM clinical.encounters WHERE total_cost > (SELECT avg(total_cost) FROM clinical.encounters) GROUP BY site_id", Answer(any_answer)),
+    // A suppressed aggregate without GROUP BY answers no row; as a scalar subquery, NULL (it
+    // failed with an internal error: a NULL in a column declared non-nullable).
+    ("bob", "SELECT site_id, count(*) AS n, (SELECT count(*) FROM clinical.encounters WHERE total_cost > 49998) AS m FROM clinical.patients GROUP BY site_id", Answer(any_answer)),
     ("bob", "SELECT count(*) FROM omics.variants", Refused("InvalidArgument", "not found")),
     // Nothing at all for those without grants.
     ("mallory", "SELECT * FROM clinical.patients", Refused("InvalidArgument", "not found")),
