@@ -690,6 +690,11 @@ impl std::hash::Hash for ThresholdCheck {
 impl ThresholdCheck {
     pub(crate) const NAME: &'static str = "lg_threshold";
 
+    /// The least number of units a released group holds (0: a release check only).
+    pub(crate) fn k(&self) -> i64 {
+        self.k
+    }
+
     pub(crate) fn expr(suppressed: Arc<AtomicU64>, units: Expr, k: i64) -> Expr {
         ScalarUDF::from(Self {
             k,
@@ -703,11 +708,6 @@ impl ThresholdCheck {
     /// threshold but whose groups must leave sorted by their own values, because a raw id
     /// decided the order they were formed in (`counted.rs`); `order_released_groups` sorts
     /// above it as above a threshold.
-    /// The least number of units a released group holds (0: a release check only).
-    pub(crate) fn k(&self) -> i64 {
-        self.k
-    }
-
     pub(crate) fn release_every_group(count: Expr) -> Expr {
         Self::expr(Arc::new(AtomicU64::new(0)), count, 0)
     }
