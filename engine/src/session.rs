@@ -1378,6 +1378,18 @@ fn apply_thresholds(
                 "window functions over data under an aggregation threshold are refused".into(),
                 &rule,
             ))),
+            // A LIMIT (or OFFSET) below the aggregate picks rows by their rank: the answers for
+            // `ORDER BY x LIMIT 12` and `LIMIT 11` differ by exactly one row, which no WHERE the
+            // threshold counts could single out so cheaply. Above the aggregate it limits
+            // released groups, and this node is never reached there.
+            LogicalPlan::Limit(_) => Err(fail(refuse(
+                "LIMIT and OFFSET over rows under an aggregation threshold are refused (they pick rows by rank); limit the released groups instead".into(),
+                &rule,
+            ))),
+            LogicalPlan::Distinct(datafusion::logical_expr::Distinct::On(_)) => Err(fail(refuse(
+                "DISTINCT ON over rows under an aggregation threshold is refused (it picks one row per key by rank, as FIRST_VALUE would)".into(),
+                &rule,
+            ))),
             LogicalPlan::Join(j) => {
                 let both = protected_below(&j.left, thresholds).is_some() && protected_below(&j.right, thresholds).is_some();
                 // SQL's `JOIN ... ON a = b` arrives as a join filter (the optimizer turns it into

@@ -212,6 +212,13 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("bob", "SELECT site_id, count(DISTINCT patient_id) FROM clinical.patients WHERE patient_id IN (SELECT patient_id FROM clinical.conditions WHERE code LIKE 'I%') GROUP BY site_id", Answer(any_answer)),
     ("bob", "SELECT site_id, count(*) FROM clinical.patients p WHERE EXISTS (SELECT 1 FROM clinical.encounters e WHERE e.patient_id = p.patient_id AND e.total_cost > 40000) GROUP BY site_id", Answer(any_answer)),
     ("bob", "SELECT site_id, count(*) FROM clinical.encounters WHERE total_cost > (SELECT avg(total_cost) FROM clinical.encounters) GROUP BY site_id", Answer(any_answer)),
+    // Rows picked by rank: LIMIT 12 minus LIMIT 11 is the twelfth row's cost, released in a
+    // group of twelve patients; the same through the patients an IN subquery picks.
+    ("bob", "SELECT count(*), sum(total_cost) FROM (SELECT * FROM clinical.encounters ORDER BY total_cost DESC LIMIT 12) t", Refused("PermissionDenied", "LIMIT and OFFSET over rows under an aggregation threshold")),
+    ("bob", "SELECT count(DISTINCT patient_id), sum(total_cost) FROM (SELECT * FROM clinical.encounters ORDER BY total_cost DESC OFFSET 5) t", Refused("PermissionDenied", "LIMIT and OFFSET over rows under an aggregation threshold")),
+    ("bob", "SELECT count(*), sum(total_cost) FROM clinical.encounters WHERE patient_id IN (SELECT patient_id FROM clinical.patients ORDER BY ssn LIMIT 12)", Refused("PermissionDenied", "LIMIT and OFFSET over rows under an aggregation threshold")),
+    ("bob", "SELECT count(*), sum(total_cost) FROM (SELECT DISTINCT ON (patient_id) * FROM clinical.encounters ORDER BY patient_id, total_cost DESC) t", Refused("PermissionDenied", "DISTINCT ON over rows under an aggregation threshold")),
+    ("bob", "SELECT site_id, count(*) FROM clinical.encounters GROUP BY site_id ORDER BY site_id LIMIT 2", Answer(any_answer)),
     // A suppressed aggregate without GROUP BY answers no row; as a scalar subquery, NULL (it
     // failed with an internal error: a NULL in a column declared non-nullable).
     ("bob", "SELECT site_id, count(*) AS n, (SELECT count(*) FROM clinical.encounters WHERE total_cost > 49998) AS m FROM clinical.patients GROUP BY site_id", Answer(any_answer)),
