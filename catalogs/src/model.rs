@@ -368,9 +368,10 @@ impl Catalog {
             let expected = d.schema();
             for f in files {
                 let size = store.head(&f).await?.size;
+                // The operator reads this (at start, in the log): the file is named.
                 let corrupt = |e: ParquetError| CatalogError::CorruptFile {
                     dataset: d.name.clone(),
-                    reason: e.to_string(),
+                    reason: format!("{f}: {e}"),
                 };
                 let fetch = StoreFetch {
                     store: &store,
@@ -523,7 +524,9 @@ mod tests {
             .unwrap();
         let err = c.verify(&lake).await.unwrap_err().to_string();
         assert!(
-            err.starts_with("dataset 'clinical.things': a data file is not valid Parquet"),
+            err.starts_with(
+                "dataset 'clinical.things': a data file is not valid Parquet: curated/clinical/things/part-0.parquet: "
+            ),
             "{err}"
         );
     }

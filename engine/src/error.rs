@@ -24,6 +24,11 @@ pub enum EngineError {
     /// The lake or the catalog cannot be read.
     #[error(transparent)]
     Catalog(#[from] lakegate_catalogs::CatalogError),
+    /// A data file failed while a query read it (corrupt, truncated, or changed or removed
+    /// since the server checked it at start). The message names the dataset where it is known;
+    /// the reader's detail is logged server-side.
+    #[error("{message}")]
+    Unreadable { message: String, detail: String },
     /// Anything else; the detail is logged server-side, never sent.
     #[error("internal error")]
     Internal(String),
@@ -35,8 +40,59 @@ impl From<DataFusionError> for EngineError {
     }
 }
 
+/// The context [`PolicyBoundaryExec`](crate::governed::PolicyBoundaryExec) puts on a failed read
+/// of its dataset's files, followed by the dataset's name.
+pub(crate) const READING: &str = "reading dataset ";
+
+/// Whether `e` is a failure to read the lake's files rather than of the query: the Parquet
+/// reader's (a page that does not decompress or decode), the object store's, or I/O.
+pub(crate) fn is_read_error(e: &DataFusionError) -> bool {
+    match e {
+        DataFusionError::Context(_, inner) | DataFusionError::Diagnostic(_, inner) => {
+            is_read_error(inner)
+        }
+        DataFusionError::Shared(inner) => is_read_error(inner),
+        DataFusionError::ParquetError(_)
+        | DataFusionError::ObjectStore(_)
+        | DataFusionError::IoError(_) => true,
+        DataFusionError::ArrowError(a, _) => matches!(
+            a.as_ref(),
+            ArrowError::ParquetError(_) | ArrowError::IoError(..) | ArrowError::JsonError(_)
+        ),
+        _ => false,
+    }
+}
+
+fn unreadable(dataset: Option<&str>, e: &DataFusionError) -> EngineError {
+    let what = match dataset {
+        Some(d) => format!("a data file of {d}"),
+        None => "a data file of the lake".to_string(),
+    };
+    EngineError::Unreadable {
+        message: format!(
+            "{what} could not be read (corrupt, truncated, or changed since the server started); \
+             the query was stopped and the lake's operator must restore the file (the server's log has the detail)"
+        ),
+        detail: e.to_string(),
+    }
+}
+
+/// The dataset a failed read was of, where a boundary said so (operators above it, such as a
+/// repartition sharing one error among partitions, may wrap the error further).
+fn read_dataset(e: &DataFusionError) -> Option<&str> {
+    match e {
+        DataFusionError::Context(c, _) if c.starts_with(READING) => Some(&c[READING.len()..]),
+        DataFusionError::Context(_, inner) | DataFusionError::Diagnostic(_, inner) => {
+            read_dataset(inner)
+        }
+        DataFusionError::Shared(inner) => read_dataset(inner),
+        _ => None,
+    }
+}
+
 fn classify(e: &DataFusionError) -> EngineError {
     match e {
+        _ if is_read_error(e) => unreadable(read_dataset(e), e),
         DataFusionError::Context(_, inner) | DataFusionError::Diagnostic(_, inner) => {
             classify(inner)
         }
@@ -86,6 +142,7 @@ fn first_line(m: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn cast_errors_do_not_echo_values() {
@@ -97,6 +154,37 @@ mod tests {
         );
         let msg = EngineError::from(e).to_string();
         assert!(!msg.contains("123-45-6789"), "{msg}");
+    }
+
+    #[test]
+    fn read_errors_name_the_dataset_not_the_file() {
+        let read = DataFusionError::ArrowError(
+            Box::new(ArrowError::ParquetError(
+                "External: snappy: corrupt input in curated/clinical/patients/part-00000.parquet"
+                    .into(),
+            )),
+            None,
+        );
+        let e = EngineError::from(DataFusionError::Shared(Arc::new(DataFusionError::Context(
+            format!("{READING}clinical.patients"),
+            Box::new(read),
+        ))));
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("a data file of clinical.patients could not be read"),
+            "{msg}"
+        );
+        assert!(!msg.contains("curated"), "{msg}");
+        assert!(matches!(e, EngineError::Unreadable { detail, .. } if detail.contains("snappy")));
+        // A query's own failure under the same context stays what it is.
+        let e = EngineError::from(DataFusionError::Context(
+            format!("{READING}clinical.patients"),
+            Box::new(DataFusionError::ArrowError(
+                Box::new(ArrowError::DivideByZero),
+                None,
+            )),
+        ));
+        assert_eq!(e.to_string(), "division by zero");
     }
 
     #[test]

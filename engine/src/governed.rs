@@ -20,7 +20,7 @@ use datafusion::catalog::{Session as DFSession, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::Statistics;
-use datafusion::common::{DFSchema, Result as DFResult};
+use datafusion::common::{DFSchema, DataFusionError, Result as DFResult};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::TableType;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
@@ -31,6 +31,7 @@ use datafusion::logical_expr::{
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     ChildStats, DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, StatisticsArgs,
 };
@@ -362,7 +363,25 @@ impl ExecutionPlan for PolicyBoundaryExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> DFResult<SendableRecordBatchStream> {
-        self.input.execute(partition, context)
+        use futures::TryStreamExt;
+        let stream = self.input.execute(partition, context)?;
+        if self.inner {
+            return Ok(stream);
+        }
+        // A failed read of this dataset's files says which dataset (never which file) to the
+        // caller: see `EngineError::Unreadable`.
+        let reading = format!("{}{}", crate::error::READING, self.dataset);
+        let schema = stream.schema();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            stream.map_err(move |e| {
+                if crate::error::is_read_error(&e) {
+                    DataFusionError::Context(reading.clone(), Box::new(e))
+                } else {
+                    e
+                }
+            }),
+        )))
     }
 }
 

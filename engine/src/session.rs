@@ -522,7 +522,13 @@ impl Engine {
             .select(vec![Expr::Column(Column::new_unqualified(&spec.key))])?
             .distinct()?
             .collect()
-            .await?;
+            .await
+            .map_err(|e| {
+                datafusion::error::DataFusionError::Context(
+                    format!("{}{}", crate::error::READING, spec.dataset),
+                    Box::new(e),
+                )
+            })?;
         let mut keys = Vec::new();
         for b in &batches {
             let strings = crate::masks::Strings::of(b.column(0)).map_err(|_| {

@@ -19,6 +19,10 @@ pub fn engine_status(e: EngineError) -> Status {
             tracing::error!(error = %c, "lake or catalog unreadable");
             Status::unavailable("the lake cannot be read right now")
         }
+        EngineError::Unreadable { message, detail } => {
+            tracing::error!(%detail, "{message}");
+            Status::data_loss(message)
+        }
         EngineError::Internal(detail) => {
             tracing::error!(%detail, "internal error");
             Status::internal("internal error")

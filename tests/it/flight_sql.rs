@@ -756,3 +756,56 @@ async fn strings_leave_as_plain_utf8() {
         );
     }
 }
+
+/// A data file damaged after the server checked it at start: the query that reads it fails
+/// with DATA_LOSS naming the dataset (never the file or a value), and the server goes on
+/// serving every other dataset.
+#[tokio::test]
+async fn a_file_damaged_while_serving_fails_its_query_only() {
+    let (_dir, lake) = lakegate_tests::build_lake(300);
+    let server = TestServer::start_with(ServerOptions {
+        lake: Some(lake.clone()),
+        ..Default::default()
+    })
+    .await;
+    let mut carol = crate::common::login(&server, "carol").await;
+    let count = "SELECT count(*), sum(total_cost) FROM clinical.encounters";
+    crate::common::sql(&mut carol, count).await.unwrap();
+    // Flip bits through every encounters file, past the magic number, before the footer.
+    let dir = lake.join("curated/clinical/encounters");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let end = bytes.len() / 2;
+        for b in bytes[4..end].iter_mut().step_by(7) {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&path, bytes).unwrap();
+    }
+    // carol's count, and bob's grouped count (whose repartition shares the error).
+    let mut bob = crate::common::login(&server, "bob").await;
+    for (client, q) in [
+        (&mut carol, count),
+        (
+            &mut bob,
+            "SELECT site_id, count(DISTINCT patient_id) FROM clinical.encounters GROUP BY site_id",
+        ),
+    ] {
+        let err = crate::common::sql(client, q).await.unwrap_err();
+        let FlightError::Tonic(status) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(status.code(), tonic::Code::DataLoss, "{q}: {status:?}");
+        assert!(
+            status
+                .message()
+                .starts_with("a data file of clinical.encounters could not be read"),
+            "{q}: {status:?}"
+        );
+        assert!(!status.message().contains("curated"), "{status:?}");
+    }
+    let b = crate::common::sql(&mut carol, "SELECT count(*) FROM clinical.patients")
+        .await
+        .unwrap();
+    assert!(crate::common::first_i64(&b) > 0);
+}
