@@ -111,7 +111,10 @@ fn classify(e: &DataFusionError) -> EngineError {
         DataFusionError::NotImplemented(m) => {
             EngineError::InvalidQuery(format!("not supported: {}", first_line(m)))
         }
-        DataFusionError::ResourcesExhausted(m) if m.starts_with(crate::budget::BUDGET_EXCEEDED) => {
+        DataFusionError::ResourcesExhausted(m)
+            if m.starts_with(crate::budget::BUDGET_EXCEEDED)
+                || m.starts_with(crate::bounded::FUNCTION_TOO_LARGE) =>
+        {
             EngineError::ResourceExhausted(m.clone())
         }
         DataFusionError::ResourcesExhausted(_) => EngineError::ResourceExhausted(

@@ -25,6 +25,7 @@
 //! ```
 
 pub mod audit;
+mod bounded;
 mod budget;
 mod counted;
 mod depth;
@@ -35,6 +36,7 @@ pub mod masks;
 mod session;
 mod total;
 
+pub use bounded::FUNCTION_OUTPUT_LIMIT;
 pub use budget::MemoryBudget;
 pub use depth::MAX_DEPTH as MAX_QUERY_DEPTH;
 pub use error::EngineError;

@@ -188,6 +188,7 @@ impl Engine {
             .clone()
             .with_aliases(["variance"]);
         datafusion::execution::FunctionRegistry::register_udaf(&mut template, Arc::new(variance))?;
+        crate::bounded::install(&mut template)?;
 
         Ok(Self {
             inner: Arc::new(Inner {

@@ -222,6 +222,18 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     // A suppressed aggregate without GROUP BY answers no row; as a scalar subquery, NULL (it
     // failed with an internal error: a NULL in a column declared non-nullable).
     ("bob", "SELECT site_id, count(*) AS n, (SELECT count(*) FROM clinical.encounters WHERE total_cost > 49998) AS m FROM clinical.patients GROUP BY site_id", Answer(any_answer)),
+    // Functions that multiply their input: one call allocated 2 GB outside the memory pool
+    // (two at once take the server down). Bounded per batch; list builders not offered.
+    ("carol", "SELECT length(repeat('x', 2000000000))", Refused("ResourceExhausted", "a function's result is limited to 64 MiB")),
+    ("carol", "SELECT max(length(replace(first_name, 'a', repeat('x', 1000000)))) FROM clinical.patients", Refused("ResourceExhausted", "replace would build")),
+    ("carol", "SELECT max(length(lpad(first_name, 1000000))) FROM clinical.patients", Refused("ResourceExhausted", "lpad would build")),
+    ("carol", "SELECT count(*) FROM unnest(range(1, 1000000000))", Refused("InvalidArgument", "range")),
+    ("carol", "SELECT lpad(zip, 10, '0'), repeat(first_name, 3), replace(ssn, '*', '#') FROM clinical.patients", Answer(nothing_looks_like_an_ssn)),
+    ("carol", "SELECT count(*) FROM generate_series(1, 1000)", Answer(any_answer)),
+    // Under a threshold a bounded function could fail on some rows: only a replace that
+    // cannot grow its string runs there.
+    ("bob", "SELECT replace(reason_code, '.', '') AS r, count(*) FROM clinical.encounters GROUP BY 1", Answer(any_answer)),
+    ("bob", "SELECT site_id, count(*) FROM clinical.encounters WHERE length(replace(reason_code, '.', repeat('x', 9000))) > 0 GROUP BY site_id", Refused("PermissionDenied", "replacement longer than the text it replaces")),
     ("bob", "SELECT count(*) FROM omics.variants", Refused("InvalidArgument", "not found")),
     // Nothing at all for those without grants.
     ("mallory", "SELECT * FROM clinical.patients", Refused("InvalidArgument", "not found")),
