@@ -7,8 +7,9 @@
 //! function runs, the wrapper computes an upper bound of what it would build for the batch and
 //! refuses past [`FUNCTION_OUTPUT_LIMIT`] (ResourceExhausted, naming the function). The list
 //! functions that build one value of any size from a few numbers (`range` and
-//! `generate_series` as scalars, `array_repeat`, `array_resize`) are not offered; the table
-//! functions `generate_series` and `range` in FROM stream their rows and stay.
+//! `generate_series` as scalars, `array_repeat`, `array_resize`) are not offered: they refuse at
+//! planning, naming the table functions `generate_series` and `range` in FROM, which stream
+//! their rows and stay.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use datafusion::execution::FunctionRegistry;
 use datafusion::logical_expr::simplify::{ExprSimplifyResult, SimplifyContext};
 use datafusion::logical_expr::{
     ColumnarValue, Documentation, Expr, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF,
-    ScalarUDFImpl, Signature,
+    ScalarUDFImpl, Signature, Volatility,
 };
 
 /// The most one call of a bounded function may build for one batch of rows.
@@ -50,9 +51,51 @@ pub(crate) fn install(registry: &mut dyn FunctionRegistry) -> DFResult<()> {
         registry.register_udf(Arc::new(ScalarUDF::new_from_impl(wrapped)))?;
     }
     for name in ["range", "generate_series", "array_repeat", "array_resize"] {
-        registry.deregister_udf(name)?;
+        if let Some(removed) = registry.deregister_udf(name)? {
+            let stub = NotOffered {
+                name: name.to_string(),
+                aliases: removed.aliases().to_vec(),
+                signature: Signature::variadic_any(Volatility::Immutable),
+            };
+            registry.register_udf(Arc::new(ScalarUDF::new_from_impl(stub)))?;
+        }
     }
     Ok(())
+}
+
+/// In place of a list builder: refuses at planning, saying why and what to use instead (a
+/// plain "invalid function" would suggest a typo).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct NotOffered {
+    name: String,
+    aliases: Vec<String>,
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for NotOffered {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn aliases(&self) -> &[String] {
+        &self.aliases
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> DFResult<DataType> {
+        datafusion::common::plan_err!(
+            "the function {} is not offered: it builds one list of any size from a few numbers; \
+             for a series of rows use generate_series(...) or range(...) in FROM, which stream",
+            self.name
+        )
+    }
+
+    fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
+        datafusion::common::plan_err!("the function {} is not offered", self.name)
+    }
 }
 
 /// `args[i]` at `row` as a byte length (NULL and non-strings: 0).
