@@ -525,8 +525,10 @@ impl Engine {
             .collect()
             .await
             .map_err(|e| {
+                // For the log only: the dataset may be one the caller cannot see, so the caller
+                // is told of "a data file of the lake" (`error::read_dataset` does not match).
                 datafusion::error::DataFusionError::Context(
-                    format!("{}{}", crate::error::READING, spec.dataset),
+                    format!("reading {} for a row filter", spec.dataset),
                     Box::new(e),
                 )
             })?;
