@@ -98,24 +98,28 @@ impl ScalarUDFImpl for NotOffered {
     }
 }
 
-/// `args[i]` at `row` as a byte length (NULL and non-strings: 0).
-fn len_at(arg: &ColumnarValue, row: usize) -> u128 {
-    let len = match arg {
+/// `arg` at `row` as a string (NULL and non-strings: none).
+fn str_at(arg: &ColumnarValue, row: usize) -> Option<&str> {
+    match arg {
         ColumnarValue::Scalar(
             ScalarValue::Utf8(Some(s))
             | ScalarValue::LargeUtf8(Some(s))
             | ScalarValue::Utf8View(Some(s)),
-        ) => s.len(),
-        ColumnarValue::Scalar(_) => 0,
-        ColumnarValue::Array(a) if a.is_null(row) => 0,
+        ) => Some(s),
+        ColumnarValue::Scalar(_) => None,
+        ColumnarValue::Array(a) if a.is_null(row) => None,
         ColumnarValue::Array(a) => match a.data_type() {
-            DataType::Utf8 => a.as_string::<i32>().value(row).len(),
-            DataType::LargeUtf8 => a.as_string::<i64>().value(row).len(),
-            DataType::Utf8View => a.as_string_view().value(row).len(),
-            _ => 0,
+            DataType::Utf8 => Some(a.as_string::<i32>().value(row)),
+            DataType::LargeUtf8 => Some(a.as_string::<i64>().value(row)),
+            DataType::Utf8View => Some(a.as_string_view().value(row)),
+            _ => None,
         },
-    };
-    len as u128
+    }
+}
+
+/// `arg` at `row` as a byte length (NULL and non-strings: 0).
+fn len_at(arg: &ColumnarValue, row: usize) -> u128 {
+    str_at(arg, row).map_or(0, str::len) as u128
 }
 
 /// `args[i]` at `row` as a non-negative count (NULL, negative and non-integers: 0).
@@ -177,14 +181,19 @@ fn replace_size(args: &[ColumnarValue], rows: usize) -> u128 {
         .sum()
 }
 
-/// `regexp_replace(s, pattern, replacement [, flags])`: at most one replacement per character
-/// boundary, each of whose group references (`\0`) may repeat the whole string.
+/// `regexp_replace(s, pattern, replacement [, flags])`: what it adds to the string. At most one
+/// match per character boundary (a pattern can match the empty string), each replaced by the
+/// replacement, whose group references (`\1`, `$1`, `${name}`: counted by their `\` and `$`)
+/// may each repeat the whole string.
 fn regexp_replace_size(args: &[ColumnarValue], rows: usize) -> u128 {
     let [s, _, to, ..] = args else { return 0 };
     (0..rows_of(args, rows))
         .map(|i| {
-            let len = len_at(s, i) + 1;
-            len * (len_at(to, i) + 1) * len
+            let len = len_at(s, i);
+            let references = str_at(to, i)
+                .map(|t| t.bytes().filter(|b| matches!(b, b'\\' | b'$')).count())
+                .unwrap_or(0) as u128;
+            (len + 1) * (len_at(to, i) + references * len)
         })
         .sum()
 }
@@ -295,6 +304,16 @@ mod tests {
             ColumnarValue::Array(Arc::new(datafusion::arrow::array::Int64Array::from(vec![
                 10, -5,
             ])));
-        assert_eq!(pad_size(&[s, widths], 2), 40);
+        assert_eq!(pad_size(&[s.clone(), widths], 2), 40);
+        // regexp_replace: a plain replacement adds itself at most once per character boundary;
+        // each group reference may add the whole string.
+        assert_eq!(
+            regexp_replace_size(&[s.clone(), text("a*"), text("xy")], 2),
+            4 * 2 + ((1 << 20) + 1) * 2
+        );
+        assert_eq!(
+            regexp_replace_size(&[s, text("(a)"), text("<$1>")], 2),
+            4 * (4 + 3) + ((1 << 20) + 1) * (4 + (1 << 20))
+        );
     }
 }

@@ -230,6 +230,8 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("carol", "SELECT count(*) FROM unnest(range(1, 1000000000))", Refused("InvalidArgument", "the function range is not offered")),
     ("carol", "SELECT lpad(zip, 10, '0'), repeat(first_name, 3), replace(ssn, '*', '#') FROM clinical.patients", Answer(nothing_looks_like_an_ssn)),
     ("carol", "SELECT count(*) FROM generate_series(1, 1000)", Answer(any_answer)),
+    ("carol", "SELECT max(length(regexp_replace(first_name, '', repeat('x', 1000000), 'g'))) FROM clinical.patients", Refused("ResourceExhausted", "regexp_replace would build")),
+    ("carol", "SELECT regexp_replace(address, '[0-9]+', '#', 'g'), regexp_replace(first_name, '(.)', '<$1>', 'g') FROM clinical.patients", Answer(any_answer)),
     // Under a threshold a bounded function could fail on some rows: only a replace that
     // cannot grow its string runs there.
     ("bob", "SELECT replace(reason_code, '.', '') AS r, count(*) FROM clinical.encounters GROUP BY 1", Answer(any_answer)),
