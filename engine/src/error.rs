@@ -29,6 +29,11 @@ pub enum EngineError {
     /// the reader's detail is logged server-side.
     #[error("{message}")]
     Unreadable { message: String, detail: String },
+    /// A function or operator refused a value while the query ran (a unit, pattern or format
+    /// it does not accept, a string it cannot parse): the caller's mistake, but its detail can
+    /// quote the value, so the detail is logged server-side, never sent.
+    #[error("{REJECTED}")]
+    Rejected(String),
     /// Anything else; the detail is logged server-side, never sent.
     #[error("internal error")]
     Internal(String),
@@ -39,6 +44,11 @@ impl From<DataFusionError> for EngineError {
         classify(&e)
     }
 }
+
+/// What a caller hears when a function or operator refused a value while the query ran.
+pub const REJECTED: &str = "the query failed: a function or operator refused one of its inputs \
+ (for example a date unit, pattern or format it does not accept, or a string it cannot \
+parse); the detail is withheld because it can quote a data value";
 
 /// The context [`PolicyBoundaryExec`](crate::governed::PolicyBoundaryExec) puts on a failed read
 /// of its dataset's files, followed by the dataset's name.
@@ -133,6 +143,13 @@ fn classify(e: &DataFusionError) -> EngineError {
             ArrowError::MemoryError(_) => EngineError::ResourceExhausted("out of memory".into()),
             other => EngineError::Internal(other.to_string()),
         },
+        // DataFusion's functions report an argument they refuse at run time this way (an
+        // unknown `date_trunc` unit, a pattern that does not compile, a string that does not
+        // parse): the caller can fix the query, so say so, without the message.
+        DataFusionError::Execution(m) => EngineError::Rejected(m.clone()),
+        // What is not a read of the lake (tested first) comes from a function: a regular
+        // expression that does not compile.
+        DataFusionError::External(e) => EngineError::Rejected(e.to_string()),
         other => EngineError::Internal(other.to_string()),
     }
 }
@@ -191,10 +208,13 @@ mod tests {
     }
 
     #[test]
-    fn execution_errors_carry_no_detail() {
+    fn execution_errors_say_what_failed_without_the_detail() {
         let e = DataFusionError::Execution(
-            "reading curated/clinical/patients/part-00000.parquet".into(),
+            "Unsupported date_trunc granularity: 'José'. Supported values are: day".into(),
         );
-        assert_eq!(EngineError::from(e).to_string(), "internal error");
+        let e = EngineError::from(DataFusionError::Context("x".into(), Box::new(e)));
+        assert!(matches!(e, EngineError::Rejected(_)), "{e:?}");
+        assert_eq!(e.to_string(), REJECTED);
+        assert!(!REJECTED.contains("José"));
     }
 }

@@ -43,7 +43,7 @@ use crate::audited::{audit_unavailable, outcome_of, reason_of, with_report, Audi
 use crate::identity::{AuthError, Identity};
 use crate::limits::Limiter;
 use crate::signing::{now_secs, Signer};
-use crate::status::{engine_status, token_status};
+use crate::status::{query_status, token_status};
 
 type DataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
 
@@ -340,7 +340,7 @@ impl LakegateService {
                 Ok((planned, e))
             }
             Err(err) => {
-                let status = engine_status(err);
+                let status = query_status(err, &e.query_id);
                 e.outcome = outcome_of(&status).into();
                 e.reason = reason_of(&status);
                 self.audit.record_later(e);
@@ -402,7 +402,10 @@ impl LakegateService {
         };
         let (stream, report) = match planned.execute_with_report(params).await {
             Ok(x) => x,
-            Err(err) => return Err(refuse(engine_status(err), template)),
+            Err(err) => {
+                let status = query_status(err, &template.query_id);
+                return Err(refuse(status, template));
+            }
         };
         // The decision is durable before the first batch can leave.
         let mut decision = with_report(template, &report);
@@ -413,6 +416,7 @@ impl LakegateService {
             .await
             .map_err(audit_unavailable)?;
         end.kind = "query_end".into();
+        let query_id = end.query_id.clone();
         let rows = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = Arc::clone(&rows);
         let schema = stream.schema();
@@ -421,7 +425,9 @@ impl LakegateService {
                 counted.fetch_add(b.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
                 b
             })
-            .map_err(|e| FlightError::Tonic(Box::new(engine_status(EngineError::from(e)))));
+            .map_err(move |e| {
+                FlightError::Tonic(Box::new(query_status(EngineError::from(e), &query_id)))
+            });
         let data = FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .build(batches)

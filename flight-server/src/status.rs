@@ -5,8 +5,18 @@ use tonic::Status;
 
 use crate::signing::TokenError;
 
-/// Map an engine error to the status the client sees. Internal details go to the log only.
-pub fn engine_status(e: EngineError) -> Status {
+/// Map an engine error of the query `query_id` (its audit events carry the same id; empty when
+/// nothing was to run) to the status the client sees. Details go to the log only; where one is
+/// withheld, the message names the query, so an operator can find it from what the caller
+/// reports.
+pub fn query_status(e: EngineError, query_id: &str) -> Status {
+    let cite = |message: &str| {
+        if query_id.is_empty() {
+            message.to_string()
+        } else {
+            format!("{message} (query {query_id}; the server log has the detail)")
+        }
+    };
     match e {
         EngineError::InvalidQuery(m) => Status::invalid_argument(m),
         EngineError::PermissionDenied(m) => Status::permission_denied(m),
@@ -20,12 +30,16 @@ pub fn engine_status(e: EngineError) -> Status {
             Status::unavailable("the lake cannot be read right now")
         }
         EngineError::Unreadable { message, detail } => {
-            tracing::error!(%detail, "{message}");
-            Status::data_loss(message)
+            tracing::error!(%detail, query_id, "{message}");
+            Status::data_loss(cite(&message))
+        }
+        EngineError::Rejected(ref detail) => {
+            tracing::info!(%detail, query_id, "a query's input was refused while it ran");
+            Status::invalid_argument(cite(&e.to_string()))
         }
         EngineError::Internal(detail) => {
-            tracing::error!(%detail, "internal error");
-            Status::internal("internal error")
+            tracing::error!(%detail, query_id, "internal error");
+            Status::internal(cite("internal error"))
         }
     }
 }

@@ -478,6 +478,22 @@ async fn non_queries_paths_and_bad_sql_are_refused_clearly() {
     .unwrap_err();
     let text = format!("{err:?}");
     assert!(!regex_like_ssn(&text), "{text}");
+    // A function refusing an argument at run time is the caller's mistake, said as such, with
+    // the query's id for the operator and never the value (the parse error quotes a name).
+    for sql in [
+        "SELECT to_timestamp(first_name, '%Y') FROM clinical.patients",
+        "SELECT date_trunc('fortnight', start_time) FROM clinical.encounters",
+        "SELECT regexp_like(first_name, '[') FROM clinical.patients",
+    ] {
+        let err = query(&mut carol, sql).await.unwrap_err();
+        let text = assert_code(err, "InvalidArgument");
+        assert!(text.contains("refused one of its inputs"), "{sql}: {text}");
+        assert!(text.contains("(query "), "{sql}: {text}");
+        assert!(
+            !text.contains("parsing") && !text.contains("fortnight") && !text.contains("regex"),
+            "{sql}: {text}"
+        );
+    }
     // Oversized SQL.
     let big = format!("SELECT 1 -- {}", "x".repeat(70_000));
     let err = query(&mut alice, &big).await.unwrap_err();
