@@ -324,6 +324,49 @@ fn subject_digests(key: &ProjectKey, subjects: &ArrayRef) -> DFResult<RunDigests
     Ok(digests)
 }
 
+/// The pseudonyms of a column whose runs of subjects have `digests`, written straight into the
+/// array's buffers: every pseudonym has the same length and a run is its pseudonym repeated.
+/// This runs on every row a training stream reads, where a builder's bookkeeping per value cost
+/// more than the HMACs (one per run).
+fn pseudonyms(
+    digests: &RunDigests,
+    len: usize,
+    nulls: Option<NullBuffer>,
+) -> DFResult<datafusion::arrow::array::StringArray> {
+    use datafusion::arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
+    if i32::try_from(len.saturating_mul(PSEUDONYM_LEN)).is_err() {
+        return exec_err!("{len} pseudonyms do not fit in one string array");
+    }
+    let mut values = Vec::with_capacity(len * PSEUDONYM_LEN);
+    let mut offsets = Vec::with_capacity(len + 1);
+    offsets.push(0i32);
+    let mut end = 0i32;
+    for (run, digest) in digests.iter() {
+        match digest {
+            Some(d) => {
+                let mut p = [0u8; PSEUDONYM_LEN];
+                p[..3].copy_from_slice(b"ps_");
+                for (i, b) in d[..12].iter().enumerate() {
+                    p[3 + 2 * i] = b"0123456789abcdef"[usize::from(b >> 4)];
+                    p[4 + 2 * i] = b"0123456789abcdef"[usize::from(b & 15)];
+                }
+                for _ in run.clone() {
+                    values.extend_from_slice(&p);
+                    end += PSEUDONYM_LEN as i32;
+                    offsets.push(end);
+                }
+            }
+            // A null subject's rows stay null and hold no bytes.
+            None => offsets.extend(std::iter::repeat_n(end, run.len())),
+        }
+    }
+    Ok(datafusion::arrow::array::StringArray::try_new(
+        OffsetBuffer::new(ScalarBuffer::from(offsets)),
+        Buffer::from_vec(values),
+        nulls,
+    )?)
+}
+
 fn year_start_days(year: i32) -> i32 {
     chrono::NaiveDate::from_ymd_opt(year, 1, 1)
         .map(|d| {
@@ -361,25 +404,7 @@ impl ScalarUDFImpl for MaskUdf {
         let out: ArrayRef = match &self.kernel {
             Kernel::Pseudonym(key) => {
                 let digests = subject_digests(key, a)?;
-                // Every pseudonym has the same length: size the output once.
-                let mut out = StringBuilder::with_capacity(a.len(), a.len() * PSEUDONYM_LEN);
-                let mut pseudonym = String::with_capacity(PSEUDONYM_LEN);
-                for (run, digest) in digests.iter() {
-                    let Some(d) = digest else {
-                        out.append_nulls(run.len());
-                        continue;
-                    };
-                    pseudonym.clear();
-                    pseudonym.push_str("ps_");
-                    for b in &d[..12] {
-                        pseudonym.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-                        pseudonym.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
-                    }
-                    for _ in run.clone() {
-                        out.append_value(&pseudonym);
-                    }
-                }
-                Arc::new(out.finish())
+                Arc::new(pseudonyms(&digests, a.len(), a.logical_nulls())?)
             }
             Kernel::ShowLast(n) => map_strings(a, |s, out| keep(s, *n, true, out))?,
             Kernel::ShowFirst(n) => map_strings(a, |s, out| keep(s, *n, false, out))?,
