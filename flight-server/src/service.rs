@@ -1036,19 +1036,24 @@ impl FlightSqlService for LakegateService {
             .await?;
         let handle = self.handle(&principal, &query.prepared_statement_handle)?;
         let data = request.into_inner().map_err(FlightError::from);
-        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(data)
-            .try_collect()
-            .await
-            .map_err(|e| {
-                Status::invalid_argument(format!("bound parameters are unreadable: {e}"))
-            })?;
-        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        if rows > 1 {
-            return Err(Status::invalid_argument(
-                "a query takes one row of parameters; bind one row per execution",
-            ));
+        let mut batches = FlightRecordBatchStream::new_from_flight_data(data);
+        // Read only as far as a second row: a client streaming batches without end must not
+        // make the server hold them (each message is bounded, their number is not).
+        let mut row = None;
+        while let Some(batch) = batches.try_next().await.map_err(|e| {
+            Status::invalid_argument(format!("bound parameters are unreadable: {e}"))
+        })? {
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            if row.is_some() || batch.num_rows() > 1 {
+                return Err(Status::invalid_argument(
+                    "a query takes one row of parameters; bind one row per execution",
+                ));
+            }
+            row = Some(batch);
         }
-        let params = match batches.into_iter().find(|b| b.num_rows() == 1) {
+        let params = match row {
             Some(b) => Some(encode_params(&b)?),
             None => None,
         };

@@ -15,7 +15,7 @@ use arrow_flight::sql::{
 };
 use arrow_flight::{FlightDescriptor, FlightInfo, Ticket};
 use datafusion::physical_plan::{displayable, ExecutionPlanProperties};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use lakegate_engine::EngineConfig;
 use lakegate_flight_server::Lifetimes;
 use lakegate_tests::{raw_query, scalar_i64, ServerOptions, TestServer, TEST_PATIENTS};
@@ -183,10 +183,11 @@ async fn prepared_statement_with_bound_parameters() {
         vec![Arc::new(StringArray::from(vec!["SITE_B"]))],
     )
     .unwrap();
-    stmt.set_parameters(params).unwrap();
+    stmt.set_parameters(params.clone()).unwrap();
     let info = stmt.execute().await.unwrap();
     let batches = fetch(&mut alice, info).await.unwrap();
     assert_eq!(single_i64(&batches), literal);
+
     stmt.close().await.unwrap();
 
     // A handle is bound to its caller: carol cannot use alice's.
@@ -213,6 +214,26 @@ async fn prepared_statement_with_bound_parameters() {
             .unpack()
             .unwrap()
             .unwrap();
+    // Parameters streamed without end are refused at the second row, not collected until
+    // the server runs out of memory.
+    let endless = arrow_flight::encode::FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(FlightDescriptor::new_cmd(
+            CommandPreparedStatementQuery {
+                prepared_statement_handle: created.prepared_statement_handle.clone(),
+            }
+            .as_any()
+            .encode_to_vec(),
+        )))
+        .build(futures::stream::repeat(params).map(Ok))
+        .map(|d| d.unwrap());
+    let err = tokio::time::timeout(std::time::Duration::from_secs(60), alice.do_put(endless))
+        .await
+        .expect("the server answers while the client is still sending")
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("one row of parameters"),
+        "{err:?}"
+    );
     let mut carol = login(&server, "carol").await;
     let cmd = CommandPreparedStatementQuery {
         prepared_statement_handle: created.prepared_statement_handle,
