@@ -39,7 +39,7 @@ use std::sync::Arc;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::Column;
 use datafusion::datasource::{provider_as_source, source_as_provider};
-use datafusion::logical_expr::{Expr, Filter, JoinType, LogicalPlan, TableScan};
+use datafusion::logical_expr::{Expr, Filter, JoinType, LogicalPlan, TableScanBuilder};
 
 use crate::governed::GovernedTable;
 
@@ -421,15 +421,25 @@ pub(crate) fn read_counted_pseudonyms_raw(
                 return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
             };
             let source = provider_as_source(Arc::new(table.counting_raw(columns)));
-            Ok(Transformed::yes(LogicalPlan::TableScan(TableScan {
-                source,
-                ..scan
-            })))
+            // The raw columns keep the raw type: the scan's schema is derived again, and so
+            // is every schema above it (below).
+            let scan = TableScanBuilder::new(scan.table_name, source)
+                .with_projection(scan.projection)
+                .with_filters(scan.filters)
+                .with_fetch(scan.fetch)
+                .with_statistics_requests(scan.statistics_requests)
+                .build()?;
+            Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
         }
         LogicalPlan::Aggregate(agg) => {
             aggregates += 1;
+            // A raw column below may have changed a group key's type.
+            let agg = match LogicalPlan::Aggregate(agg).recompute_schema()? {
+                LogicalPlan::Aggregate(agg) => agg,
+                _ => unreachable!("an aggregate stays an aggregate"),
+            };
             if !sorted.contains(&(aggregates - 1)) {
-                return Ok(Transformed::no(LogicalPlan::Aggregate(agg)));
+                return Ok(Transformed::yes(LogicalPlan::Aggregate(agg)));
             }
             // A release check that passes every group (k = 0): the physical plan sorts each
             // partition directly above it (`order_released_groups`), where no optimizer pass
@@ -443,7 +453,8 @@ pub(crate) fn read_counted_pseudonyms_raw(
                 Arc::new(LogicalPlan::Aggregate(agg)),
             )?)))
         }
-        other => Ok(Transformed::no(other)),
+        // Projections, filters, joins and aliases pass a raw column up with its new type.
+        other => Ok(Transformed::yes(other.recompute_schema()?)),
     })
     .map(|t| t.data)
 }

@@ -102,19 +102,31 @@ impl GovernedTable {
 
     /// This table with the given pseudonymized columns read raw; only for columns whose every
     /// use is a count (see `counted.rs`). Everything else, the row filter included, is unchanged.
+    ///
+    /// A raw column keeps the raw scan's type (`Utf8View`, where the pseudonym is `Utf8`): no
+    /// copy of every id into a new array, and short ids stay inline in their views, which is
+    /// what makes grouping and joining on them cheap. The caller retypes the plan above.
     pub(crate) fn counting_raw(&self, columns: &BTreeSet<usize>) -> Self {
         let raw_schema = self.raw.schema();
         let mut table = self.clone();
+        let mut fields: Vec<Field> = self
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
         for &i in columns {
             if self.is_pseudonymized(i) {
-                let raw = Expr::Column(datafusion::common::Column::new_unqualified(
-                    raw_schema.field(i).name(),
-                ));
-                // Same type as the pseudonym the plan was typed with.
+                let raw = raw_schema.field(i);
                 table.columns[i] =
-                    datafusion::logical_expr::cast(raw, self.schema.field(i).data_type().clone());
+                    Expr::Column(datafusion::common::Column::new_unqualified(raw.name()));
+                fields[i] = fields[i].clone().with_data_type(raw.data_type().clone());
             }
         }
+        table.schema = Arc::new(Schema::new_with_metadata(
+            fields,
+            self.schema.metadata().clone(),
+        ));
         table
     }
 }

@@ -132,6 +132,8 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
     // released groups leave sorted (engine/src/counted.rs).
     let cohort = physical(&server, &persona("bob"), same[0].1).await;
     assert!(cohort.contains("alias1"), "not two levels:\n{cohort}");
+    // Read raw as the scan delivers them (views), not copied into a new array of strings.
+    assert!(!cohort.contains("CAST(patient_id"), "ids copied:\n{cohort}");
     for (who, q, oracle) in &same {
         let plan = physical(&server, who, q).await;
         assert!(
