@@ -243,14 +243,27 @@ impl TableProvider for GovernedTable {
                 plan = Arc::new(DataSourceExec::new(source));
             }
         }
+        // Those that cannot fail on any value run before the row filter, where they cost least
+        // (carol's `total_cost > 49000` keeps 2% of the rows; her row filter keeps a fifth).
+        // The hidden rows they read show in nothing: no error, no value; only the conjunction
+        // of the two decides what passes. The rest run after it, as below.
+        let (infallible, early): (Vec<Expr>, Vec<Expr>) = early
+            .into_iter()
+            .partition(|f| cannot_fail(f, &input_schema));
         // A FilterExec holds back what passes until it has a batch of this many rows (larger
         // runs pass straight through). At the session's batch size, a selective row filter
         // followed by a selective caller's predicate (carol: her site, then 2% of it) reads two
         // million rows before the first batch leaves; an eighth of it keeps the first batch
         // within tens of milliseconds and changes nothing for filters that keep most rows.
         let filter_batch = (state.config().batch_size() / 8).max(1);
-        if let Some(f) = &self.filter {
-            let predicate = state.create_physical_expr(f.clone(), &input_schema)?;
+        // One conjunction, theirs first: DataFusion evaluates the right side of an AND only on
+        // the rows the left keeps when it keeps few (two filters in a row are merged anyway).
+        if let Some(f) = infallible
+            .into_iter()
+            .chain(self.filter.clone())
+            .reduce(Expr::and)
+        {
+            let predicate = state.create_physical_expr(f, &input_schema)?;
             plan = Arc::new(FilterExec::try_new(predicate, plan)?.with_batch_size(filter_batch)?);
         }
         if let Some(user) = early.into_iter().reduce(Expr::and) {
@@ -408,6 +421,78 @@ fn unqualified(e: Expr) -> DFResult<Expr> {
         })
     })
     .map(|t| t.data)
+}
+
+/// Whether a predicate cannot fail, whatever the values of the rows it reads: comparisons of
+/// a column with a constant (or another column) of exactly its type, `IS [NOT] NULL`, `IN`
+/// lists and `BETWEEN` of constants, a boolean column, and `AND`/`OR`/`NOT` of those. No cast,
+/// function or arithmetic: those can refuse a value, and an error raised on a row the row
+/// filter hides would tell the caller something about it. Where a type is unknown, it can fail.
+fn cannot_fail(e: &Expr, schema: &DFSchema) -> bool {
+    use datafusion::logical_expr::{Between, BinaryExpr, ExprSchemable, Operator};
+    let type_of = |e: &Expr| match e {
+        Expr::Column(_) | Expr::Literal(..) => e.get_type(schema).ok().filter(comparable),
+        _ => None,
+    };
+    let is_column = |e: &Expr| matches!(e, Expr::Column(_));
+    let same_type = |a: &Expr, b: &Expr| match (type_of(a), type_of(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    };
+    match e {
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => match op {
+            Operator::And | Operator::Or => cannot_fail(left, schema) && cannot_fail(right, schema),
+            Operator::Eq
+            | Operator::NotEq
+            | Operator::Lt
+            | Operator::LtEq
+            | Operator::Gt
+            | Operator::GtEq
+            | Operator::IsDistinctFrom
+            | Operator::IsNotDistinctFrom => {
+                (is_column(left) || is_column(right)) && same_type(left, right)
+            }
+            _ => false,
+        },
+        Expr::Not(inner) => cannot_fail(inner, schema),
+        Expr::IsNull(inner) | Expr::IsNotNull(inner) => is_column(inner),
+        Expr::Column(_) => e.get_type(schema).ok() == Some(DataType::Boolean),
+        Expr::InList(list) => {
+            is_column(&list.expr)
+                && list
+                    .list
+                    .iter()
+                    .all(|v| matches!(v, Expr::Literal(..)) && same_type(&list.expr, v))
+        }
+        Expr::Between(Between {
+            expr, low, high, ..
+        }) => {
+            is_column(expr)
+                && matches!(**low, Expr::Literal(..))
+                && matches!(**high, Expr::Literal(..))
+                && same_type(expr, low)
+                && same_type(expr, high)
+        }
+        _ => false,
+    }
+}
+
+/// Types whose comparison kernels take any two values of the type without error.
+fn comparable(t: &DataType) -> bool {
+    t.is_integer()
+        || t.is_floating()
+        || matches!(
+            t,
+            DataType::Boolean
+                | DataType::Utf8
+                | DataType::Utf8View
+                | DataType::LargeUtf8
+                | DataType::Date32
+                | DataType::Date64
+                | DataType::Timestamp(..)
+                | DataType::Decimal128(..)
+                | DataType::Decimal256(..)
+        )
 }
 
 /// Whether a pushed predicate is plain row-wise logic: no subquery, aggregate, window or

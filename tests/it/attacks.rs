@@ -317,9 +317,13 @@ async fn released_bob_counts_never_describe_fewer_than_eleven_patients() {
 }
 
 /// A caller's predicate on columns it sees unmasked runs early (so masks are computed only for
-/// the rows it keeps), but always above the row filter, behind a boundary: never on hidden rows.
+/// the rows it keeps). One that could fail on some value (arithmetic, a cast, a function) runs
+/// above the row filter, behind a boundary: never on hidden rows, whose values an error could
+/// tell. One that cannot fail (a column compared with a constant of its type) runs first, in
+/// the row filter's own conjunction, where it is cheapest: the rows it reads but the row filter
+/// hides show in nothing.
 #[tokio::test]
-async fn early_predicates_run_after_the_row_filter_and_before_the_masks() {
+async fn early_predicates_run_before_the_masks_and_never_fail_on_hidden_rows() {
     use datafusion::physical_plan::displayable;
     let server = TestServer::start().await;
     let alice = lakegate_policies::Principal {
@@ -334,54 +338,92 @@ async fn early_predicates_run_after_the_row_filter_and_before_the_masks() {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect(),
     };
-    let planned = server
-        .engine
-        .session(&alice)
-        .await
-        .unwrap()
-        .plan("SELECT encounter_id FROM clinical.encounters WHERE total_cost > 49000")
-        .await
-        .unwrap();
-    let plan = displayable(planned.verified_physical_plan().await.unwrap().as_ref())
-        .indent(false)
-        .to_string();
-    let line = |needle: &str| {
+    let physical = |q: &'static str| {
+        let (server, alice) = (&server, &alice);
+        async move {
+            let planned = server
+                .engine
+                .session(alice)
+                .await
+                .unwrap()
+                .plan(q)
+                .await
+                .unwrap();
+            displayable(planned.verified_physical_plan().await.unwrap().as_ref())
+                .indent(false)
+                .to_string()
+        }
+    };
+    let line = |plan: &str, needle: &str| {
         plan.lines()
             .position(|l| l.contains(needle))
             .unwrap_or_else(|| panic!("{needle} not in\n{plan}"))
     };
-    let masks = line("lg_pseudonym");
-    let early = plan
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| l.contains("FilterExec") && l.contains("49000"))
-        .map(|(i, _)| i)
-        .max()
-        .unwrap_or_else(|| panic!("no early filter in\n{plan}"));
-    let stage = plan
-        .lines()
-        .collect::<Vec<_>>()
-        .iter()
-        .rposition(|l| l.contains("stage=row-filter"))
-        .unwrap_or_else(|| panic!("no stage boundary in\n{plan}"));
-    let row_filter = line("lg_in_subject_set");
-    assert!(
-        masks < early && early < stage && stage < row_filter,
-        "wrong order in\n{plan}"
+
+    // Cannot fail: one filter, the caller's comparison before the row filter, masks above.
+    let plan = physical(
+        "SELECT encounter_id FROM clinical.encounters WHERE total_cost > 49000 AND encounter_class IN ('inpatient', 'emergency')",
+    )
+    .await;
+    let filter = line(&plan, "lg_in_subject_set");
+    let text = plan.lines().nth(filter).unwrap();
+    let (mine, row) = (
+        text.find("total_cost@").expect("early"),
+        text.find("lg_in_subject_set").unwrap(),
     );
-    // And a predicate on a masked column never runs early.
-    let planned = server
-        .engine
-        .session(&alice)
-        .await
-        .unwrap()
-        .plan("SELECT count(*) FROM clinical.patients WHERE ssn LIKE '1%'")
-        .await
-        .unwrap();
-    let plan = displayable(planned.verified_physical_plan().await.unwrap().as_ref())
-        .indent(false)
-        .to_string();
+    assert!(
+        text.contains("FilterExec") && text.contains("encounter_class@") && mine < row,
+        "not one conjunction, the caller's first:\n{plan}"
+    );
+    assert!(line(&plan, "lg_pseudonym") < filter, "{plan}");
     assert!(!plan.contains("stage=row-filter"), "{plan}");
+
+    // Could fail (division, a cast, a function): above the row filter, behind a boundary.
+    for q in [
+        "SELECT encounter_id FROM clinical.encounters WHERE 1 / (total_cost - 49000.5) > 0",
+        "SELECT encounter_id FROM clinical.encounters WHERE CAST(encounter_class AS INT) = 1",
+        "SELECT encounter_id FROM clinical.encounters WHERE length(encounter_class) > 3",
+    ] {
+        let plan = physical(q).await;
+        let masks = line(&plan, "lg_pseudonym");
+        let early = plan
+            .lines()
+            .position(|l| {
+                l.contains("FilterExec") && !l.contains("lg_in_subject_set") && !l.contains("lg_")
+            })
+            .unwrap_or_else(|| panic!("no early filter in\n{plan}"));
+        let stage = plan
+            .lines()
+            .collect::<Vec<_>>()
+            .iter()
+            .rposition(|l| l.contains("stage=row-filter"))
+            .unwrap_or_else(|| panic!("no stage boundary in\n{plan}"));
+        let row_filter = line(&plan, "lg_in_subject_set");
+        assert!(
+            masks < early && early < stage && stage < row_filter,
+            "wrong order in\n{plan}"
+        );
+    }
+    // And on the wire: carol's hidden rows (other sites) would divide by zero here.
+    let mut carol = login(&server, "carol").await;
+    for q in [
+        "SELECT count(*) FROM clinical.encounters WHERE 1 / (CASE WHEN site_id = 'SITE_B' THEN 0 ELSE 1 END) = 1",
+        "SELECT count(*) FROM clinical.encounters WHERE site_id <> 'SITE_B' AND 1 / (CASE WHEN site_id = 'SITE_C' THEN 0 ELSE 1 END) = 1",
+    ] {
+        sql(&mut carol, q)
+            .await
+            .unwrap_or_else(|e| panic!("{q}: a hidden row failed the predicate: {e}"));
+    }
+    // And a predicate on a masked column never runs early, however plain.
+    for q in [
+        "SELECT count(*) FROM clinical.patients WHERE ssn LIKE '1%'",
+        "SELECT count(*) FROM clinical.patients WHERE ssn = '123-45-6789'",
+    ] {
+        let plan = physical(q).await;
+        assert!(!plan.contains("stage=row-filter"), "{plan}");
+        let row = plan.lines().nth(line(&plan, "lg_in_subject_set")).unwrap();
+        assert!(!row.contains("ssn"), "{plan}");
+    }
 }
 
 /// Only datasets under the threshold supply privacy units. With row access to conditions
