@@ -405,56 +405,88 @@ pub(crate) fn read_counted_pseudonyms_raw(
         .filter(|s| s.relies.iter().any(|&id| !kept[id]))
         .map(|s| s.aggregate)
         .collect();
-    // `transform_up` meets the scans (leaves) in the same depth-first order as `walk`, and the
-    // aggregates in the post-order `walk` numbered them in.
-    let (mut ordinal, mut aggregates) = (0, 0);
-    plan.transform_up(|node| match node {
-        LogicalPlan::TableScan(scan) => {
-            let columns = &raw[ordinal];
-            ordinal += 1;
-            if columns.is_empty() {
-                return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
+    let mut retype = Retype {
+        raw: &raw,
+        sorted: &sorted,
+        scans: 0,
+        aggregates: 0,
+    };
+    Ok(retype.apply(plan)?.0)
+}
+
+/// Puts the raw scans and the release checks in place, bottom up.
+struct Retype<'a> {
+    /// Per scan, in depth-first order: the columns it reads raw.
+    raw: &'a [BTreeSet<usize>],
+    /// The aggregates (in post-order) whose groups must leave sorted.
+    sorted: &'a BTreeSet<usize>,
+    scans: usize,
+    aggregates: usize,
+}
+
+impl Retype<'_> {
+    /// The plan rewritten, and whether its schema may differ from what the nodes above were
+    /// built on (a raw column keeps the scan's type). Children are visited in the order `walk`
+    /// numbered scans and aggregates in; only nodes above a changed scan are retyped.
+    fn apply(&mut self, plan: LogicalPlan) -> datafusion::common::Result<(LogicalPlan, bool)> {
+        let mut retyped = false;
+        let plan = plan
+            .map_children(|child| {
+                let (child, changed) = self.apply(child)?;
+                retyped |= changed;
+                Ok(Transformed::new_transformed(child, changed))
+            })?
+            .data;
+        match plan {
+            LogicalPlan::TableScan(scan) => {
+                let columns = &self.raw[self.scans];
+                self.scans += 1;
+                if columns.is_empty() {
+                    return Ok((LogicalPlan::TableScan(scan), false));
+                }
+                let provider = source_as_provider(&scan.source)?;
+                let Some(table) = (provider.as_ref() as &dyn Any).downcast_ref::<GovernedTable>()
+                else {
+                    return Ok((LogicalPlan::TableScan(scan), false));
+                };
+                let source = provider_as_source(Arc::new(table.counting_raw(columns)));
+                // The raw columns keep the raw type: the scan's schema is derived again, and
+                // so is every schema above it.
+                let scan = TableScanBuilder::new(scan.table_name, source)
+                    .with_projection(scan.projection)
+                    .with_filters(scan.filters)
+                    .with_fetch(scan.fetch)
+                    .with_statistics_requests(scan.statistics_requests)
+                    .build()?;
+                Ok((LogicalPlan::TableScan(scan), true))
             }
-            let provider = source_as_provider(&scan.source)?;
-            let Some(table) = (provider.as_ref() as &dyn Any).downcast_ref::<GovernedTable>()
-            else {
-                return Ok(Transformed::no(LogicalPlan::TableScan(scan)));
-            };
-            let source = provider_as_source(Arc::new(table.counting_raw(columns)));
-            // The raw columns keep the raw type: the scan's schema is derived again, and so
-            // is every schema above it (below).
-            let scan = TableScanBuilder::new(scan.table_name, source)
-                .with_projection(scan.projection)
-                .with_filters(scan.filters)
-                .with_fetch(scan.fetch)
-                .with_statistics_requests(scan.statistics_requests)
-                .build()?;
-            Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
-        }
-        LogicalPlan::Aggregate(agg) => {
-            aggregates += 1;
-            // A raw column below may have changed a group key's type.
-            let agg = match LogicalPlan::Aggregate(agg).recompute_schema()? {
-                LogicalPlan::Aggregate(agg) => agg,
-                _ => unreachable!("an aggregate stays an aggregate"),
-            };
-            if !sorted.contains(&(aggregates - 1)) {
-                return Ok(Transformed::yes(LogicalPlan::Aggregate(agg)));
+            LogicalPlan::Aggregate(agg) => {
+                self.aggregates += 1;
+                let mut plan = LogicalPlan::Aggregate(agg);
+                if retyped {
+                    // A raw column below may have changed a group key's type.
+                    plan = plan.recompute_schema()?;
+                }
+                if !self.sorted.contains(&(self.aggregates - 1)) {
+                    return Ok((plan, retyped));
+                }
+                // A release check that passes every group (k = 0): the physical plan sorts
+                // each partition directly above it (`order_released_groups`), where no
+                // optimizer pass can drop the sort. Its argument is one of the counts (slots
+                // hold only counts).
+                let LogicalPlan::Aggregate(agg) = &plan else {
+                    unreachable!("an aggregate stays an aggregate")
+                };
+                let count = Expr::Column(Column::from(
+                    agg.schema.qualified_field(agg.group_expr.len()),
+                ));
+                let check = crate::governed::ThresholdCheck::release_every_group(count);
+                let plan = LogicalPlan::Filter(Filter::try_new(check, Arc::new(plan))?);
+                Ok((plan, retyped))
             }
-            // A release check that passes every group (k = 0): the physical plan sorts each
-            // partition directly above it (`order_released_groups`), where no optimizer pass
-            // can drop the sort. Its argument is one of the counts (slots hold only counts).
-            let count = Expr::Column(Column::from(
-                agg.schema.qualified_field(agg.group_expr.len()),
-            ));
-            let check = crate::governed::ThresholdCheck::release_every_group(count);
-            Ok(Transformed::yes(LogicalPlan::Filter(Filter::try_new(
-                check,
-                Arc::new(LogicalPlan::Aggregate(agg)),
-            )?)))
+            // Projections, filters, joins and aliases pass a raw column up with its new type.
+            other if retyped => Ok((other.recompute_schema()?, true)),
+            other => Ok((other, false)),
         }
-        // Projections, filters, joins and aliases pass a raw column up with its new type.
-        other => Ok(Transformed::yes(other.recompute_schema()?)),
-    })
-    .map(|t| t.data)
+    }
 }
