@@ -7,8 +7,8 @@ use std::sync::Arc;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use datafusion::arrow::record_batch::{RecordBatch, RecordBatchOptions};
 use datafusion::catalog::{
-    CatalogProvider, MemoryCatalogProvider, MemoryCatalogProviderList, MemorySchemaProvider,
-    SchemaProvider, TableProvider,
+    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
+    MemorySchemaProvider, SchemaProvider, TableProvider,
 };
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::Column;
@@ -90,7 +90,7 @@ impl Default for EngineConfig {
 struct Inner {
     catalog: Catalog,
     tables: HashMap<String, Arc<dyn TableProvider>>,
-    template: SessionState,
+    template: Planning,
     /// Swapped whole on reload; each session keeps the snapshot it started with.
     policy: std::sync::RwLock<Arc<PolicySet>>,
     keys: KeyRing,
@@ -99,7 +99,7 @@ struct Inner {
     /// while served.
     subject_sets: AsyncMutex<HashMap<String, Arc<crate::governed::Members>>>,
     /// Per memory budget, the template state with that budget in its runtime.
-    budgeted: std::sync::Mutex<HashMap<usize, SessionState>>,
+    budgeted: std::sync::Mutex<HashMap<usize, Planning>>,
     /// Callers' catalog views built during the current second. Decisions depend on the
     /// principal, the policy and the request time at one-second resolution (what casbin's
     /// context sees), so within one second a view can be reused exactly.
@@ -194,7 +194,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 catalog,
                 tables,
-                template,
+                template: Planning::new(template),
                 policy: std::sync::RwLock::new(Arc::new(policy)),
                 keys,
                 config,
@@ -310,24 +310,32 @@ impl Engine {
                 v
             }
         };
-        let mut state = match budget {
+        let template = match budget {
             None => self.inner.template.clone(),
             Some(budget) => self.budgeted_state(budget),
         };
-        // Each session gets a catalog list of its own: the caller's view is registered into
-        // it below, and nothing else can be.
-        state.register_catalog_list(Arc::new(MemoryCatalogProviderList::new()));
-        let ctx = SessionContext::new_with_state(state);
-        ctx.register_catalog(
-            CATALOG_NAME,
+        // Each session gets a catalog list of its own, holding the caller's view and nothing
+        // else.
+        let catalogs = MemoryCatalogProviderList::new();
+        catalogs.register_catalog(
+            CATALOG_NAME.to_string(),
             Arc::clone(&view.catalog) as Arc<dyn CatalogProvider>,
         );
+        let mut state = template.state.as_ref().clone();
+        state.register_catalog_list(Arc::new(catalogs));
+        // What `SessionContext::state` does for every query: `now()` is the request's time,
+        // and aliases are generated afresh.
+        state.mark_start_execution();
+        let planning = Planning {
+            state: Arc::new(state),
+            task: template.task,
+        };
         let may_explain = principal
             .attributes
             .get("role")
             .is_some_and(|r| self.inner.config.explain_roles.contains(r));
         Ok(Session {
-            ctx,
+            planning,
             may_explain,
             max_sql_bytes: self.inner.config.max_sql_bytes,
             decisions: view.decisions.clone(),
@@ -338,7 +346,7 @@ impl Engine {
     /// The template state with queries' memory held within `budget` too. Built once per
     /// budget (a principal keeps one): building a state registers every built-in function
     /// again, 6% of planning bob's join; a clone only copies the registries.
-    fn budgeted_state(&self, budget: &crate::MemoryBudget) -> SessionState {
+    fn budgeted_state(&self, budget: &crate::MemoryBudget) -> Planning {
         let mut states = match self.inner.budgeted.lock() {
             Ok(states) => states,
             Err(poisoned) => poisoned.into_inner(),
@@ -347,14 +355,16 @@ impl Engine {
         if let Some(state) = states.get(&budget.id()) {
             return state.clone();
         }
-        let mut runtime = (*self.inner.template.runtime_env()).as_ref().clone();
+        let mut runtime = (*self.inner.template.state.runtime_env()).as_ref().clone();
         runtime.memory_pool = Arc::new(crate::budget::BudgetedPool {
             budget: budget.clone(),
             shared: Arc::clone(&runtime.memory_pool),
         });
-        let state = SessionStateBuilder::new_from_existing(self.inner.template.clone())
-            .with_runtime_env(Arc::new(runtime))
-            .build();
+        let state = Planning::new(
+            SessionStateBuilder::new_from_existing(self.inner.template.state.as_ref().clone())
+                .with_runtime_env(Arc::new(runtime))
+                .build(),
+        );
         if states.len() >= MAX_BUDGETED_STATES {
             states.clear();
         }
@@ -516,7 +526,7 @@ impl Engine {
             Arc::clone(self.inner.tables.get(&spec.dataset).ok_or_else(|| {
                 EngineError::Internal(format!("unknown dataset {}", spec.dataset))
             })?);
-        let ctx = SessionContext::new_with_state(self.inner.template.clone());
+        let ctx = SessionContext::new_with_state(self.inner.template.state.as_ref().clone());
         let batches = ctx
             .read_table(raw)?
             .filter(inner_filter)?
@@ -667,9 +677,32 @@ fn keep_output_order(
     Ok(replace_children_if_necessary(plan, vec![kept])?)
 }
 
+/// What planning and running a request's queries read, shared (never copied) by every step:
+/// cloning a `SessionState` copies every function registry (20 us), and building a
+/// `TaskContext` from one copies them again.
+#[derive(Clone)]
+struct Planning {
+    /// The state queries are planned in: the caller's catalog view and nothing else.
+    state: Arc<SessionState>,
+    /// What execution reads: configuration, functions, runtime. None of it depends on the
+    /// caller (their view is in the catalog, which planning has already resolved), so one is
+    /// built per template state and shared by every session cloned from it.
+    task: Arc<datafusion::execution::TaskContext>,
+}
+
+impl Planning {
+    fn new(state: SessionState) -> Self {
+        let task = Arc::new(datafusion::execution::TaskContext::from(&state));
+        Self {
+            state: Arc::new(state),
+            task,
+        }
+    }
+}
+
 /// One request's view of the lake.
 pub struct Session {
-    ctx: SessionContext,
+    planning: Planning,
     /// Whether the caller's role is one of the engine's `explain_roles`.
     may_explain: bool,
     max_sql_bytes: usize,
@@ -688,7 +721,7 @@ impl Session {
 /// A planned (not yet executed) query: its result schema and parameters are known, nothing
 /// has been read.
 pub struct PlannedQuery {
-    ctx: SessionContext,
+    planning: Planning,
     plan: LogicalPlan,
     schema: SchemaRef,
     parameters: SchemaRef,
@@ -709,11 +742,15 @@ impl AnalyzeLater {
     /// yields the plan annotated with what the run measured. Running inside the stream puts
     /// the run under whatever bounds the consumer puts on the stream (the server's query
     /// timeout), after the decision is audited.
-    fn run(self, ctx: SessionContext, schema: SchemaRef) -> SendableRecordBatchStream {
+    fn run(self, planning: Planning, schema: SchemaRef) -> SendableRecordBatchStream {
         use futures::{StreamExt, TryStreamExt};
         let external = |e: EngineError| datafusion::error::DataFusionError::External(Box::new(e));
         let run = async move {
-            datafusion::physical_plan::collect(Arc::clone(&self.physical), ctx.task_ctx()).await?;
+            datafusion::physical_plan::collect(
+                Arc::clone(&self.physical),
+                Arc::clone(&planning.task),
+            )
+            .await?;
             let text = datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(
                 self.physical.as_ref(),
             )
@@ -721,7 +758,7 @@ impl AnalyzeLater {
             .to_string();
             let plan = explain_rows(&self.logical, "physical_plan_with_metrics", text)
                 .map_err(external)?;
-            let (physical, task) = physical_plan(&ctx, plan).await.map_err(external)?;
+            let (physical, task) = physical_plan(&planning, plan).await.map_err(external)?;
             datafusion::physical_plan::execute_stream(physical, task)
         };
         Box::pin(
@@ -766,7 +803,7 @@ impl Session {
                 self.max_sql_bytes
             )));
         }
-        let state = self.ctx.state();
+        let state = &self.planning.state;
         let dialect = state.config().options().sql_parser.dialect;
         // Parsed on a stack of its own: a deep tree is refused (and dropped) there.
         let parsed = crate::depth::on_parse_stack(sql, || {
@@ -804,7 +841,7 @@ impl Session {
 
     /// Plans a query statement (already checked to be a query) and governs it.
     async fn plan_statement(&self, statement: DFStatement) -> Result<PlannedQuery> {
-        let state = self.ctx.state();
+        let state = &self.planning.state;
         let plan = state.statement_to_plan(statement).await?;
         // Defence in depth: a query that plans into DDL or DML (SELECT ... INTO) is refused too.
         SQLOptions::new()
@@ -819,7 +856,7 @@ impl Session {
         let schema = Arc::new(plan.schema().as_arrow().clone());
         let parameters = parameter_schema(&plan)?;
         Ok(PlannedQuery {
-            ctx: self.ctx.clone(),
+            planning: self.planning.clone(),
             plan,
             schema,
             parameters,
@@ -1580,19 +1617,18 @@ fn optimize(
 }
 
 /// Optimize to a physical plan and verify it; nothing is read yet.
-pub(crate) async fn physical_plan(
-    ctx: &SessionContext,
+async fn physical_plan(
+    planning: &Planning,
     plan: LogicalPlan,
 ) -> Result<(
     Arc<dyn datafusion::physical_plan::ExecutionPlan>,
     Arc<datafusion::execution::TaskContext>,
 )> {
-    let state = ctx.state();
-    let optimized = optimize(&state, &plan)?;
-    let task = Arc::new(datafusion::execution::TaskContext::from(&state));
+    let state = planning.state.as_ref();
+    let optimized = optimize(state, &plan)?;
     let physical = state
         .query_planner()
-        .create_physical_plan(&optimized, &state)
+        .create_physical_plan(&optimized, state)
         .await?;
     let physical = keep_output_order(order_released_groups(physical)?)?;
     verify_physical(&physical).map_err(|why| {
@@ -1601,7 +1637,7 @@ pub(crate) async fn physical_plan(
             "the query plan failed verification: {why} (rule: plan-verifier)"
         ))
     })?;
-    Ok((physical, task))
+    Ok((physical, Arc::clone(&planning.task)))
 }
 
 impl PlannedQuery {
@@ -1610,7 +1646,7 @@ impl PlannedQuery {
     pub async fn verified_physical_plan(
         &self,
     ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
-        Ok(physical_plan(&self.ctx, self.plan.clone()).await?.0)
+        Ok(physical_plan(&self.planning, self.plan.clone()).await?.0)
     }
 }
 
@@ -1640,16 +1676,16 @@ impl Session {
             }
         };
         let planned = self.plan_statement(query).await?;
-        let logical = optimize(&self.ctx.state(), &planned.plan)?
+        let logical = optimize(&self.planning.state, &planned.plan)?
             .display_indent()
             .to_string();
-        let (physical, _) = physical_plan(&self.ctx, planned.plan.clone()).await?;
+        let (physical, _) = physical_plan(&self.planning, planned.plan.clone()).await?;
         if analyze {
             // The text is known only after the run: plan the result's shape now with an empty
             // placeholder, run at execution (see `PlannedQuery::execute_with_report`).
             let plan = explain_rows(&logical, "physical_plan_with_metrics", String::new())?;
             return Ok(PlannedQuery {
-                ctx: self.ctx.clone(),
+                planning: self.planning.clone(),
                 schema: Arc::new(plan.schema().as_arrow().clone()),
                 plan,
                 parameters: Arc::new(Schema::empty()),
@@ -1663,7 +1699,7 @@ impl Session {
                 .to_string();
         let plan = explain_rows(&logical, "physical_plan", text)?;
         Ok(PlannedQuery {
-            ctx: self.ctx.clone(),
+            planning: self.planning.clone(),
             schema: Arc::new(plan.schema().as_arrow().clone()),
             plan,
             parameters: Arc::new(Schema::empty()),
@@ -1763,7 +1799,7 @@ impl PlannedQuery {
         let mut report = self.report;
         if let Some(later) = self.analyze {
             report.columns = touched_columns(&later.physical);
-            return Ok((later.run(self.ctx, self.schema), report));
+            return Ok((later.run(self.planning, self.schema), report));
         }
         let plan = match params {
             Some(values) if !values.is_empty() => {
@@ -1787,7 +1823,7 @@ impl PlannedQuery {
             }
             _ => self.plan,
         };
-        let (physical, task) = physical_plan(&self.ctx, plan).await?;
+        let (physical, task) = physical_plan(&self.planning, plan).await?;
         report.columns = touched_columns(&physical);
         let stream = datafusion::physical_plan::execute_stream(physical, task)?;
         Ok((as_announced(stream, self.schema), report))
