@@ -694,6 +694,12 @@ impl ScalarUDFImpl for InSubjectSet {
 /// partition is sorted by all its columns; a limit DataFusion fused into the filter moves onto
 /// the sort, so it picks among the sorted groups. Which partition a group lands in follows a
 /// hash of its own (released) values.
+///
+/// Where the plan already sorts a threshold filter's groups by every grouping column directly
+/// above it (the order `apply_thresholds` asks for, unless the caller's own ORDER BY replaced
+/// it), that sort is kept and none is added: groups are unique in their keys, so it is already
+/// an order set by their own values, and rebuilding the plan above a second sort cost 60 us
+/// of planning each thresholded query.
 pub(crate) fn order_released_groups(
     plan: Arc<dyn ExecutionPlan>,
 ) -> DFResult<Arc<dyn ExecutionPlan>> {
@@ -702,23 +708,67 @@ pub(crate) fn order_released_groups(
     use datafusion::physical_expr::{
         conjunction, split_conjunction, LexOrdering, PhysicalSortExpr, ScalarFunctionExpr,
     };
+    use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
     use datafusion::physical_plan::filter::FilterExecBuilder;
     use datafusion::physical_plan::sorts::sort::SortExec;
+    let is_check = |e: &Arc<dyn datafusion::physical_expr::PhysicalExpr>| {
+        let mut found = false;
+        e.apply(|e| {
+            found |= e
+                .downcast_ref::<ScalarFunctionExpr>()
+                .is_some_and(|f| f.name() == ThresholdCheck::NAME);
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .map(|_| found)
+    };
+    // Threshold filters (by address) already under such a sort. A filter whose subtree changes
+    // below is rebuilt at a new address before it is visited, and then gets a sort of its own.
+    let mut ordered: HashSet<*const ()> = HashSet::new();
+    plan.apply(|node| {
+        let Some(sort) = node.downcast_ref::<SortExec>() else {
+            return Ok(TreeNodeRecursion::Continue);
+        };
+        let Some(filter) = sort.input().downcast_ref::<FilterExec>() else {
+            return Ok(TreeNodeRecursion::Continue);
+        };
+        let only_check = split_conjunction(filter.predicate())
+            .into_iter()
+            .try_fold(true, |all, e| Ok::<_, DataFusionError>(all && is_check(e)?))?;
+        // Only the check, no rows picked by a limit.
+        let plain_filter = only_check && filter.fetch().is_none();
+        let groups = filter
+            .input()
+            .downcast_ref::<AggregateExec>()
+            .filter(|a| {
+                matches!(
+                    a.mode(),
+                    AggregateMode::Final
+                        | AggregateMode::FinalPartitioned
+                        | AggregateMode::Single
+                        | AggregateMode::SinglePartitioned
+                ) && a.group_expr().is_single()
+            })
+            .map_or(0, |a| a.group_expr().expr().len());
+        // The aggregate's columns the sort orders by (its grouping columns come first).
+        let sorted: HashSet<usize> = sort
+            .expr()
+            .iter()
+            .filter_map(|e| e.expr.downcast_ref::<Column>().map(Column::index))
+            .filter_map(|i| match filter.projection() {
+                Some(p) => p.get(i).copied(),
+                None => Some(i),
+            })
+            .collect();
+        if plain_filter && groups > 0 && (0..groups).all(|i| sorted.contains(&i)) {
+            ordered.insert(Arc::as_ptr(sort.input()) as *const ());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
     plan.transform_up(|node| {
         let Some(filter) = node.downcast_ref::<FilterExec>() else {
             return Ok(Transformed::no(node));
         };
-        let is_check = |e: &Arc<dyn datafusion::physical_expr::PhysicalExpr>| {
-            let mut found = false;
-            e.apply(|e| {
-                found |= e
-                    .downcast_ref::<ScalarFunctionExpr>()
-                    .is_some_and(|f| f.name() == ThresholdCheck::NAME);
-                Ok(TreeNodeRecursion::Continue)
-            })
-            .map(|_| found)
-        };
-        if !is_check(filter.predicate())? {
+        if !is_check(filter.predicate())? || ordered.contains(&(Arc::as_ptr(&node) as *const ())) {
             return Ok(Transformed::no(node));
         }
         // The optimizer merges a HAVING over the aggregate into the threshold's filter, whose

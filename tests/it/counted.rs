@@ -134,6 +134,29 @@ async fn pseudonyms_only_counted_are_read_raw_and_count_the_same() {
     assert!(cohort.contains("alias1"), "not two levels:\n{cohort}");
     // Read raw as the scan delivers them (views), not copied into a new array of strings.
     assert!(!cohort.contains("CAST(patient_id"), "ids copied:\n{cohort}");
+    // Released groups are sorted once: the sort by every grouping column that the plan already
+    // holds directly above the check is kept, and no second one is added below it
+    // (`order_released_groups`), also where the check's filter drops the units column.
+    for q in [
+        same[0].1,
+        "SELECT site_id, sex, count(*) AS n FROM clinical.patients GROUP BY site_id, sex",
+    ] {
+        let plan = physical(&server, &persona("bob"), q).await;
+        let lines: Vec<&str> = plan.lines().collect();
+        let check = lines
+            .iter()
+            .position(|l| l.contains("FilterExec") && l.contains("lg_threshold"))
+            .unwrap_or_else(|| panic!("{q}: no threshold:\n{plan}"));
+        assert!(
+            check > 0 && lines[check - 1].contains("SortExec"),
+            "{q}: groups not sorted above the check:\n{plan}"
+        );
+        assert_eq!(
+            plan.matches("SortExec").count(),
+            1,
+            "{q}: sorted twice:\n{plan}"
+        );
+    }
     for (who, q, oracle) in &same {
         let plan = physical(&server, who, q).await;
         assert!(
