@@ -530,9 +530,11 @@ pub(crate) struct Members {
     /// Every key once, sorted, back to back; `ends[i]` is where key `i` ends.
     bytes: Vec<u8>,
     ends: Vec<usize>,
-    /// For scans in no useful order. Keys come from the lake, never from a caller, so
-    /// DataFusion's fast (foldhash) hasher is fine.
-    index: datafusion::common::HashSet<Box<[u8]>>,
+    /// For scans in no useful order, built when the first such scan asks (a key-ordered scan
+    /// never does, and building it is most of the cost of a new set: one allocation per key).
+    /// Keys come from the lake, never from a caller, so DataFusion's fast (foldhash) hasher is
+    /// fine.
+    index: std::sync::OnceLock<datafusion::common::HashSet<Box<[u8]>>>,
 }
 
 /// Where a scan is in a [`Members`] set, and whether walking forward is paying off.
@@ -554,8 +556,19 @@ impl Members {
             bytes.extend_from_slice(k);
             ends.push(bytes.len());
         }
-        let index = keys.into_iter().map(Box::from).collect();
-        Self { bytes, ends, index }
+        Self {
+            bytes,
+            ends,
+            index: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn index(&self) -> &datafusion::common::HashSet<Box<[u8]>> {
+        self.index.get_or_init(|| {
+            (0..self.ends.len())
+                .map(|i| Box::from(self.key(i)))
+                .collect()
+        })
     }
 
     fn key(&self, i: usize) -> &[u8] {
@@ -599,7 +612,7 @@ impl Members {
         // A scan in key order jumps once per batch or file; one that keeps jumping is in no
         // useful order, and the hash set answers it.
         if cursor.lookups > 64 && cursor.jumps * 8 > cursor.lookups {
-            return self.index.contains(key);
+            return self.index().contains(key);
         }
         let (mut lo, mut hi) = (0, n);
         while lo < hi {
@@ -1034,6 +1047,10 @@ mod tests {
         // In key order (as the lake's files are written) and in runs: walks, a jump or two.
         let sorted = check(&probes);
         assert!(sorted.jumps <= 2, "{} jumps", sorted.jumps);
+        assert!(
+            set.index.get().is_none(),
+            "a key-ordered scan built the hash index"
+        );
         // One key in five a member (one site's patients among five): runs of non-members
         // answer from where the cursor stands.
         let fifth: Vec<&[u8]> = all.iter().step_by(5).map(|s| s.as_bytes()).collect();
@@ -1056,6 +1073,7 @@ mod tests {
             probes.swap(i, (state >> 33) as usize % (i + 1));
         }
         check(&probes);
+        assert!(set.index.get().is_some(), "a shuffled scan kept searching");
         // The empty key, a key before the first and after the last, an empty set.
         let mut c = Cursor::default();
         assert!(!set.contains(b"", &mut c));
