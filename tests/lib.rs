@@ -216,9 +216,16 @@ impl TestServer {
 /// Plain DataFusion over the same Parquet files, with no policy: the oracle that governed
 /// results are compared against.
 pub async fn raw_query(sql: &str) -> Vec<datafusion::arrow::array::RecordBatch> {
+    raw_query_in(&lake_path(), sql).await
+}
+
+/// [`raw_query`] over the lake at `lake`.
+pub async fn raw_query_in(
+    lake: &std::path::Path,
+    sql: &str,
+) -> Vec<datafusion::arrow::array::RecordBatch> {
     use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(false));
-    let lake = lake_path();
     for (schema, table) in [
         ("clinical", "patients"),
         ("clinical", "encounters"),

@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::async_reader::MetadataFetch;
 use parquet::arrow::parquet_to_arrow_schema;
 use parquet::errors::ParquetError;
@@ -272,14 +272,26 @@ impl Dataset {
 
     /// Data files of this dataset (object paths relative to the lake root), sorted.
     pub async fn files(&self, store: &Arc<dyn ObjectStore>) -> Result<Vec<Path>> {
+        Ok(self
+            .file_versions(store)
+            .await?
+            .into_iter()
+            .map(|m| m.location)
+            .collect())
+    }
+
+    /// Data files of this dataset as the store has them now (path, size, modification time,
+    /// entity tag), sorted by path: equal lists mean the dataset's contents have not changed.
+    pub async fn file_versions(&self, store: &Arc<dyn ObjectStore>) -> Result<Vec<ObjectMeta>> {
         let prefix = Path::from(self.location.trim_end_matches('/'));
-        let mut files: Vec<Path> = store
+        let mut files: Vec<ObjectMeta> = store
             .list(Some(&prefix))
-            .map_ok(|m| m.location)
-            .try_filter(|p| futures::future::ready(p.as_ref().ends_with(self.format.extension())))
+            .try_filter(|m| {
+                futures::future::ready(m.location.as_ref().ends_with(self.format.extension()))
+            })
             .try_collect()
             .await?;
-        files.sort();
+        files.sort_by(|a, b| a.location.cmp(&b.location));
         Ok(files)
     }
 }

@@ -24,8 +24,8 @@ pub enum EngineError {
     /// The lake or the catalog cannot be read.
     #[error(transparent)]
     Catalog(#[from] lakegate_catalogs::CatalogError),
-    /// A data file failed while a query read it (corrupt, truncated, or changed or removed
-    /// since the server checked it at start). The message names the dataset where it is known;
+    /// A data file failed while a query read it (corrupt, truncated, or replaced or removed
+    /// while the query read it). The message names the dataset where it is known;
     /// the reader's detail is logged server-side.
     #[error("{message}")]
     Unreadable { message: String, detail: String },
@@ -80,8 +80,8 @@ fn unreadable(dataset: Option<&str>, e: &DataFusionError) -> EngineError {
     };
     EngineError::Unreadable {
         message: format!(
-            "{what} could not be read (corrupt, truncated, or changed since the server started); \
-             the query was stopped and the lake's operator must restore the file (the server's log has the detail)"
+            "{what} could not be read (corrupt, truncated, or replaced while the query read it); \
+             the query was stopped; if it fails again, the lake's operator must restore the file (the server's log has the detail)"
         ),
         detail: e.to_string(),
     }

@@ -19,6 +19,7 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::datasource::source_as_provider;
+use datafusion::execution::cache::cache_manager::{CacheManager, CacheManagerConfig};
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::disk_manager::DiskManagerBuilder;
 use datafusion::execution::memory_pool::FairSpillPool;
@@ -95,15 +96,26 @@ struct Inner {
     policy: std::sync::RwLock<Arc<PolicySet>>,
     keys: KeyRing,
     config: EngineConfig,
-    /// Subject sets (e.g. consenting patients) computed once per filter: the lake is read-only
-    /// while served.
-    subject_sets: AsyncMutex<HashMap<String, Arc<crate::governed::Members>>>,
+    /// The lake's store, for the file listings that tell when a subject set is stale.
+    store: Arc<dyn object_store::ObjectStore>,
+    /// The template with no cached file listings, for policy-internal reads (subject sets)
+    /// that must see the lake as it is now.
+    uncached: SessionState,
+    /// Subject sets (e.g. consenting patients) per filter, with the files they were read from:
+    /// computed again when those files change (a consent withdrawn), never served stale.
+    subject_sets: AsyncMutex<HashMap<String, KnownSet>>,
     /// Per memory budget, the template state with that budget in its runtime.
     budgeted: std::sync::Mutex<HashMap<usize, Planning>>,
     /// Callers' catalog views built during the current second. Decisions depend on the
     /// principal, the policy and the request time at one-second resolution (what casbin's
     /// context sees), so within one second a view can be reused exactly.
     views: std::sync::Mutex<(i64, HashMap<ViewKey, Arc<View>>)>,
+}
+
+/// A subject set and the files of its dataset it was read from.
+struct KnownSet {
+    files: Vec<object_store::ObjectMeta>,
+    members: Arc<crate::governed::Members>,
 }
 
 /// What a caller's view depends on: the policy in force, the principal, the second.
@@ -122,6 +134,10 @@ struct View {
     decisions: HashMap<String, (Decision, Decision)>,
     policy_version: String,
 }
+
+/// How long a dataset's file listing is reused: a change to the lake is seen by every query
+/// that starts this long after it.
+const LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most views kept within one second.
 const MAX_VIEWS: usize = 1024;
@@ -150,6 +166,15 @@ impl Engine {
 
         let runtime: Arc<RuntimeEnv> = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(FairSpillPool::new(config.memory_limit)))
+            // DataFusion keeps a table's file listing for the life of the process by default:
+            // a file replaced while serving would then be read at its old size (a corrupt read)
+            // and a file added never seen. Listings are kept for a second instead, the same
+            // resolution as callers' views (whose subject sets follow their files): a point
+            // lookup listed its dataset on every query at 30% of its latency. Footers and
+            // statistics stay cached, checked against each file's size and modification time.
+            .with_cache_manager(
+                CacheManagerConfig::default().with_list_files_cache_ttl(Some(LISTING_TTL)),
+            )
             .with_disk_manager_builder(
                 DiskManagerBuilder::default().with_max_temp_directory_size(config.max_spill_bytes),
             )
@@ -189,6 +214,12 @@ impl Engine {
             .with_aliases(["variance"]);
         datafusion::execution::FunctionRegistry::register_udaf(&mut template, Arc::new(variance))?;
         crate::bounded::install(&mut template)?;
+        let mut uncached_runtime = template.runtime_env().as_ref().clone();
+        uncached_runtime.cache_manager =
+            CacheManager::try_new(&CacheManagerConfig::default().with_list_files_cache_limit(0))?;
+        let uncached = SessionStateBuilder::new_from_existing(template.clone())
+            .with_runtime_env(Arc::new(uncached_runtime))
+            .build();
 
         Ok(Self {
             inner: Arc::new(Inner {
@@ -198,6 +229,8 @@ impl Engine {
                 policy: std::sync::RwLock::new(Arc::new(policy)),
                 keys,
                 config,
+                store: lake.store(),
+                uncached,
                 subject_sets: AsyncMutex::new(HashMap::new()),
                 budgeted: std::sync::Mutex::new(HashMap::new()),
                 views: std::sync::Mutex::new((0, HashMap::new())),
@@ -517,16 +550,27 @@ impl Engine {
     ) -> Result<Arc<crate::governed::Members>> {
         let inner_filter = self.filter_expr(&spec.filter, principal, rule).await?;
         let cache_key = format!("{}|{}|{}", spec.dataset, spec.key, inner_filter);
+        let dataset =
+            self.inner.catalog.dataset(&spec.dataset).ok_or_else(|| {
+                EngineError::Internal(format!("unknown dataset {}", spec.dataset))
+            })?;
+        // Listed before the set is read: if the files change in between, the set is newer than
+        // the listing it is stored with and the next request reads it again.
+        let files = dataset.file_versions(&self.inner.store).await?;
         let mut cache = self.inner.subject_sets.lock().await;
-        if let Some(set) = cache.get(&cache_key) {
-            return Ok(Arc::clone(set));
+        if let Some(known) = cache.get(&cache_key) {
+            if known.files == files {
+                return Ok(Arc::clone(&known.members));
+            }
         }
         // Policy-internal read of the raw dataset: never part of the caller's plan.
         let raw =
             Arc::clone(self.inner.tables.get(&spec.dataset).ok_or_else(|| {
                 EngineError::Internal(format!("unknown dataset {}", spec.dataset))
             })?);
-        let ctx = SessionContext::new_with_state(self.inner.template.state.as_ref().clone());
+        // Read through a state with no cached listing: the set is then at least as new as
+        // `files`, never older (a stale listing would also read a replaced file at its old size).
+        let ctx = SessionContext::new_with_state(self.inner.uncached.clone());
         let batches = ctx
             .read_table(raw)?
             .filter(inner_filter)?
@@ -552,9 +596,14 @@ impl Engine {
             })?;
             keys.extend((0..strings.len()).filter_map(|i| strings.get(i).map(str::as_bytes)));
         }
-        let set = crate::governed::Members::new(keys);
-        let set = Arc::new(set);
-        cache.insert(cache_key, Arc::clone(&set));
+        let set = Arc::new(crate::governed::Members::new(keys));
+        cache.insert(
+            cache_key,
+            KnownSet {
+                files,
+                members: Arc::clone(&set),
+            },
+        );
         Ok(set)
     }
 }

@@ -18,7 +18,9 @@ use datafusion::physical_plan::{displayable, ExecutionPlanProperties};
 use futures::{StreamExt, TryStreamExt};
 use lakegate_engine::EngineConfig;
 use lakegate_flight_server::Lifetimes;
-use lakegate_tests::{raw_query, scalar_i64, ServerOptions, TestServer, TEST_PATIENTS};
+use lakegate_tests::{
+    raw_query, raw_query_in, scalar_i64, ServerOptions, TestServer, TEST_PATIENTS,
+};
 use prost::Message;
 use tonic::transport::Channel;
 
@@ -845,4 +847,99 @@ async fn a_file_damaged_while_serving_fails_its_query_only() {
         .await
         .unwrap();
     assert!(crate::common::first_i64(&b) > 0);
+}
+
+/// Replace a Parquet file the way a pipeline does (write a new file, rename it over the old
+/// one), with `research_consent` false on every row.
+fn withdraw_consent(path: &std::path::Path) {
+    use arrow::array::BooleanArray;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
+    let schema = batches[0].schema();
+    let at = schema.index_of("research_consent").unwrap();
+    let tmp = path.with_extension("tmp");
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&tmp).unwrap(), schema, None)
+            .unwrap();
+    for b in batches {
+        let mut columns = b.columns().to_vec();
+        columns[at] = Arc::new(BooleanArray::from(vec![false; b.num_rows()]));
+        writer
+            .write(&RecordBatch::try_new(b.schema(), columns).unwrap())
+            .unwrap();
+    }
+    writer.close().unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The lake changes while it is served: a patient file rewritten with consent withdrawn, an
+/// encounters file removed. A query that starts a second later reads the lake as it is now
+/// (callers' views are reused within one second): alice no longer gets the rows of patients
+/// who withdrew (her consent filter is read again when its files change), and nobody's query
+/// fails on a file listed before it changed.
+#[tokio::test]
+async fn a_lake_changed_while_serving_is_read_as_it_is_now() {
+    let (_dir, lake) = lakegate_tests::build_lake(300);
+    let server = TestServer::start_with(ServerOptions {
+        lake: Some(lake.clone()),
+        ..Default::default()
+    })
+    .await;
+    let mut alice = crate::common::login(&server, "alice").await;
+    let mut carol = crate::common::login(&server, "carol").await;
+    let consenting_encounters = "SELECT count(*) FROM clinical_encounters WHERE patient_id IN \
+        (SELECT patient_id FROM clinical_patients WHERE research_consent)";
+    let alice_count = "SELECT count(*) FROM clinical.encounters";
+    let carol_count = "SELECT count(*) FROM clinical.encounters";
+    let carol_raw = "SELECT count(*) FROM clinical_encounters WHERE patient_id IN \
+        (SELECT patient_id FROM clinical_patients WHERE site_id = 'SITE_A')";
+    let before =
+        crate::common::first_i64(&crate::common::sql(&mut alice, alice_count).await.unwrap());
+    assert_eq!(
+        before,
+        scalar_i64(&raw_query_in(&lake, consenting_encounters).await)
+    );
+    crate::common::sql(&mut carol, carol_count).await.unwrap();
+
+    let patients = lake.join("curated/clinical/patients");
+    let mut files: Vec<_> = std::fs::read_dir(&patients)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    withdraw_consent(&files[0]);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let after =
+        crate::common::first_i64(&crate::common::sql(&mut alice, alice_count).await.unwrap());
+    assert_eq!(
+        after,
+        scalar_i64(&raw_query_in(&lake, consenting_encounters).await)
+    );
+    assert!(
+        after < before,
+        "{after} encounters after a withdrawal, {before} before"
+    );
+
+    let encounters = lake.join("curated/clinical/encounters");
+    let gone = std::fs::read_dir(&encounters)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::remove_file(gone).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let carol_now =
+        crate::common::first_i64(&crate::common::sql(&mut carol, carol_count).await.unwrap());
+    assert_eq!(carol_now, scalar_i64(&raw_query_in(&lake, carol_raw).await));
+    let alice_now =
+        crate::common::first_i64(&crate::common::sql(&mut alice, alice_count).await.unwrap());
+    assert_eq!(
+        alice_now,
+        scalar_i64(&raw_query_in(&lake, consenting_encounters).await)
+    );
 }
