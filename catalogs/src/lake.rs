@@ -10,6 +10,10 @@ use url::Url;
 
 use crate::{CatalogError, Result};
 
+/// The size, modification time and entity tag of the lake's catalog document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogStamp(object_store::ObjectMeta);
+
 /// A lake: one object store, rooted at the lake's top folder.
 ///
 /// All paths inside Lakegate are relative to this root (`curated/clinical/patients/...`), so
@@ -81,6 +85,16 @@ impl Lake {
     /// The URL the lake was opened from (for operators' logs; never sent to clients).
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Which version of the catalog document the lake holds now: equal stamps, the same
+    /// document (a server polls it to reload a changed catalog).
+    pub async fn catalog_stamp(&self) -> Result<CatalogStamp> {
+        let meta = self
+            .store
+            .head(&Path::from(crate::model::CATALOG_PATH))
+            .await?;
+        Ok(CatalogStamp(meta))
     }
 
     /// Whether the lake already holds a catalog.

@@ -9,7 +9,7 @@
 mod lake;
 mod model;
 
-pub use lake::Lake;
+pub use lake::{CatalogStamp, Lake};
 pub use model::{
     audit_dataset, Catalog, ColumnDef, ColumnType, Dataset, DatasetName, FileFormat, AUDIT_DATASET,
     AUDIT_EVENTS_PREFIX, AUDIT_RETENTION_DAYS, LABELS,

@@ -89,8 +89,9 @@ impl Default for EngineConfig {
 }
 
 struct Inner {
-    catalog: Catalog,
-    tables: HashMap<String, Arc<dyn TableProvider>>,
+    /// Swapped with the policy when the catalog changes; read under the policy's lock, so a
+    /// request never pairs a policy with a catalog it was not checked against.
+    lake: std::sync::RwLock<Arc<LakeTables>>,
     template: Planning,
     /// Swapped whole on reload; each session keeps the snapshot it started with.
     policy: std::sync::RwLock<Arc<PolicySet>>,
@@ -110,6 +111,32 @@ struct Inner {
     /// principal, the policy and the request time at one-second resolution (what casbin's
     /// context sees), so within one second a view can be reused exactly.
     views: std::sync::Mutex<(i64, HashMap<ViewKey, Arc<View>>)>,
+}
+
+/// The catalog in force and one table per dataset it names.
+struct LakeTables {
+    catalog: Arc<Catalog>,
+    tables: HashMap<String, Arc<dyn TableProvider>>,
+}
+
+impl LakeTables {
+    fn new(catalog: Catalog, runtime: &RuntimeEnv) -> Result<Self> {
+        let mut tables = HashMap::new();
+        for d in &catalog.datasets {
+            tables.insert(d.name.clone(), listing_table(d, runtime)?);
+        }
+        Ok(Self {
+            catalog: Arc::new(catalog),
+            tables,
+        })
+    }
+
+    fn table(&self, dataset: &str) -> Result<Arc<dyn TableProvider>> {
+        self.tables
+            .get(dataset)
+            .cloned()
+            .ok_or_else(|| EngineError::Internal(format!("unknown dataset {dataset}")))
+    }
 }
 
 /// A subject set and the files of its dataset it was read from.
@@ -182,10 +209,7 @@ impl Engine {
         let lake_url = url::Url::parse(LAKE_URL).expect("static URL");
         runtime.register_object_store(&lake_url, lake.store());
 
-        let mut tables = HashMap::new();
-        for d in &catalog.datasets {
-            tables.insert(d.name.clone(), listing_table(d, &runtime)?);
-        }
+        let lake_tables = LakeTables::new(catalog, &runtime)?;
 
         let session_config = SessionConfig::new()
             .with_information_schema(false)
@@ -223,8 +247,7 @@ impl Engine {
 
         Ok(Self {
             inner: Arc::new(Inner {
-                catalog,
-                tables,
+                lake: std::sync::RwLock::new(Arc::new(lake_tables)),
                 template: Planning::new(template),
                 policy: std::sync::RwLock::new(Arc::new(policy)),
                 keys,
@@ -238,8 +261,22 @@ impl Engine {
         })
     }
 
-    pub fn catalog(&self) -> &Catalog {
-        &self.inner.catalog
+    /// The catalog in force now.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        Arc::clone(&self.snapshot().1.catalog)
+    }
+
+    /// The policy and the catalog's tables in force now, read together.
+    fn snapshot(&self) -> (Arc<PolicySet>, Arc<LakeTables>) {
+        let policy = match self.inner.policy.read() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let lake = match self.inner.lake.read() {
+            Ok(l) => Arc::clone(&l),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        };
+        (Arc::clone(&policy), lake)
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -262,6 +299,37 @@ impl Engine {
             Ok(mut p) => *p = policy,
             Err(poisoned) => *poisoned.into_inner() = policy,
         }
+        self.forget_views().await;
+    }
+
+    /// Replace the catalog and the policy checked against it, together and atomically (see
+    /// [`Engine::replace_policy`]). The caller has checked the lake's files against `catalog`
+    /// ([`Catalog::verify`]); `policy` was loaded against it.
+    pub async fn replace_catalog(&self, catalog: Catalog, policy: PolicySet) -> Result<()> {
+        let lake = Arc::new(LakeTables::new(
+            catalog,
+            self.inner.template.state.runtime_env(),
+        )?);
+        let policy = Arc::new(policy);
+        {
+            // The policy's lock first, as readers take it: nobody sees one without the other.
+            let mut p = match self.inner.policy.write() {
+                Ok(p) => p,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            match self.inner.lake.write() {
+                Ok(mut l) => *l = lake,
+                Err(poisoned) => *poisoned.into_inner() = lake,
+            }
+            *p = policy;
+        }
+        self.forget_views().await;
+        Ok(())
+    }
+
+    /// Drop what was built from the previous policy or catalog: subject sets (which depend on
+    /// row filters) and callers' views.
+    async fn forget_views(&self) {
         self.inner.subject_sets.lock().await.clear();
         if let Ok(mut views) = self.inner.views.lock() {
             views.1.clear();
@@ -282,17 +350,17 @@ impl Engine {
 
     /// The datasets `principal` may query in some way, in catalog order. Everything else is
     /// invisible to them: absent from metadata and "not found" in SQL.
-    pub fn visible_datasets(&self, principal: &Principal) -> Vec<&Dataset> {
+    pub fn visible_datasets(&self, principal: &Principal) -> Vec<Dataset> {
         let ctx = RequestContext::default();
-        let policy = self.policy();
-        self.inner
-            .catalog
+        let (policy, lake) = self.snapshot();
+        lake.catalog
             .datasets
             .iter()
             .filter(|d| {
                 let (row, agg) = Self::decisions(&policy, principal, d, &ctx);
                 row.is_allowed() || agg.is_allowed()
             })
+            .cloned()
             .collect()
     }
 
@@ -310,7 +378,7 @@ impl Engine {
         budget: Option<&crate::MemoryBudget>,
     ) -> Result<Session> {
         let request = RequestContext::default();
-        let policy = self.policy();
+        let (policy, lake) = self.snapshot();
         let key = ViewKey {
             policy: Arc::as_ptr(&policy) as usize,
             name: principal.name.clone(),
@@ -331,7 +399,7 @@ impl Engine {
             Some(v) => v,
             None => {
                 let v = Arc::new(
-                    self.build_view(principal, Arc::clone(&policy), &request)
+                    self.build_view(principal, Arc::clone(&policy), &lake, &request)
                         .await?,
                 );
                 if let Ok(mut views) = self.inner.views.lock() {
@@ -410,12 +478,13 @@ impl Engine {
         &self,
         principal: &Principal,
         policy: Arc<PolicySet>,
+        lake: &LakeTables,
         request: &RequestContext,
     ) -> Result<View> {
         let catalog = MemoryCatalogProvider::new();
         let mut schemas: BTreeMap<String, Arc<MemorySchemaProvider>> = BTreeMap::new();
         let mut decisions = HashMap::new();
-        for d in &self.inner.catalog.datasets {
+        for d in &lake.catalog.datasets {
             let (row, agg) = Self::decisions(&policy, principal, d, request);
             let obligations = match (&row, &agg) {
                 (Decision::Allow { obligations, rule }, _)
@@ -425,7 +494,7 @@ impl Engine {
                 _ => continue,
             };
             let table = self
-                .governed_table(principal, d, &obligations.0, &obligations.1)
+                .governed_table(principal, lake, d, &obligations.0, &obligations.1)
                 .await?;
             let q = d.qualified();
             let schema = schemas.entry(q.schema.clone()).or_default();
@@ -446,6 +515,7 @@ impl Engine {
     async fn governed_table(
         &self,
         principal: &Principal,
+        lake: &LakeTables,
         d: &Dataset,
         obligations: &Obligations,
         rule: &str,
@@ -453,7 +523,7 @@ impl Engine {
         let refuse = |why: String| EngineError::PermissionDenied(format!("{why} (rule: {rule})"));
         let mut filter: Option<Expr> = None;
         for f in &obligations.row_filters {
-            let e = self.filter_expr(f, principal, rule).await?;
+            let e = self.filter_expr(f, principal, lake, rule).await?;
             filter = Some(match filter {
                 Some(prev) => prev.and(e),
                 None => e,
@@ -498,7 +568,7 @@ impl Engine {
         }
         Ok(GovernedTable::new(
             d.name.clone(),
-            Arc::clone(&self.inner.tables[&d.name]),
+            lake.table(&d.name)?,
             filter,
             columns,
             &masked,
@@ -510,6 +580,7 @@ impl Engine {
         &'a self,
         f: &'a RowFilter,
         principal: &'a Principal,
+        lake: &'a LakeTables,
         rule: &'a str,
     ) -> futures::future::BoxFuture<'a, Result<Expr>> {
         Box::pin(async move {
@@ -532,7 +603,7 @@ impl Engine {
             }
             match &f.in_set {
                 Some(set) => {
-                    let members = self.subject_set(set, principal, rule).await?;
+                    let members = self.subject_set(set, principal, lake, rule).await?;
                     Ok(InSubjectSet::expr(members, column))
                 }
                 None => Err(EngineError::Internal(
@@ -546,14 +617,17 @@ impl Engine {
         &self,
         spec: &SubjectSet,
         principal: &Principal,
+        lake: &LakeTables,
         rule: &str,
     ) -> Result<Arc<crate::governed::Members>> {
-        let inner_filter = self.filter_expr(&spec.filter, principal, rule).await?;
+        let inner_filter = self
+            .filter_expr(&spec.filter, principal, lake, rule)
+            .await?;
         let cache_key = format!("{}|{}|{}", spec.dataset, spec.key, inner_filter);
-        let dataset =
-            self.inner.catalog.dataset(&spec.dataset).ok_or_else(|| {
-                EngineError::Internal(format!("unknown dataset {}", spec.dataset))
-            })?;
+        let dataset = lake
+            .catalog
+            .dataset(&spec.dataset)
+            .ok_or_else(|| EngineError::Internal(format!("unknown dataset {}", spec.dataset)))?;
         // Listed before the set is read: if the files change in between, the set is newer than
         // the listing it is stored with and the next request reads it again.
         let files = dataset.file_versions(&self.inner.store).await?;
@@ -564,10 +638,7 @@ impl Engine {
             }
         }
         // Policy-internal read of the raw dataset: never part of the caller's plan.
-        let raw =
-            Arc::clone(self.inner.tables.get(&spec.dataset).ok_or_else(|| {
-                EngineError::Internal(format!("unknown dataset {}", spec.dataset))
-            })?);
+        let raw = lake.table(&spec.dataset)?;
         // Read through a state with no cached listing: the set is then at least as new as
         // `files`, never older (a stale listing would also read a replaced file at its old size).
         let ctx = SessionContext::new_with_state(self.inner.uncached.clone());

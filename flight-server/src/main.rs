@@ -15,6 +15,7 @@ use lakegate_flight_server::audited::open_audit;
 use lakegate_flight_server::config::{ServeArgs, Settings};
 use lakegate_flight_server::demo;
 use lakegate_flight_server::identity::{spawn_users_watcher, JwtVerifier};
+use lakegate_flight_server::reload::{PolicySource, PolicyText};
 use lakegate_flight_server::{Identity, Limiter};
 use lakegate_policies::{PolicySet, UserStore, DEFAULT_MODEL};
 
@@ -392,21 +393,28 @@ async fn run(
     };
     let (file, text) =
         policy.unwrap_or_else(|| ("(no policy)".into(), "version = \"deny-all\"\n".into()));
+    let policy_text = match &settings.policy {
+        Some(path) => PolicyText::File(path.clone()),
+        None => PolicyText::Fixed {
+            name: file.clone(),
+            text: text.clone(),
+        },
+    };
     let policy = PolicySet::load(&model, &file, &text, &catalog).await?;
     tracing::info!(version = policy.version(), "policy loaded");
     let audit = open_audit(&lake, &catalog, audit_key, &settings.audit).await?;
     let engine = Engine::open(lake.clone(), policy, keys, settings.engine.clone()).await?;
-    if let Some(path) = &settings.policy {
-        let source = lakegate_flight_server::reload::PolicySource {
-            policy: path.clone(),
+    // The policy file (if any) and the lake's catalog are watched: a change to either is
+    // loaded, checked and swapped in, or logged and the last good pair kept.
+    lakegate_flight_server::reload::spawn_watcher(
+        engine.clone(),
+        PolicySource {
+            policy: policy_text,
             model: settings.model.clone(),
-        };
-        lakegate_flight_server::reload::spawn_watcher(
-            engine.clone(),
-            source,
-            std::time::Duration::from_secs(2),
-        );
-    }
+            lake: lake.clone(),
+        },
+        std::time::Duration::from_secs(2),
+    );
     if settings.tls.is_none() && !settings.listen.ip().is_loopback() {
         tracing::warn!(listen = %settings.listen, "serving plaintext gRPC off loopback: credentials and data cross the network unencrypted");
     }

@@ -1,31 +1,57 @@
-//! Policy hot reload: on SIGHUP or when the policy or model file changes, load and validate the
-//! new policy and swap it in atomically. A file that does not load leaves the last good policy
-//! in force, and the failure is logged with the file, line and reason.
+//! Policy and catalog hot reload: on SIGHUP, or when the policy or model file or the lake's
+//! catalog changes, load and validate them and swap them in atomically. A policy or catalog
+//! that does not load (or a catalog the lake's files do not match) leaves the last good pair
+//! in force, and the failure is logged with the reason (file and line for a policy).
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use lakegate_catalogs::{Catalog, CatalogStamp, Lake};
 use lakegate_engine::Engine;
 use lakegate_policies::{PolicySet, DEFAULT_MODEL};
 
-/// Where the policy comes from.
+/// The policy's text: a file, re-read when it changes, or fixed at start (the demo's, or
+/// deny-all when none was given).
+#[derive(Clone, Debug)]
+pub enum PolicyText {
+    File(PathBuf),
+    Fixed { name: String, text: String },
+}
+
+/// Where the policy comes from, and the lake whose catalog it is checked against.
 #[derive(Clone, Debug)]
 pub struct PolicySource {
-    pub policy: PathBuf,
+    pub policy: PolicyText,
     pub model: Option<PathBuf>,
+    pub lake: Lake,
+}
+
+/// What the watcher compares between polls.
+#[derive(PartialEq)]
+struct Stamp {
+    files: Vec<Option<SystemTime>>,
+    catalog: Option<CatalogStamp>,
 }
 
 impl PolicySource {
-    fn stamp(&self) -> Vec<Option<SystemTime>> {
-        std::iter::once(&self.policy)
-            .chain(self.model.as_ref())
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-            .collect()
+    async fn stamp(&self) -> Stamp {
+        let policy = match &self.policy {
+            PolicyText::File(p) => Some(p),
+            PolicyText::Fixed { .. } => None,
+        };
+        Stamp {
+            files: policy
+                .into_iter()
+                .chain(self.model.as_ref())
+                .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+                .collect(),
+            catalog: self.lake.catalog_stamp().await.ok(),
+        }
     }
 }
 
-/// Load the policy from `source` and swap it in. Returns the new version, or why the old one
-/// stays.
+/// Load the policy (and the lake's catalog, if it changed) from `source` and swap them in.
+/// Returns the policy's version, or why the old policy and catalog stay.
 pub async fn reload(engine: &Engine, source: &PolicySource) -> Result<String, String> {
     let read =
         |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
@@ -33,17 +59,34 @@ pub async fn reload(engine: &Engine, source: &PolicySource) -> Result<String, St
         Some(p) => read(p)?,
         None => DEFAULT_MODEL.to_string(),
     };
-    let text = read(&source.policy)?;
-    let policy = PolicySet::load(
-        &model,
-        &source.policy.display().to_string(),
-        &text,
-        engine.catalog(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let (name, text) = match &source.policy {
+        PolicyText::File(p) => (p.display().to_string(), read(p)?),
+        PolicyText::Fixed { name, text } => (name.clone(), text.clone()),
+    };
+    let catalog = Catalog::load(&source.lake)
+        .await
+        .map_err(|e| format!("the lake's catalog: {e}"))?;
+    let changed = catalog != *engine.catalog();
+    if changed {
+        // As at start: a catalog the files do not match is never served.
+        catalog
+            .verify(&source.lake)
+            .await
+            .map_err(|e| format!("the lake's catalog: {e}"))?;
+    }
+    let policy = PolicySet::load(&model, &name, &text, &catalog)
+        .await
+        .map_err(|e| e.to_string())?;
     let version = policy.version().to_string();
-    engine.replace_policy(policy).await;
+    if changed {
+        engine
+            .replace_catalog(catalog, policy)
+            .await
+            .map_err(|e| format!("the lake's catalog: {e}"))?;
+        tracing::info!(%version, "catalog reloaded");
+    } else {
+        engine.replace_policy(policy).await;
+    }
     Ok(version)
 }
 
@@ -56,7 +99,7 @@ pub fn spawn_watcher(
     tokio::spawn(async move {
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let mut last = source.stamp();
+        let mut last = source.stamp().await;
         loop {
             #[cfg(unix)]
             let hangup = async {
@@ -73,7 +116,7 @@ pub fn spawn_watcher(
                 _ = hangup => true,
                 _ = tokio::time::sleep(every) => false,
             };
-            let now = source.stamp();
+            let now = source.stamp().await;
             if !forced && now == last {
                 continue;
             }
@@ -82,7 +125,7 @@ pub fn spawn_watcher(
             match reload(&engine, &source).await {
                 Ok(version) => tracing::info!(%version, previous = %kept, "policy reloaded"),
                 Err(reason) => {
-                    tracing::error!(%reason, version = %kept, "policy reload failed; keeping the last good policy")
+                    tracing::error!(%reason, version = %kept, "reload failed; keeping the last good policy and catalog")
                 }
             }
         }

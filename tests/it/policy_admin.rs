@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use lakegate_flight_server::demo::DEMO_POLICY;
-use lakegate_flight_server::reload::{reload, spawn_watcher, PolicySource};
+use lakegate_flight_server::reload::{reload, spawn_watcher, PolicySource, PolicyText};
 use lakegate_tests::{ServerOptions, TestServer};
 
 use crate::common::{code_of, first_i64, login, sql};
@@ -29,8 +29,9 @@ async fn policy_reload_swaps_atomically_and_keeps_the_last_good_policy() {
     })
     .await;
     let source = PolicySource {
-        policy: path.clone(),
+        policy: PolicyText::File(path.clone()),
         model: None,
+        lake: server.lake.clone(),
     };
     let mut mallory = login(&server, "mallory").await;
     assert!(sql(&mut mallory, "SELECT count(*) FROM clinical.patients")
@@ -110,4 +111,83 @@ async fn a_client_may_narrow_its_purpose_but_never_widen_it() {
     assert!(sql(&mut mallory, "SELECT count(*) FROM clinical.patients")
         .await
         .is_err());
+}
+
+/// The lake's catalog changes under a running server: a column relabelled `phi.direct` is
+/// masked for the next request (alice's rule nulls that label), with no restart. A catalog that
+/// does not load, or that the files do not match, is refused and the last good one stays.
+#[tokio::test]
+async fn a_relabelled_column_is_masked_without_a_restart() {
+    let (_dir, lake_path) = lakegate_tests::build_lake(300);
+    let server = TestServer::start_with(ServerOptions {
+        lake: Some(lake_path.clone()),
+        ..Default::default()
+    })
+    .await;
+    let source = PolicySource {
+        policy: PolicyText::Fixed {
+            name: "demo".into(),
+            text: DEMO_POLICY.into(),
+        },
+        model: None,
+        lake: server.lake.clone(),
+    };
+    let mut alice = login(&server, "alice").await;
+    let payers = "SELECT count(*) FROM clinical.encounters WHERE payer IS NOT NULL";
+    let before = first_i64(&sql(&mut alice, payers).await.unwrap());
+    assert!(before > 0);
+
+    let relabel = |label: &str| {
+        let label = label.to_string();
+        let lake = server.lake.clone();
+        async move {
+            let mut catalog = lakegate_catalogs::Catalog::load(&lake).await.unwrap();
+            let d = catalog
+                .datasets
+                .iter_mut()
+                .find(|d| d.name == "clinical.encounters")
+                .unwrap();
+            d.columns
+                .iter_mut()
+                .find(|c| c.name == "payer")
+                .unwrap()
+                .label = label;
+            catalog.save(&lake).await.unwrap();
+        }
+    };
+    relabel("phi.direct").await;
+    reload(&server.engine, &source).await.unwrap();
+    assert_eq!(first_i64(&sql(&mut alice, payers).await.unwrap()), 0);
+    let mut dave = login(&server, "dave").await;
+    assert_eq!(first_i64(&sql(&mut dave, payers).await.unwrap()), 0);
+
+    // A catalog that does not parse: refused, the last good catalog stays in force.
+    let document = lake_path.join("catalog/datasets.json");
+    let good = std::fs::read(&document).unwrap();
+    std::fs::write(&document, b"{ \"version\": 1, \"datasets\": [").unwrap();
+    let err = reload(&server.engine, &source).await.unwrap_err();
+    assert!(err.starts_with("the lake's catalog:"), "{err}");
+    assert_eq!(first_i64(&sql(&mut alice, payers).await.unwrap()), 0);
+    // A catalog the files do not match (payer as a number): refused the same way.
+    let mut wrong = lakegate_catalogs::Catalog::from_json(&good).unwrap();
+    wrong
+        .datasets
+        .iter_mut()
+        .find(|d| d.name == "clinical.encounters")
+        .unwrap()
+        .columns
+        .iter_mut()
+        .find(|c| c.name == "payer")
+        .unwrap()
+        .data_type = lakegate_catalogs::ColumnType::Int64;
+    wrong.save(&server.lake).await.unwrap();
+    let err = reload(&server.engine, &source).await.unwrap_err();
+    assert!(err.contains("clinical.encounters"), "{err}");
+    assert_eq!(first_i64(&sql(&mut alice, payers).await.unwrap()), 0);
+    std::fs::write(&document, good).unwrap();
+
+    // Back to `clinical`: alice sees payers again.
+    relabel("clinical").await;
+    reload(&server.engine, &source).await.unwrap();
+    assert_eq!(first_i64(&sql(&mut alice, payers).await.unwrap()), before);
 }
