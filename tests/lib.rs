@@ -61,6 +61,18 @@ pub fn build_lake(patients: u64) -> (tempfile::TempDir, PathBuf) {
     (dir, lake_path)
 }
 
+/// A server over a new demo lake of `patients` of its own (for tests that change the lake):
+/// the folder (kept while it lives), the lake's path and the server.
+pub async fn start_on_own_lake(patients: u64) -> (tempfile::TempDir, PathBuf, TestServer) {
+    let (dir, lake) = build_lake(patients);
+    let server = TestServer::start_with(ServerOptions {
+        lake: Some(lake.clone()),
+        ..Default::default()
+    })
+    .await;
+    (dir, lake, server)
+}
+
 /// Fixed project keys, so that pseudonyms and date shifts in expected results are stable.
 pub fn test_keys() -> KeyRing {
     let text: String = DEMO_PROJECTS

@@ -801,12 +801,7 @@ async fn strings_leave_as_plain_utf8() {
 /// serving every other dataset.
 #[tokio::test]
 async fn a_file_damaged_while_serving_fails_its_query_only() {
-    let (_dir, lake) = lakegate_tests::build_lake(300);
-    let server = TestServer::start_with(ServerOptions {
-        lake: Some(lake.clone()),
-        ..Default::default()
-    })
-    .await;
+    let (_dir, lake, server) = lakegate_tests::start_on_own_lake(300).await;
     let mut carol = crate::common::login(&server, "carol").await;
     let count = "SELECT count(*), sum(total_cost) FROM clinical.encounters";
     crate::common::sql(&mut carol, count).await.unwrap();
@@ -883,12 +878,7 @@ fn withdraw_consent(path: &std::path::Path) {
 /// fails on a file listed before it changed.
 #[tokio::test]
 async fn a_lake_changed_while_serving_is_read_as_it_is_now() {
-    let (_dir, lake) = lakegate_tests::build_lake(300);
-    let server = TestServer::start_with(ServerOptions {
-        lake: Some(lake.clone()),
-        ..Default::default()
-    })
-    .await;
+    let (_dir, lake, server) = lakegate_tests::start_on_own_lake(300).await;
     let mut alice = crate::common::login(&server, "alice").await;
     let mut carol = crate::common::login(&server, "carol").await;
     let consenting_encounters = "SELECT count(*) FROM clinical_encounters WHERE patient_id IN \

@@ -118,12 +118,7 @@ async fn a_client_may_narrow_its_purpose_but_never_widen_it() {
 /// does not load, or that the files do not match, is refused and the last good one stays.
 #[tokio::test]
 async fn a_relabelled_column_is_masked_without_a_restart() {
-    let (_dir, lake_path) = lakegate_tests::build_lake(300);
-    let server = TestServer::start_with(ServerOptions {
-        lake: Some(lake_path.clone()),
-        ..Default::default()
-    })
-    .await;
+    let (_dir, lake_path, server) = lakegate_tests::start_on_own_lake(300).await;
     let source = PolicySource {
         policy: PolicyText::Fixed {
             name: "demo".into(),
