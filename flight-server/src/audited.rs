@@ -18,14 +18,9 @@ use tonic::{Code, Status};
 
 use crate::limits::QueryGrant;
 
-/// Open the lake's audit trail for writing, with the configured checkpoints and alerts.
-pub async fn open_audit(
-    lake: &Lake,
-    catalog: &Catalog,
-    key: AuditKey,
-    settings: &crate::config::AuditSettings,
-) -> Result<AuditLog, AuditError> {
-    let phi_columns = catalog
+/// The columns labelled `phi.*` (`dataset.column`), which the PHI-volume alert counts.
+pub fn phi_columns(catalog: &Catalog) -> std::collections::HashSet<String> {
+    catalog
         .datasets
         .iter()
         .flat_map(|d| {
@@ -34,7 +29,17 @@ pub async fn open_audit(
                 .filter(|c| c.label.starts_with("phi."))
                 .map(move |c| format!("{}.{}", d.name, c.name))
         })
-        .collect();
+        .collect()
+}
+
+/// Open the lake's audit trail for writing, with the configured checkpoints and alerts.
+pub async fn open_audit(
+    lake: &Lake,
+    catalog: &Catalog,
+    key: AuditKey,
+    settings: &crate::config::AuditSettings,
+) -> Result<AuditLog, AuditError> {
+    let phi_columns = phi_columns(catalog);
     let config = AuditConfig {
         checkpoint_every: settings.checkpoint_every.max(1),
         checkpoint_interval: std::time::Duration::from_secs(settings.checkpoint_interval_secs),

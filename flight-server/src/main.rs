@@ -412,6 +412,7 @@ async fn run(
             policy: policy_text,
             model: settings.model.clone(),
             lake: lake.clone(),
+            audit: Some(audit.clone()),
         },
         std::time::Duration::from_secs(2),
     );

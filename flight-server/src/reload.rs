@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use lakegate_catalogs::{Catalog, CatalogStamp, Lake};
+use lakegate_engine::audit::AuditLog;
 use lakegate_engine::Engine;
 use lakegate_policies::{PolicySet, DEFAULT_MODEL};
 
@@ -19,11 +20,13 @@ pub enum PolicyText {
 }
 
 /// Where the policy comes from, and the lake whose catalog it is checked against.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PolicySource {
     pub policy: PolicyText,
     pub model: Option<PathBuf>,
     pub lake: Lake,
+    /// The trail whose PHI-volume alert follows the catalog's `phi.*` labels.
+    pub audit: Option<AuditLog>,
 }
 
 /// What the watcher compares between polls.
@@ -83,6 +86,9 @@ pub async fn reload(engine: &Engine, source: &PolicySource) -> Result<String, St
             .replace_catalog(catalog, policy)
             .await
             .map_err(|e| format!("the lake's catalog: {e}"))?;
+        if let Some(audit) = &source.audit {
+            audit.set_phi_columns(crate::audited::phi_columns(&engine.catalog()));
+        }
         tracing::info!(%version, "catalog reloaded");
     } else {
         engine.replace_policy(policy).await;

@@ -32,6 +32,7 @@ async fn policy_reload_swaps_atomically_and_keeps_the_last_good_policy() {
         policy: PolicyText::File(path.clone()),
         model: None,
         lake: server.lake.clone(),
+        audit: Some(server.audit.clone()),
     };
     let mut mallory = login(&server, "mallory").await;
     assert!(sql(&mut mallory, "SELECT count(*) FROM clinical.patients")
@@ -126,6 +127,7 @@ async fn a_relabelled_column_is_masked_without_a_restart() {
         },
         model: None,
         lake: server.lake.clone(),
+        audit: Some(server.audit.clone()),
     };
     let mut alice = login(&server, "alice").await;
     let payers = "SELECT count(*) FROM clinical.encounters WHERE payer IS NOT NULL";

@@ -56,6 +56,10 @@ impl Alerts {
         }
     }
 
+    pub(crate) fn set_phi_columns(&mut self, columns: HashSet<String>) {
+        self.phi_columns = columns;
+    }
+
     fn amount(&self, kind: AlertKind, e: &AuditEvent) -> u64 {
         match kind {
             AlertKind::PhiRows => {

@@ -265,6 +265,8 @@ enum Msg {
         done: Option<oneshot::Sender<Result<u64, AuditError>>>,
     },
     Checkpoint(oneshot::Sender<Result<(), AuditError>>),
+    /// The catalog changed: the PHI-volume alert counts these columns from now on.
+    PhiColumns(std::collections::HashSet<String>),
 }
 
 /// The writer's handle. Cheap to clone; one writer task owns the trail's head.
@@ -344,6 +346,12 @@ impl AuditLog {
             event: Box::new(event),
             done: None,
         });
+    }
+
+    /// Count these columns (`dataset.column`, labelled `phi.*`) for the PHI-volume alert from
+    /// the next event on: the catalog was reloaded with new labels.
+    pub fn set_phi_columns(&self, columns: std::collections::HashSet<String>) {
+        let _ = self.tx.send(Msg::PhiColumns(columns));
     }
 
     /// Write everything queued and sign a checkpoint over it now (shutdown, tests).
@@ -525,6 +533,7 @@ impl Writer {
                 match m {
                     Msg::Append { event, done } => batch.push((*event, done)),
                     Msg::Checkpoint(done) => checkpoint_waiters.push(done),
+                    Msg::PhiColumns(columns) => self.alerts.set_phi_columns(columns),
                 }
                 if batch.len() >= self.config.max_segment_events {
                     break;

@@ -335,6 +335,44 @@ async fn alerts_fire_once_per_excess_and_are_in_the_trail() {
     assert_eq!(alerts[1].principal, "mallory");
 }
 
+/// A catalog reload that labels a column `phi.*` makes the PHI-volume alert count it from the
+/// next event on.
+#[tokio::test]
+async fn the_phi_alert_follows_new_labels() {
+    let fired = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = Arc::clone(&fired);
+    let sink: AlertSink = Arc::new(move |_| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
+    let config = AuditConfig {
+        alerts: vec![AlertRule {
+            name: "bulk-phi".into(),
+            kind: AlertKind::PhiRows,
+            threshold: 100,
+            window_minutes: 10,
+        }],
+        phi_columns: ["clinical.patients.ssn".to_string()].into(),
+        ..Default::default()
+    };
+    let log = AuditLog::open(store(), AuditKey::generate(), config, Some(sink))
+        .await
+        .unwrap();
+    let payers = || {
+        let mut e = AuditEvent::new("query_end", "DoGet");
+        e.principal = "alice".into();
+        e.columns = "clinical.encounters.payer".into();
+        e.rows = Some(150);
+        e
+    };
+    log.record(payers()).await.unwrap();
+    log.checkpoint().await.unwrap();
+    assert_eq!(fired.load(std::sync::atomic::Ordering::Relaxed), 0);
+    log.set_phi_columns(["clinical.encounters.payer".to_string()].into());
+    log.record(payers()).await.unwrap();
+    log.checkpoint().await.unwrap();
+    assert_eq!(fired.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
 #[tokio::test]
 async fn two_servers_on_one_lake_share_one_chain() {
     let store = store();
