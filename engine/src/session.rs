@@ -196,8 +196,8 @@ impl Engine {
             // DataFusion keeps a table's file listing for the life of the process by default:
             // a file replaced while serving would then be read at its old size (a corrupt read)
             // and a file added never seen. Listings are kept for a second instead, the same
-            // resolution as callers' views (whose subject sets follow their files): a point
-            // lookup listed its dataset on every query at 30% of its latency. Footers and
+            // resolution as callers' views (whose subject sets follow their files): listing on
+            // every query cost a point lookup up to a millisecond of its 9. Footers and
             // statistics stay cached, checked against each file's size and modification time.
             .with_cache_manager(
                 CacheManagerConfig::default().with_list_files_cache_ttl(Some(LISTING_TTL)),
