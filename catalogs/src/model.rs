@@ -214,6 +214,12 @@ impl Dataset {
         ))
     }
 
+    /// Whether a file's Arrow schema keeps this dataset's contract: the catalog's column names,
+    /// types and order (`expected` is [`Dataset::schema`], passed in where it is reused).
+    pub fn check_file_schema(&self, expected: &Schema, actual: &Schema) -> Result<()> {
+        compare_schema(&self.name, expected, actual)
+    }
+
     pub fn column(&self, name: &str) -> Option<&ColumnDef> {
         self.columns.iter().find(|c| c.name == name)
     }
@@ -397,7 +403,17 @@ impl Catalog {
                 let fm = metadata.file_metadata();
                 let actual = parquet_to_arrow_schema(fm.schema_descr(), fm.key_value_metadata())
                     .map_err(corrupt)?;
-                compare_schema(&d.name, &expected, &actual)?;
+                d.check_file_schema(&expected, &actual)
+                    .map_err(|e| match e {
+                        // The operator reads this: the file is named.
+                        CatalogError::SchemaMismatch { dataset, reason } => {
+                            CatalogError::SchemaMismatch {
+                                dataset,
+                                reason: format!("{f}: {reason}"),
+                            }
+                        }
+                        other => other,
+                    })?;
             }
         }
         Ok(())
@@ -431,11 +447,30 @@ fn compare_schema(dataset: &str, expected: &Schema, actual: &Schema) -> Result<(
         reason,
     };
     if expected.fields().len() != actual.fields().len() {
-        return Err(mismatch(format!(
+        let names = |s: &Schema| -> BTreeSet<String> {
+            s.fields().iter().map(|f| f.name().clone()).collect()
+        };
+        let (e, a) = (names(expected), names(actual));
+        let list = |set: Vec<&String>| {
+            set.iter()
+                .map(|n| format!("'{n}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let missing = list(e.difference(&a).collect());
+        let extra = list(a.difference(&e).collect());
+        let mut reason = format!(
             "{} columns in the catalog, {} in the file",
             expected.fields().len(),
             actual.fields().len()
-        )));
+        );
+        if !missing.is_empty() {
+            reason.push_str(&format!("; missing from the file: {missing}"));
+        }
+        if !extra.is_empty() {
+            reason.push_str(&format!("; not in the catalog: {extra}"));
+        }
+        return Err(mismatch(reason));
     }
     for (e, a) in expected.fields().iter().zip(actual.fields()) {
         if e.name() != a.name() {
@@ -570,7 +605,8 @@ mod tests {
         assert_eq!(
             err,
             "dataset 'clinical.things': a data file's schema disagrees with the catalog: \
-             column 'id' is Utf8 in the catalog but Int64 in the file"
+             curated/clinical/things/part-0.parquet: column 'id' is Utf8 in the catalog but \
+             Int64 in the file"
         );
     }
 }

@@ -3,6 +3,8 @@
 use datafusion::arrow::error::ArrowError;
 use datafusion::error::DataFusionError;
 
+use crate::contract::OffContract;
+
 /// Every way a query can fail, by whom it is to be fixed.
 ///
 /// Messages are safe to show the caller: they name rules, datasets and columns, never a data
@@ -29,6 +31,11 @@ pub enum EngineError {
     /// the reader's detail is logged server-side.
     #[error("{message}")]
     Unreadable { message: String, detail: String },
+    /// A data file of a dataset the query reads does not match the catalog's schema for it (a
+    /// file written while the server runs). The message names the dataset where the caller may
+    /// know it; the file and the difference are logged server-side.
+    #[error("{message}")]
+    OffContract { message: String, detail: String },
     /// A function or operator refused a value while the query ran (a unit, pattern or format
     /// it does not accept, a string it cannot parse): the caller's mistake, but its detail can
     /// quote the value, so the detail is logged server-side, never sent.
@@ -100,17 +107,46 @@ fn read_dataset(e: &DataFusionError) -> Option<&str> {
     }
 }
 
+/// The context a row filter's read of its subject set puts on a failure, after the dataset's
+/// name: that dataset may be one the caller cannot see, so it is not named to the caller.
+pub(crate) const FOR_ROW_FILTER: &str = " for a row filter";
+
+fn off_contract(e: &OffContract, hidden: bool) -> EngineError {
+    let what = if hidden {
+        "a data file of the lake".to_string()
+    } else {
+        format!("a data file of {}", e.dataset)
+    };
+    EngineError::OffContract {
+        message: format!(
+            "{what} does not match the catalog's schema for it, so the query was refused rather \
+             than read with missing or changed columns; the lake's operator must fix or remove the file"
+        ),
+        detail: e.to_string(),
+    }
+}
+
 fn classify(e: &DataFusionError) -> EngineError {
+    classify_in(e, false)
+}
+
+/// `hidden`: under a row filter's read, where the dataset is not named.
+fn classify_in(e: &DataFusionError, hidden: bool) -> EngineError {
+    let classify = |inner: &DataFusionError| classify_in(inner, hidden);
     match e {
         _ if is_read_error(e) => unreadable(read_dataset(e), e),
-        DataFusionError::Context(_, inner) | DataFusionError::Diagnostic(_, inner) => {
-            classify(inner)
+        DataFusionError::Context(c, inner) => {
+            classify_in(inner, hidden || c.ends_with(FOR_ROW_FILTER))
         }
+        DataFusionError::Diagnostic(_, inner) => classify(inner),
         DataFusionError::Shared(inner) => classify(inner),
         DataFusionError::Collection(errs) => errs
             .first()
             .map(classify)
             .unwrap_or_else(|| EngineError::Internal("empty error collection".into())),
+        DataFusionError::External(x) if x.downcast_ref::<OffContract>().is_some() => {
+            off_contract(x.downcast_ref().expect("checked"), hidden)
+        }
         DataFusionError::SQL(p, _) => EngineError::InvalidQuery(format!("SQL error: {p}")),
         DataFusionError::Plan(m) => {
             EngineError::InvalidQuery(format!("planning error: {}", first_line(m)))
@@ -205,6 +241,39 @@ mod tests {
             )),
         ));
         assert_eq!(e.to_string(), "division by zero");
+    }
+
+    #[test]
+    fn a_file_off_contract_names_its_dataset_unless_a_row_filter_read_it() {
+        let off = || {
+            DataFusionError::External(Box::new(OffContract {
+                dataset: "clinical.patients".into(),
+                path: "curated/clinical/patients/part-9.parquet".into(),
+                reason: "column 'research_consent' is Boolean in the catalog but Utf8".into(),
+            }))
+        };
+        let e = EngineError::from(DataFusionError::Shared(Arc::new(off())));
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("a data file of clinical.patients does not match"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("part-9") && !msg.contains("research_consent"),
+            "{msg}"
+        );
+        let e = EngineError::from(DataFusionError::Context(
+            format!("reading clinical.patients{FOR_ROW_FILTER}"),
+            Box::new(off()),
+        ));
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("a data file of the lake does not match"),
+            "{msg}"
+        );
+        assert!(
+            matches!(e, EngineError::OffContract { detail, .. } if detail.contains("part-9.parquet"))
+        );
     }
 
     #[test]

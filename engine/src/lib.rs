@@ -27,6 +27,7 @@
 pub mod audit;
 mod bounded;
 mod budget;
+mod contract;
 mod counted;
 mod depth;
 mod error;

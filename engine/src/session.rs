@@ -653,7 +653,7 @@ impl Engine {
                 // For the log only: the dataset may be one the caller cannot see, so the caller
                 // is told of "a data file of the lake" (`error::read_dataset` does not match).
                 datafusion::error::DataFusionError::Context(
-                    format!("reading {} for a row filter", spec.dataset),
+                    format!("reading {}{}", spec.dataset, crate::error::FOR_ROW_FILTER),
                     Box::new(e),
                 )
             })?;
@@ -682,7 +682,10 @@ impl Engine {
 fn listing_table(d: &Dataset, runtime: &RuntimeEnv) -> Result<Arc<dyn TableProvider>> {
     let url = ListingTableUrl::parse(format!("{LAKE_URL}{}", d.location))?;
     let format: Arc<dyn datafusion::datasource::file_format::FileFormat> = match d.format {
-        FileFormat::Parquet => Arc::new(ParquetFormat::default()),
+        FileFormat::Parquet => Arc::new(crate::contract::ContractFormat::new(
+            Arc::new(ParquetFormat::default()),
+            d,
+        )),
         FileFormat::Ndjson => Arc::new(JsonFormat::default()),
     };
     let options = ListingOptions::new(format).with_file_extension(d.format.extension());

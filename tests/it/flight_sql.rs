@@ -844,30 +844,41 @@ async fn a_file_damaged_while_serving_fails_its_query_only() {
     assert!(crate::common::first_i64(&b) > 0);
 }
 
+/// Write to `to` the batches of the Parquet file `from`, each changed by `change`.
+fn rewrite_parquet(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    change: impl Fn(RecordBatch) -> RecordBatch,
+) {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(from).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let batches: Vec<RecordBatch> = reader.map(|b| change(b.unwrap())).collect();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(to).unwrap(),
+        batches[0].schema(),
+        None,
+    )
+    .unwrap();
+    for b in batches {
+        writer.write(&b).unwrap();
+    }
+    writer.close().unwrap();
+}
+
 /// Replace a Parquet file the way a pipeline does (write a new file, rename it over the old
 /// one), with `research_consent` false on every row.
 fn withdraw_consent(path: &std::path::Path) {
     use arrow::array::BooleanArray;
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap())
-        .unwrap()
-        .build()
-        .unwrap();
-    let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
-    let schema = batches[0].schema();
-    let at = schema.index_of("research_consent").unwrap();
     let tmp = path.with_extension("tmp");
-    let mut writer =
-        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&tmp).unwrap(), schema, None)
-            .unwrap();
-    for b in batches {
+    rewrite_parquet(path, &tmp, |b| {
+        let at = b.schema().index_of("research_consent").unwrap();
         let mut columns = b.columns().to_vec();
         columns[at] = Arc::new(BooleanArray::from(vec![false; b.num_rows()]));
-        writer
-            .write(&RecordBatch::try_new(b.schema(), columns).unwrap())
-            .unwrap();
-    }
-    writer.close().unwrap();
+        RecordBatch::try_new(b.schema(), columns).unwrap()
+    });
     std::fs::rename(&tmp, path).unwrap();
 }
 
@@ -932,4 +943,135 @@ async fn a_lake_changed_while_serving_is_read_as_it_is_now() {
         alice_now,
         scalar_i64(&raw_query_in(&lake, consenting_encounters).await)
     );
+}
+
+/// Files a pipeline adds while the server runs are held to the catalog's schema, as the files
+/// present at start were: a file with a column missing, retyped or added is never read (its
+/// rows would carry NULLs or values the catalog does not describe). Queries of its dataset are
+/// refused with FAILED_PRECONDITION naming the dataset (never the file), the rest of the lake
+/// stays served, and once the file is removed the dataset is served again.
+#[tokio::test]
+async fn a_file_added_off_the_catalog_schema_is_refused_not_read() {
+    use arrow::array::BooleanArray;
+    let (_dir, lake, server) = lakegate_tests::start_on_own_lake(300).await;
+    let mut carol = crate::common::login(&server, "carol").await;
+    let mut alice = crate::common::login(&server, "alice").await;
+    let count = "SELECT count(*) FROM clinical.encounters";
+    let before = crate::common::first_i64(&crate::common::sql(&mut carol, count).await.unwrap());
+
+    let first_file = |dir: &str| {
+        let mut files: Vec<_> = std::fs::read_dir(lake.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files.remove(0)
+    };
+    let encounters = first_file("curated/clinical/encounters");
+    let patients = first_file("curated/clinical/patients");
+    let drop_column = |name: &'static str| {
+        move |b: RecordBatch| {
+            let mut b = b;
+            b.remove_column(b.schema().index_of(name).unwrap());
+            b
+        }
+    };
+    let as_text = |name: &'static str| {
+        move |b: RecordBatch| {
+            let at = b.schema().index_of(name).unwrap();
+            let text = arrow::compute::cast(b.column(at), &DataType::Utf8).unwrap();
+            let mut fields: Vec<Field> = b
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
+            fields[at] = Field::new(name, DataType::Utf8, true);
+            let mut columns = b.columns().to_vec();
+            columns[at] = text;
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+        }
+    };
+    let extra_column = |b: RecordBatch| {
+        let mut fields: Vec<Field> = b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new("ssn", DataType::Utf8, true));
+        let mut columns = b.columns().to_vec();
+        columns.push(Arc::new(StringArray::from(vec![
+            "123-45-6789";
+            b.num_rows()
+        ])));
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+    };
+    let added = encounters.with_file_name("part-99999-added.parquet");
+    let refused = |err: FlightError, dataset: &str| {
+        let FlightError::Tonic(status) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        let expected = format!("a data file of {dataset} does not match the catalog's schema");
+        assert!(status.message().starts_with(&expected), "{status:?}");
+        for leak in ["part-99999", "curated", "ssn", "123-45"] {
+            assert!(!status.message().contains(leak), "{leak}: {status:?}");
+        }
+    };
+    let changes: [Box<dyn Fn(RecordBatch) -> RecordBatch>; 3] = [
+        Box::new(drop_column("payer")),
+        Box::new(as_text("total_cost")),
+        Box::new(extra_column),
+    ];
+    for change in changes {
+        rewrite_parquet(&encounters, &added, change);
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        refused(
+            crate::common::sql(&mut carol, count).await.unwrap_err(),
+            "clinical.encounters",
+        );
+        refused(
+            crate::common::sql(
+                &mut alice,
+                "SELECT patient_id FROM clinical.encounters LIMIT 1",
+            )
+            .await
+            .unwrap_err(),
+            "clinical.encounters",
+        );
+        // The rest of the lake is served meanwhile.
+        let b = crate::common::sql(&mut carol, "SELECT count(*) FROM clinical.patients")
+            .await
+            .unwrap();
+        assert!(crate::common::first_i64(&b) > 0);
+        std::fs::remove_file(&added).unwrap();
+    }
+
+    // A patients file whose consent column is text: alice's consent filter reads patients, so
+    // her encounters are refused too (it is the filter's read: the dataset is not named).
+    let added = patients.with_file_name("part-99999-added.parquet");
+    rewrite_parquet(&patients, &added, |b| {
+        let b = as_text("research_consent")(b);
+        let at = b.schema().index_of("research_consent").unwrap();
+        assert!(b
+            .column(at)
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .is_none());
+        b
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let err = crate::common::sql(&mut alice, count).await.unwrap_err();
+    let FlightError::Tonic(status) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(!status.message().contains("part-99999"), "{status:?}");
+    std::fs::remove_file(&added).unwrap();
+
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let after = crate::common::first_i64(&crate::common::sql(&mut carol, count).await.unwrap());
+    assert_eq!(after, before);
+    crate::common::sql(&mut alice, count).await.unwrap();
 }
