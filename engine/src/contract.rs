@@ -9,7 +9,7 @@
 //! its footer, which the listing's statistics read has just cached) before a scan may read it,
 //! and refuses the query if it does not match.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -29,20 +29,20 @@ use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore};
 use parquet::arrow::parquet_to_arrow_schema;
 
-/// Most file versions remembered as checked; past it the memory starts again (each file is
-/// then checked once more, from its cached footer).
+/// Most paths remembered as checked; past it the memory starts again (each file is then
+/// checked once more, from its cached footer).
 const MAX_CHECKED: usize = 100_000;
 
-/// One version of one file: a file replaced under the same name is checked again.
-type Version = (Path, u64, i64, Option<String>);
+/// What identifies one version of a file under its path: a file replaced under the same name
+/// is checked again.
+type Version = (u64, i64, Option<String>);
+
+fn modified_nanos(meta: &ObjectMeta) -> i64 {
+    meta.last_modified.timestamp_nanos_opt().unwrap_or(i64::MIN)
+}
 
 fn version(meta: &ObjectMeta) -> Version {
-    (
-        meta.location.clone(),
-        meta.size,
-        meta.last_modified.timestamp_nanos_opt().unwrap_or(i64::MIN),
-        meta.e_tag.clone(),
-    )
+    (meta.size, modified_nanos(meta), meta.e_tag.clone())
 }
 
 /// A file that breaks its dataset's contract. Its `Display` (the file and the difference) is
@@ -61,7 +61,8 @@ pub(crate) struct ContractFormat {
     inner: Arc<dyn FileFormat>,
     dataset: Dataset,
     expected: SchemaRef,
-    checked: Mutex<HashSet<Version>>,
+    /// The version of each path last found to keep the contract.
+    checked: Mutex<HashMap<Path, Version>>,
 }
 
 impl ContractFormat {
@@ -70,20 +71,27 @@ impl ContractFormat {
             inner,
             expected: dataset.schema(),
             dataset: dataset.clone(),
-            checked: Mutex::new(HashSet::new()),
+            checked: Mutex::new(HashMap::new()),
         }
     }
 
-    fn is_checked(&self, v: &Version) -> bool {
-        self.checked.lock().expect("not poisoned").contains(v)
+    fn is_checked(&self, meta: &ObjectMeta) -> bool {
+        let checked = self.checked.lock().expect("not poisoned");
+        checked
+            .get(&meta.location)
+            .is_some_and(|(size, modified, e_tag)| {
+                *size == meta.size
+                    && *modified == modified_nanos(meta)
+                    && e_tag.as_deref() == meta.e_tag.as_deref()
+            })
     }
 
-    fn mark_checked(&self, v: Version) {
+    fn mark_checked(&self, meta: &ObjectMeta) {
         let mut checked = self.checked.lock().expect("not poisoned");
         if checked.len() >= MAX_CHECKED {
             checked.clear();
         }
-        checked.insert(v);
+        checked.insert(meta.location.clone(), version(meta));
     }
 
     async fn check(
@@ -92,8 +100,7 @@ impl ContractFormat {
         store: &dyn ObjectStore,
         meta: &ObjectMeta,
     ) -> DFResult<()> {
-        let v = version(meta);
-        if self.is_checked(&v) {
+        if self.is_checked(meta) {
             return Ok(());
         }
         // The footer is in the runtime's metadata cache when the listing collected the file's
@@ -118,7 +125,7 @@ impl ContractFormat {
                     },
                 }))
             })?;
-        self.mark_checked(v);
+        self.mark_checked(meta);
         Ok(())
     }
 }
