@@ -22,7 +22,7 @@ use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
 use datafusion::datasource::physical_plan::{FileScanConfig, FileSinkConfig, FileSource};
 use datafusion::datasource::table_schema::TableSchema;
 use datafusion::error::{DataFusionError, Result as DFResult};
-use datafusion::physical_expr::{LexOrdering, LexRequirement};
+use datafusion::physical_expr::LexRequirement;
 use datafusion::physical_plan::ExecutionPlan;
 use lakegate_catalogs::{CatalogError, Dataset};
 use object_store::path::Path;
@@ -165,18 +165,8 @@ impl FileFormat for ContractFormat {
             .await
     }
 
-    async fn infer_ordering(
-        &self,
-        state: &dyn Session,
-        store: &Arc<dyn ObjectStore>,
-        table_schema: SchemaRef,
-        object: &ObjectMeta,
-    ) -> DFResult<Option<LexOrdering>> {
-        self.inner
-            .infer_ordering(state, store, table_schema, object)
-            .await
-    }
-
+    /// What the listing calls (the parquet format's single footer read): the ordering alone
+    /// (`infer_ordering`, left to its default) is asked for only by the default of this.
     async fn infer_stats_and_ordering(
         &self,
         state: &dyn Session,

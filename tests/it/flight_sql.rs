@@ -868,6 +868,23 @@ fn rewrite_parquet(
     writer.close().unwrap();
 }
 
+/// `b` with column `name` set to `array` (typed as `array` is): replaced where it exists, added
+/// after the others where it does not.
+fn set_column(b: RecordBatch, name: &str, array: arrow::array::ArrayRef) -> RecordBatch {
+    let schema = b.schema();
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut columns = b.columns().to_vec();
+    let field = Field::new(name, array.data_type().clone(), true);
+    match schema.index_of(name) {
+        Ok(at) => (fields[at], columns[at]) = (field, array),
+        Err(_) => {
+            fields.push(field);
+            columns.push(array);
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+}
+
 /// Replace a Parquet file the way a pipeline does (write a new file, rename it over the old
 /// one), with `research_consent` false on every row.
 fn withdraw_consent(path: &std::path::Path) {
@@ -978,34 +995,13 @@ async fn a_file_added_off_the_catalog_schema_is_refused_not_read() {
     };
     let as_text = |name: &'static str| {
         move |b: RecordBatch| {
-            let at = b.schema().index_of(name).unwrap();
-            let text = arrow::compute::cast(b.column(at), &DataType::Utf8).unwrap();
-            let mut fields: Vec<Field> = b
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| f.as_ref().clone())
-                .collect();
-            fields[at] = Field::new(name, DataType::Utf8, true);
-            let mut columns = b.columns().to_vec();
-            columns[at] = text;
-            RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+            let text = arrow::compute::cast(b.column_by_name(name).unwrap(), &DataType::Utf8);
+            set_column(b, name, text.unwrap())
         }
     };
     let extra_column = |b: RecordBatch| {
-        let mut fields: Vec<Field> = b
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        fields.push(Field::new("ssn", DataType::Utf8, true));
-        let mut columns = b.columns().to_vec();
-        columns.push(Arc::new(StringArray::from(vec![
-            "123-45-6789";
-            b.num_rows()
-        ])));
-        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+        let ssn = StringArray::from(vec!["123-45-6789"; b.num_rows()]);
+        set_column(b, "ssn", Arc::new(ssn))
     };
     let added = encounters.with_file_name("part-99999-added.parquet");
     let refused = |err: FlightError, dataset: &str| {
