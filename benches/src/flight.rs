@@ -415,11 +415,12 @@ async fn main() {
         "srv_MiB"
     );
     let mut cpu_rows = Vec::new();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     for (name, who, sql) in &mix {
         let mut client = server.login(who).await;
         let (mut flight, mut eng, mut raw) = (Vec::new(), Vec::new(), Vec::new());
-        // CPU seconds per run: (server, client) for Flight, this process for the engine.
-        let (mut flight_cpu, mut eng_cpu) = (Vec::new(), Vec::new());
+        // CPU per run: (server, client) for Flight, this process for the engine and for plain.
+        let (mut flight_cpu, mut eng_cpu, mut plain_cpu) = (Vec::new(), Vec::new(), Vec::new());
         let mut refused = None;
         server.sample();
         for i in 0..=args.iterations {
@@ -438,9 +439,11 @@ async fn main() {
             };
             let cli2 = own_cpu_ms();
             let p = via_plain(&ctx, sql).await.expect("plain");
+            let cli3 = own_cpu_ms();
             if i > 0 {
                 flight_cpu.push((srv1 - srv0, cli1 - cli0));
                 eng_cpu.push(cli2 - cli1);
+                plain_cpu.push(cli3 - cli2);
                 flight.push(f);
                 eng.extend(e);
                 raw.push(p);
@@ -465,13 +468,18 @@ async fn main() {
             mid(flight_cpu.iter().map(|c| c.0).collect()),
             mid(flight_cpu.iter().map(|c| c.1).collect()),
         );
-        let eng_cpu = if eng.is_empty() {
-            f64::NAN
+        let (eng_cpu, bound) = if eng.is_empty() {
+            (f64::NAN, f64::NAN)
         } else {
-            mid(eng_cpu)
+            // The best Flight/engine ratio on this host with this client: a server that spent
+            // no CPU beyond the engine's would still share the cores with the client.
+            let eng_cpu = mid(eng_cpu);
+            let eng_ms = typical(&eng).total.as_secs_f64() * 1e3;
+            (eng_cpu, eng_ms / eng_ms.max((eng_cpu + cli_cpu) / cores))
         };
+        let plain_cpu = mid(plain_cpu);
         cpu_rows.push(format!(
-            "{name:<16} {who:<6} {srv_cpu:>12.0} {cli_cpu:>12.0} {eng_cpu:>14.0}"
+            "{name:<16} {who:<6} {srv_cpu:>13.0} {cli_cpu:>13.0} {eng_cpu:>13.0} {plain_cpu:>13.0} {bound:>10.2}"
         ));
         println!(
             "{name:<16} {who:<6} {:>10.1} {:>9.1} {:>11} {:>10.0} {:>8.1} | {engine_ms:>10} | {:>9.1} {:>9.1} {:>8.1} | {:>6.2} {peak:>8.0}",
@@ -490,8 +498,14 @@ async fn main() {
     if !cpu_rows.is_empty() {
         // Where the CPU goes: both processes share the machine's cores on loopback.
         println!(
-            "\n{:<16} {:<6} {:>12} {:>12} {:>14}",
-            "query", "who", "server_cpu_ms", "client_cpu_ms", "engine_cpu_ms"
+            "\n{:<16} {:<6} {:>13} {:>13} {:>13} {:>13} {:>10}",
+            "query",
+            "who",
+            "server_cpu_ms",
+            "client_cpu_ms",
+            "engine_cpu_ms",
+            "plain_cpu_ms",
+            "best_ratio"
         );
         for row in &cpu_rows {
             println!("{row}");
