@@ -254,6 +254,17 @@ fn shift_days(digest: &Digest, max_days: u32) -> i64 {
     (n % span) as i64 - i64::from(max_days)
 }
 
+/// The offset of a subject's times, in microseconds: its dates' whole days plus a part of a day
+/// (from other bytes of the digest that the pseudonym does not show). A whole-day shift left
+/// each time of day as it was, to the microsecond: two projects' shifted times of the same
+/// encounters matched, linking their pseudonyms one to one. With a sub-day part no field of a
+/// time (hour, minute, second, fraction) survives; intervals between one subject's times do, as
+/// they must for the data to be of clinical use.
+fn shift_micros(digest: &Digest, max_days: u32) -> i64 {
+    let n = u64::from_le_bytes(digest[16..24].try_into().expect("8 bytes"));
+    shift_days(digest, max_days) * DAY_MICROS + (n % DAY_MICROS as u64) as i64
+}
+
 /// A subject id's keyed digest, `HMAC-SHA256(project key, "pseudonym\0" || id)`: its first 12
 /// bytes are the id's pseudonym, its last 8 the subject's date shift. (The domain is named for
 /// the pseudonym, which it served alone first; it stays so pseudonyms stay stable.)
@@ -425,17 +436,23 @@ impl ScalarUDFImpl for MaskUdf {
                 // One offset per run of a subject's rows; a row without a subject cannot be
                 // shifted consistently: hidden (null), as a null value stays null.
                 let nulls = NullBuffer::union(a.logical_nulls().as_ref(), subjects.nulls());
-                let runs: Vec<(std::ops::Range<usize>, i64)> = digests
-                    .iter()
-                    .map(|(run, digest)| {
-                        let offset = digest.as_ref().map_or(0, |d| shift_days(d, *max_days));
-                        (run.clone(), offset)
-                    })
-                    .collect();
+                let runs = |offset: fn(&Digest, u32) -> i64| -> Vec<(std::ops::Range<usize>, i64)> {
+                    digests
+                        .iter()
+                        .map(|(run, digest)| {
+                            (
+                                run.clone(),
+                                digest.as_ref().map_or(0, |d| offset(d, *max_days)),
+                            )
+                        })
+                        .collect()
+                };
                 match a.data_type() {
                     DataType::Date32 => {
                         let d = a.as_primitive::<datafusion::arrow::datatypes::Date32Type>();
-                        let values = shifted(d.values(), &runs, |v, o| v.saturating_add(o as i32));
+                        let values = shifted(d.values(), &runs(shift_days), |v, o| {
+                            v.saturating_add(o as i32)
+                        });
                         Arc::new(Date32Array::new(values.into(), nulls))
                     }
                     DataType::Timestamp(TimeUnit::Microsecond, tz) => {
@@ -443,7 +460,7 @@ impl ScalarUDFImpl for MaskUdf {
                             .as_primitive::<datafusion::arrow::datatypes::TimestampMicrosecondType>(
                             );
                         let values =
-                            shifted(t.values(), &runs, |v, o| v.saturating_add(o * DAY_MICROS));
+                            shifted(t.values(), &runs(shift_micros), |v, o| v.saturating_add(o));
                         Arc::new(
                             TimestampMicrosecondArray::new(values.into(), nulls)
                                 .with_timezone_opt(tz.clone()),
@@ -735,6 +752,43 @@ mod tests {
         assert!(out.is_null(3));
         // A date without a subject cannot be shifted consistently: hidden.
         assert!(out.is_null(4));
+    }
+
+    #[test]
+    fn times_shift_by_days_and_a_part_of_a_day_keeping_intervals() {
+        let key = ProjectKey([7; 32]);
+        let other = ProjectKey([8; 32]);
+        let t0 = 1_600_000_000_123_456_i64;
+        let times: ArrayRef = Arc::new(
+            TimestampMicrosecondArray::from(vec![Some(t0), Some(t0 + 3_600_000_000), Some(t0)])
+                .with_timezone("UTC"),
+        );
+        let subjects: ArrayRef =
+            Arc::new(StringArray::from(vec![Some("P1"), Some("P1"), Some("P2")]));
+        let mask = Mask::DateShift {
+            subject: "s".into(),
+            max_days: 30,
+        };
+        let shifted = |key: &ProjectKey| {
+            let out = run(
+                &mask,
+                Arc::clone(&times),
+                Some(key),
+                Some(Arc::clone(&subjects)),
+            );
+            out.as_primitive::<datafusion::arrow::datatypes::TimestampMicrosecondType>()
+                .values()
+                .to_vec()
+        };
+        let (mine, theirs) = (shifted(&key), shifted(&other));
+        // One offset per subject: intervals are kept, within 30 days and a day.
+        assert_eq!(mine[1] - mine[0], 3_600_000_000);
+        assert!((mine[0] - t0).abs() <= 31 * DAY_MICROS);
+        // The time of day moves too, and differs between subjects and between projects.
+        let time_of_day = |t: i64| t.rem_euclid(DAY_MICROS);
+        assert_ne!(time_of_day(mine[0]), time_of_day(t0));
+        assert_ne!(time_of_day(mine[0]), time_of_day(mine[2]));
+        assert_ne!(time_of_day(mine[0]), time_of_day(theirs[0]));
     }
 
     #[test]
