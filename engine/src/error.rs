@@ -126,7 +126,7 @@ fn off_contract(e: &OffContract, hidden: bool) -> EngineError {
     }
 }
 
-fn classify(e: &DataFusionError) -> EngineError {
+pub(crate) fn classify(e: &DataFusionError) -> EngineError {
     classify_in(e, false)
 }
 

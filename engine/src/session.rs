@@ -11,8 +11,8 @@ use datafusion::catalog::{
     MemorySchemaProvider, SchemaProvider, TableProvider,
 };
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::Column;
 use datafusion::common::ParamValues;
+use datafusion::common::{Column, DFSchema};
 use datafusion::datasource::file_format::json::JsonFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
@@ -27,7 +27,9 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::LogicalPlan;
-use datafusion::logical_expr::{cast, col, lit, Aggregate, Expr, LogicalPlanBuilder};
+use datafusion::logical_expr::{
+    cast, col, lit, Aggregate, Expr, ExprSchemable, LogicalPlanBuilder,
+};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
 use datafusion::sql::parser::Statement as DFStatement;
@@ -907,6 +909,10 @@ pub struct AccessReport {
     pub suppressed: Arc<AtomicU64>,
     /// Whether any aggregation threshold applies.
     pub thresholded: bool,
+    /// Under a threshold, the kind of failure that was answered as an empty result instead
+    /// (set once, if the query failed while it ran); never a value or a message that could
+    /// quote one.
+    pub failure_withheld: Arc<std::sync::OnceLock<String>>,
 }
 
 impl AccessReport {
@@ -1176,6 +1182,12 @@ fn describe_rule(dataset: &str, action: Action, rule: &str, o: &Obligations) -> 
 /// Only datasets under a threshold with this unit supply units: a dataset the caller may read
 /// row by row, joined on some other key, could otherwise lend its own patients to a group.
 fn is_unit(plan: &LogicalPlan, i: usize, unit: &Units) -> bool {
+    is_unit_via(plan, i, unit, true)
+}
+
+/// [`is_unit`], where with `optional` false the column may not come from the optional side of
+/// an outer join (there it is NULL on the rows that found no match).
+fn is_unit_via(plan: &LogicalPlan, i: usize, unit: &Units, optional: bool) -> bool {
     let scanned_unit = |node: &LogicalPlan, i: usize| match node {
         LogicalPlan::TableScan(scan) => {
             governed_dataset(scan).is_some_and(|d| {
@@ -1192,7 +1204,7 @@ fn is_unit(plan: &LogicalPlan, i: usize, unit: &Units) -> bool {
         i,
         Trace {
             casts: false,
-            optional: true,
+            optional,
         },
         &scanned_unit,
     )
@@ -1254,7 +1266,11 @@ fn traces_to(
             let Some(e) = p.expr.get(i).map(|e| e.clone().unalias_nested().data) else {
                 return false;
             };
-            match if trace.casts { uncast(e) } else { e } {
+            match if trace.casts {
+                uncast(e, p.input.schema())
+            } else {
+                e
+            } {
                 Expr::Column(c) => p
                     .input
                     .schema()
@@ -1307,7 +1323,7 @@ fn traces_to(
 /// FROM encounters WHERE <one patient>) x ON ...` puts one patient's `avg(x.total_cost)` in a
 /// group of thousands, exactly as a CASE would.
 fn plain_argument(input: &LogicalPlan, arg: &Expr, optional: bool) -> bool {
-    match uncast(arg.clone().unalias_nested().data) {
+    match uncast(arg.clone().unalias_nested().data, input.schema()) {
         Expr::Literal(..) => true,
         Expr::Column(c) => input
             .schema()
@@ -1317,12 +1333,20 @@ fn plain_argument(input: &LogicalPlan, arg: &Expr, optional: bool) -> bool {
     }
 }
 
-/// `e` without the casts around it.
-fn uncast(mut e: Expr) -> Expr {
+/// `e` without the casts around it that keep every value: those that never fail and never
+/// turn a value into NULL (`CAST(total_cost AS DOUBLE)`). A `TRY_CAST`, or a cast that can
+/// fail, is computed: `count(TRY_CAST(total_cost AS DECIMAL(4,2)))` counts only the costs under
+/// 100, a condition hidden in a conversion, as a CASE would.
+fn uncast(mut e: Expr, schema: &DFSchema) -> Expr {
     loop {
         match e {
-            Expr::Cast(c) => e = *c.expr,
-            Expr::TryCast(c) => e = *c.expr,
+            Expr::Cast(c)
+                if c.expr
+                    .get_type(schema)
+                    .is_ok_and(|from| crate::total::cast_is_total(&from, c.field.data_type())) =>
+            {
+                e = *c.expr
+            }
             other => return other,
         }
     }
@@ -1371,8 +1395,11 @@ fn subqueries_match_units(
                 thresholds,
             };
             let ok = match (x, in_expr) {
+                // Not from the optional side of an outer join: a NULL among the subquery's
+                // values turns every `NOT IN` false, so whether the join found one patient's
+                // match would decide whether any row is counted at all.
                 (Expr::InSubquery(_), Some(Expr::Column(c))) => {
-                    outer_unit(c, &units) && is_unit(&sub.subquery, 0, &units)
+                    outer_unit(c, &units) && is_unit_via(&sub.subquery, 0, &units, false)
                 }
                 (Expr::Exists(_), _) => tied_to_outer_unit(&sub.subquery, &units, &outer_unit),
                 _ => false,
@@ -1380,8 +1407,9 @@ fn subqueries_match_units(
             if !ok {
                 refused = Some(EngineError::PermissionDenied(format!(
                     "a subquery over data under an aggregation threshold must aggregate, or select \
-                     patients by {unit} ({unit} IN (SELECT {unit} ...), or EXISTS tied by \
-                     inner.{unit} = outer.{unit}): its rows are counted by no threshold (rule: {rule})",
+                     patients by {unit} ({unit} IN (SELECT {unit} ...), not from the optional \
+                     side of an outer join, or EXISTS tied by inner.{unit} = outer.{unit}): its \
+                     rows are counted by no threshold (rule: {rule})",
                     unit = t.unit
                 )));
                 return Ok(TreeNodeRecursion::Stop);
@@ -1949,8 +1977,66 @@ impl PlannedQuery {
         let (physical, task) = physical_plan(&self.planning, plan).await?;
         report.columns = touched_columns(&physical);
         let stream = datafusion::physical_plan::execute_stream(physical, task)?;
+        let stream = if report.thresholded {
+            failures_as_suppressed(stream, Arc::clone(&report.failure_withheld))
+        } else {
+            stream
+        };
         Ok((as_announced(stream, self.schema), report))
     }
+}
+
+/// A thresholded query's result, answered as an empty one (every group suppressed) if the
+/// query fails while it runs. A failure is an answer too: an expression that fails on one
+/// hidden row, or an aggregate that overflows, would tell whether a row nobody counts exists.
+/// Planning refuses what it can see could fail (`crate::total`); this catches the rest. The
+/// released groups are gathered before the first leaves (they are few: each holds at least k
+/// patients), so a failure after some were computed answers exactly as one before any was.
+/// Failures of the lake itself (a file unreadable or off the catalog's schema) and of limits
+/// (memory, time) still answer as errors: they do not depend on what the caller's expressions
+/// meet in the rows. The kind of what was withheld goes to the access report for the audit trail.
+fn failures_as_suppressed(
+    stream: SendableRecordBatchStream,
+    withheld: Arc<std::sync::OnceLock<String>>,
+) -> SendableRecordBatchStream {
+    use futures::StreamExt;
+    let schema = stream.schema();
+    let gathered = async move {
+        let mut stream = stream;
+        let mut batches = Vec::new();
+        while let Some(batch) = stream.next().await {
+            match batch {
+                Ok(b) => batches.push(Ok(b)),
+                Err(e) => {
+                    let kind = match crate::error::classify(&e) {
+                        EngineError::Unreadable { .. }
+                        | EngineError::OffContract { .. }
+                        | EngineError::ResourceExhausted(_)
+                        | EngineError::Catalog(_) => {
+                            return vec![Err(e)];
+                        }
+                        EngineError::Rejected(detail) => {
+                            tracing::info!(%detail, "a failure under an aggregation threshold answered as an empty result");
+                            "a function or operator refused one of its inputs"
+                        }
+                        other => {
+                            tracing::info!(error = %other, "a failure under an aggregation threshold answered as an empty result");
+                            "the query failed while it ran"
+                        }
+                    };
+                    let _ = withheld.set(kind.to_string());
+                    return Vec::new();
+                }
+            }
+        }
+        batches
+    };
+    Box::pin(
+        datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+            schema,
+            futures::stream::once(gathered).flat_map(futures::stream::iter),
+        ),
+    )
 }
 
 /// `stream` with the schema that planning announced (GetFlightInfo's), where the executed plan's
@@ -1987,4 +2073,90 @@ fn as_announced(
             }),
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::error::DataFusionError;
+    use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+    use futures::TryStreamExt;
+
+    fn stream_of(
+        items: Vec<datafusion::common::Result<RecordBatch>>,
+    ) -> (SendableRecordBatchStream, RecordBatch) {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from(vec![12, 40]))],
+        )
+        .unwrap();
+        let items: Vec<_> = items
+            .into_iter()
+            .map(|i| i.map(|_| batch.clone()))
+            .collect();
+        (
+            Box::pin(RecordBatchStreamAdapter::new(
+                schema,
+                futures::stream::iter(items),
+            )),
+            batch,
+        )
+    }
+
+    fn ok() -> datafusion::common::Result<RecordBatch> {
+        Ok(RecordBatch::new_empty(Arc::new(Schema::empty())))
+    }
+
+    #[tokio::test]
+    async fn a_failure_under_a_threshold_answers_as_an_empty_result() {
+        // Groups computed before the failure do not leave either: the answer is the same
+        // whether the failing row was met first or last.
+        for failure in [
+            DataFusionError::Execution("Date part 'foo' not supported".into()),
+            DataFusionError::ArrowError(
+                Box::new(datafusion::arrow::error::ArrowError::ComputeError(
+                    "Overflow happened on: 123 + 456".into(),
+                )),
+                None,
+            ),
+        ] {
+            let withheld = Arc::new(std::sync::OnceLock::new());
+            let (s, _) = stream_of(vec![ok(), ok(), Err(failure)]);
+            let out: Vec<RecordBatch> = failures_as_suppressed(s, Arc::clone(&withheld))
+                .try_collect()
+                .await
+                .expect("no error leaves");
+            assert!(out.is_empty());
+            let kind = withheld.get().expect("recorded for the audit trail");
+            assert!(!kind.contains("foo") && !kind.contains("123"), "{kind}");
+        }
+        // A query that does not fail leaves whole.
+        let withheld = Arc::new(std::sync::OnceLock::new());
+        let (s, batch) = stream_of(vec![ok(), ok()]);
+        let out: Vec<RecordBatch> = failures_as_suppressed(s, Arc::clone(&withheld))
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(out, vec![batch.clone(), batch]);
+        assert!(withheld.get().is_none());
+    }
+
+    #[tokio::test]
+    async fn failures_of_the_lake_and_of_limits_still_answer_as_errors() {
+        for failure in [
+            DataFusionError::ResourcesExhausted("memory pool".into()),
+            DataFusionError::IoError(std::io::Error::other("disk")),
+        ] {
+            let withheld = Arc::new(std::sync::OnceLock::new());
+            let (s, _) = stream_of(vec![ok(), Err(failure)]);
+            let out: datafusion::common::Result<Vec<RecordBatch>> =
+                failures_as_suppressed(s, Arc::clone(&withheld))
+                    .try_collect()
+                    .await;
+            assert!(out.is_err());
+            assert!(withheld.get().is_none());
+        }
+    }
 }

@@ -11,6 +11,13 @@
 //! casts that always succeed, floating-point arithmetic and a list of total functions. Anything
 //! else is refused before the query runs, naming what could fail. Above the check (on released
 //! groups) anything goes: `order_released_groups` keeps a merged HAVING above it too.
+//!
+//! A total operation can still fail for its fixed arguments (`date_part('foo', t)`,
+//! `substr(x, -9223372036854775808, 1)`, a `LIKE` pattern too large to compile), and then fails
+//! exactly when a row reaches it. So each expression that passed is also run once, before the
+//! query, on a few made-up rows of its columns' types ([`probe`]): one that fails there is
+//! refused as the others are, whatever the lake holds. What fails anyway while the query runs is
+//! answered as an empty result (`crate::session`), never as an error.
 
 use crate::error::EngineError;
 use crate::governed::ThresholdCheck;
@@ -139,7 +146,7 @@ fn below(plan: &LogicalPlan) -> Option<String> {
             other => other.expressions(),
         };
         for e in &exprs {
-            if let Some(what) = failing(e, &schema) {
+            if let Some(what) = failing(e, &schema).or_else(|| probe(e, &schema)) {
                 found = Some(what);
                 return Ok(TreeNodeRecursion::Stop);
             }
@@ -147,6 +154,185 @@ fn below(plan: &LogicalPlan) -> Option<String> {
         Ok(TreeNodeRecursion::Continue)
     });
     found
+}
+
+/// Rows a probe evaluates an expression on: a NULL and ordinary values of each type.
+const PROBE_ROWS: usize = 5;
+
+/// Runs each operation of `e` once on [`PROBE_ROWS`] made-up rows of the types of the columns
+/// it reads, and describes the first that fails: it fails for its fixed arguments, on whatever
+/// row reaches it. Each is run on its own, since in place it may run on no made-up row at all
+/// (a `CASE` branch whose condition none meets, the right side of an `AND`). Subexpressions
+/// that cannot run on their own (aggregates, subqueries, window functions, placeholders, outer
+/// references, Lakegate's own functions, which carry keys or read subject sets) stand in as
+/// columns of their type; their arguments are operations of `e` too.
+fn probe(e: &Expr, schema: &DFSchema) -> Option<String> {
+    let mut operations = Vec::new();
+    let _ = e.apply(|x| {
+        if !matches!(x, Expr::Column(_) | Expr::Literal(..) | Expr::Alias(_)) && !opaque(x) {
+            operations.push(x.clone());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    operations.into_iter().find_map(|x| {
+        let (runnable, fields) = with_stand_ins(x.clone(), schema)?;
+        run_on_probe_rows(&runnable, fields).err().map(|why| {
+            tracing::debug!(%why, "a probe of an expression under a threshold failed");
+            format!(
+                "the expression {} (it fails for its fixed arguments)",
+                describe(&x)
+            )
+        })
+    })
+}
+
+/// Whether `x` cannot be run on made-up rows by itself.
+fn opaque(x: &Expr) -> bool {
+    match x {
+        Expr::ScalarFunction(f) => f.func.name().starts_with("lg_"),
+        Expr::AggregateFunction(_)
+        | Expr::WindowFunction(_)
+        | Expr::Exists(_)
+        | Expr::InSubquery(_)
+        | Expr::ScalarSubquery(_)
+        | Expr::OuterReferenceColumn(..)
+        | Expr::Placeholder(_)
+        | Expr::GroupingSet(_) => true,
+        _ => false,
+    }
+}
+
+/// `x` with every column and opaque subexpression replaced by a column `probe_N` of its type,
+/// and those columns; `None` where a type is unknown (nothing to probe then).
+fn with_stand_ins(
+    x: Expr,
+    schema: &DFSchema,
+) -> Option<(Expr, Vec<datafusion::arrow::datatypes::Field>)> {
+    use datafusion::common::tree_node::Transformed;
+    let mut fields: Vec<datafusion::arrow::datatypes::Field> = Vec::new();
+    let runnable = x
+        .transform_down(|x| {
+            if !matches!(x, Expr::Column(_)) && !opaque(&x) {
+                return Ok(Transformed::no(x));
+            }
+            let t = x.get_type(schema)?;
+            let name = format!("probe_{}", fields.len());
+            fields.push(datafusion::arrow::datatypes::Field::new(&name, t, true));
+            Ok(Transformed::new(
+                Expr::Column(datafusion::common::Column::from_name(name)),
+                true,
+                TreeNodeRecursion::Jump,
+            ))
+        })
+        .ok()?
+        .data;
+    Some((runnable, fields))
+}
+
+/// What a caller may hear of a refused expression: its function or operator, never more
+/// (its literals are the caller's own, but a description stays short).
+fn describe(e: &Expr) -> String {
+    match e {
+        Expr::ScalarFunction(f) => format!("calling {}", f.func.name()),
+        Expr::BinaryExpr(b) => format!("with the operator {}", b.op),
+        Expr::Like(_) => "with LIKE".to_string(),
+        Expr::AggregateFunction(f) => format!("aggregating with {}", f.func.name()),
+        other => other.variant_name().to_string(),
+    }
+}
+
+fn run_on_probe_rows(
+    e: &Expr,
+    fields: Vec<datafusion::arrow::datatypes::Field>,
+) -> datafusion::common::Result<()> {
+    use datafusion::arrow::array::RecordBatch;
+    use datafusion::arrow::datatypes::Schema;
+    let columns = fields
+        .iter()
+        .map(|f| probe_values(f.data_type()))
+        .collect::<Vec<_>>();
+    let schema = std::sync::Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new_with_options(
+        std::sync::Arc::clone(&schema),
+        columns,
+        &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(PROBE_ROWS)),
+    )?;
+    let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+    let physical = datafusion::physical_expr::create_physical_expr(
+        e,
+        &df_schema,
+        &datafusion::logical_expr::execution_props::ExecutionProps::new(),
+        &datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext::default(),
+    )?;
+    physical.evaluate(&batch)?.into_array(PROBE_ROWS)?;
+    Ok(())
+}
+
+/// A NULL and ordinary values of `t` (all NULL where none can be made): an empty string, a
+/// word, a date and a non-ASCII text; 0, 1, 2, 7; 0.0, 1.5, -2.25, 1000.0; the epoch and
+/// 2020-01-01T12:34:56.789012.
+fn probe_values(t: &DataType) -> datafusion::arrow::array::ArrayRef {
+    use datafusion::arrow::array::{
+        new_null_array, ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, StringArray,
+    };
+    use datafusion::arrow::datatypes::TimeUnit;
+    use std::sync::Arc;
+    const MICROS: i64 = 1_577_882_096_789_012;
+    let base: ArrayRef = match t {
+        _ if is_string(t) || matches!(t, DataType::Dictionary(..)) => {
+            Arc::new(StringArray::from(vec![
+                None,
+                Some(""),
+                Some("word"),
+                Some("2020-01-02"),
+                Some("Zoë-09 ."),
+            ]))
+        }
+        _ if is_float(t) => Arc::new(Float64Array::from(vec![
+            None,
+            Some(0.0),
+            Some(1.5),
+            Some(-2.25),
+            Some(1000.0),
+        ])),
+        DataType::Boolean => Arc::new(BooleanArray::from(vec![
+            None,
+            Some(true),
+            Some(false),
+            Some(true),
+            Some(false),
+        ])),
+        DataType::Date32 => Arc::new(Int32Array::from(vec![
+            None,
+            Some(0),
+            Some(18_262),
+            Some(20_000),
+            Some(7_000),
+        ])),
+        DataType::Timestamp(unit, _) => {
+            let v = match unit {
+                TimeUnit::Second => MICROS / 1_000_000,
+                TimeUnit::Millisecond => MICROS / 1_000,
+                TimeUnit::Microsecond => MICROS,
+                TimeUnit::Nanosecond => MICROS * 1_000,
+            };
+            Arc::new(Int64Array::from(vec![
+                None,
+                Some(0),
+                Some(v),
+                Some(v / 2),
+                Some(v + 7),
+            ]))
+        }
+        _ => Arc::new(Int64Array::from(vec![
+            None,
+            Some(0),
+            Some(1),
+            Some(2),
+            Some(7),
+        ])),
+    };
+    datafusion::arrow::compute::cast(&base, t).unwrap_or_else(|_| new_null_array(t, PROBE_ROWS))
 }
 
 fn is_float(t: &DataType) -> bool {
@@ -157,8 +343,9 @@ fn is_string(t: &DataType) -> bool {
     matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
 }
 
-/// Whether a cast from `from` to `to` succeeds for every value.
-fn cast_is_total(from: &DataType, to: &DataType) -> bool {
+/// Whether a cast from `from` to `to` succeeds for every value (and so never turns one into
+/// NULL either).
+pub(crate) fn cast_is_total(from: &DataType, to: &DataType) -> bool {
     use DataType::*;
     let int_width = |t: &DataType| match t {
         Int8 => Some((8, true)),
@@ -215,7 +402,6 @@ fn failing(e: &Expr, schema: &DFSchema) -> Option<String> {
             | Expr::Case(_)
             | Expr::InList(_)
             | Expr::TryCast(_)
-            | Expr::AggregateFunction(_)
             | Expr::Exists(_)
             | Expr::InSubquery(_)
             | Expr::ScalarSubquery(_) => None,
@@ -234,6 +420,26 @@ fn failing(e: &Expr, schema: &DFSchema) -> Option<String> {
                 Err(_) => Some("a cast".to_string()),
             },
             Expr::ScalarFunction(f) => function(f, e, schema),
+            // A decimal average fails when the average does not fit its type: on some sums.
+            Expr::AggregateFunction(f) => {
+                let decimal = f.params.args.iter().any(|a| {
+                    a.get_type(schema).is_ok_and(|t| {
+                        matches!(
+                            t,
+                            DataType::Decimal32(..)
+                                | DataType::Decimal64(..)
+                                | DataType::Decimal128(..)
+                                | DataType::Decimal256(..)
+                        )
+                    })
+                });
+                (decimal && !matches!(f.func.name(), "count")).then(|| {
+                    format!(
+                        "the aggregate {} of a decimal (it can overflow)",
+                        f.func.name()
+                    )
+                })
+            }
             other => Some(format!("the expression {}", other.variant_name())),
         };
         if bad.is_some() {

@@ -171,8 +171,20 @@ impl AuditedStream {
                 .report
                 .thresholded
                 .then(|| self.report.groups_suppressed());
-            e.outcome = outcome.into();
-            e.reason = reason;
+            match self.report.failure_withheld.get() {
+                // The caller saw an empty result; the trail says why.
+                Some(kind) if outcome == "completed" => {
+                    e.outcome = "suppressed".into();
+                    e.reason = format!(
+                        "the query failed under an aggregation threshold ({kind}) and was answered \
+                         as an empty result (rule: threshold-failures-suppressed)"
+                    );
+                }
+                _ => {
+                    e.outcome = outcome.into();
+                    e.reason = reason;
+                }
+            }
             self.log.record_later(e);
         }
     }

@@ -202,6 +202,35 @@ const ATTACKS: &[(&str, &str, Expect)] = &[
     ("bob", "SELECT code, count(*) FROM clinical.conditions GROUP BY code HAVING 1 / (count(DISTINCT patient_id) - 1) > 0", Answer(any_answer)),
     ("bob", "SELECT date_trunc('month', start_time) AS m, count(*) FROM clinical.encounters WHERE date_part('year', start_time) > 2000 GROUP BY 1", Answer(any_answer)),
     ("bob", "SELECT site_id, count(*) FROM clinical.encounters WHERE total_cost / 2 > 100 AND substr(reason_code, 1, 1) = 'I' GROUP BY site_id", Answer(any_answer)),
+    // A total function can still fail for its fixed arguments, and then fails exactly when a
+    // row reaches it: a yes/no per query about rows nobody counts (a 37-query bisection found
+    // the one patient with D81.0). Each expression under a threshold is run on made-up rows
+    // before the query, and refused if it fails there.
+    ("bob", "SELECT site_id, count(*) FROM clinical.encounters GROUP BY site_id, date_part('foo', start_time)", Refused("PermissionDenied", "fails for its fixed arguments")),
+    ("bob", "SELECT date_trunc('foo', start_time) AS d, count(*) FROM clinical.encounters GROUP BY 1", Refused("PermissionDenied", "fails for its fixed arguments")),
+    ("bob", "SELECT site_id, count(*) FROM clinical.encounters WHERE CASE WHEN reason_code = 'D81.0' THEN date_part('foo', start_time) > 0 ELSE true END GROUP BY site_id", Refused("PermissionDenied", "fails for its fixed arguments")),
+    ("bob", "SELECT site_id, count(*) FROM clinical.encounters WHERE substr(reason_code, -9223372036854775808, 1) = 'x' GROUP BY site_id", Refused("PermissionDenied", "fails for its fixed arguments")),
+    ("bob", "SELECT site_id, count(*) FROM clinical.encounters WHERE reason_code LIKE repeat('%_', 30000) GROUP BY site_id", Refused("PermissionDenied", "fails for its fixed arguments")),
+    ("bob", "SELECT site_id, count(*) FROM clinical.patients p WHERE EXISTS (SELECT 1 FROM clinical.conditions c WHERE c.patient_id = p.patient_id AND date_part('foo', c.onset_date) > 0) GROUP BY site_id", Refused("PermissionDenied", "fails for its fixed arguments")),
+    // An average of decimals fails when the average does not fit: on some sums.
+    ("bob", "SELECT site_id, avg(TRY_CAST(total_cost AS DECIMAL(38,36))) FROM clinical.encounters GROUP BY site_id", Refused("PermissionDenied", "")),
+    ("bob", "SELECT encounter_class, count(*) FROM clinical.encounters WHERE date_part('dow', start_time) = 1 AND substr(reason_code, 2, 2) <> 'xx' GROUP BY encounter_class", Answer(any_answer)),
+    // TRY_CAST is a CASE in disguise: it keeps the values that fit. In an aggregate's argument
+    // it counts as computed, as does any cast that can fail or turn a value into NULL.
+    ("bob", "SELECT site_id, count(TRY_CAST(total_cost AS DECIMAL(4,2))) FROM clinical.encounters GROUP BY site_id", Refused("PermissionDenied", "must take columns")),
+    ("bob", "SELECT site_id, avg(TRY_CAST(total_cost AS DECIMAL(4,2))) FROM clinical.encounters GROUP BY site_id", Refused("PermissionDenied", "must take columns")),
+    ("bob", "SELECT site_id, sum(TRY_CAST(total_cost AS TINYINT)) FROM clinical.encounters GROUP BY site_id", Refused("PermissionDenied", "must take columns")),
+    ("bob", "SELECT site_id, sum(x) FROM (SELECT site_id, patient_id, TRY_CAST(total_cost AS SMALLINT) AS x FROM clinical.encounters) t GROUP BY site_id", Refused("PermissionDenied", "must take columns")),
+    ("bob", "SELECT site_id, count(TRY_CAST(reason_code AS INT)) FROM clinical.encounters GROUP BY site_id", Refused("PermissionDenied", "must take columns")),
+    ("bob", "SELECT site_id, sum(CAST(readmitted_30d AS INT)), avg(CAST(total_cost AS DOUBLE)) FROM clinical.encounters GROUP BY site_id", Answer(any_answer)),
+    // NOT IN over a subquery that holds a NULL is false for every row: a unit from the optional
+    // side of an outer join is NULL exactly when the join found no match, so whether one
+    // patient has a code would decide whether any row is counted at all.
+    ("bob", "SELECT count(*) FROM clinical.patients p WHERE p.patient_id NOT IN (SELECT c.patient_id FROM clinical.patients p2 LEFT JOIN clinical.conditions c ON p2.patient_id = c.patient_id AND c.code = 'E78.5' WHERE p2.zip = '02139')", Refused("PermissionDenied", "not from the optional side of an outer join")),
+    ("bob", "SELECT count(*) FROM clinical.patients p WHERE p.patient_id IN (SELECT c.patient_id FROM clinical.conditions c RIGHT JOIN clinical.patients p2 ON p2.patient_id = c.patient_id AND c.code = 'E78.5' WHERE p2.zip = '02139')", Refused("PermissionDenied", "not from the optional side of an outer join")),
+    ("bob", "SELECT count(*) FROM clinical.patients p WHERE p.patient_id NOT IN (SELECT x.patient_id FROM clinical.patients p2 FULL JOIN (SELECT patient_id FROM clinical.conditions WHERE code = 'E78.5') x ON p2.patient_id = x.patient_id)", Refused("PermissionDenied", "not from the optional side of an outer join")),
+    ("bob", "SELECT site_id, count(*) FROM clinical.patients WHERE patient_id NOT IN (SELECT p2.patient_id FROM clinical.patients p2 LEFT JOIN clinical.conditions c ON p2.patient_id = c.patient_id WHERE c.code = 'E78.5') GROUP BY site_id", Answer(any_answer)),
+    ("bob", "SELECT site_id, count(*) FROM clinical.patients WHERE patient_id NOT IN (SELECT patient_id FROM clinical.conditions WHERE code = 'E78.5') GROUP BY site_id", Answer(any_answer)),
     // Subqueries answer from rows no threshold counts unless they aggregate or only pick
     // patients for the outer rows (IN on the unit, EXISTS tied by the unit).
     ("bob", "SELECT site_id, count(*) FROM clinical.patients WHERE EXISTS (SELECT 1 FROM clinical.encounters WHERE total_cost > 49998) GROUP BY site_id", Refused("PermissionDenied", "subquery over data under an aggregation threshold")),
@@ -470,4 +499,56 @@ async fn units_come_only_from_datasets_under_the_threshold() {
     .unwrap();
     // Whatever birth dates are released here are exactly those held by 11+ patients.
     assert_eq!(rows(&b), rows(&per_date), "{q}");
+}
+
+/// Each pseudonym's times of day, in microseconds after midnight, sorted: what a whole-day date
+/// shift left unchanged.
+fn times_of_day(batches: &[RecordBatch]) -> std::collections::HashMap<String, Vec<i64>> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::TimestampMicrosecondType;
+    const DAY: i64 = 86_400_000_000;
+    let ids = column_text(batches, 0);
+    let mut out: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    let times = batches.iter().flat_map(|b| {
+        b.column(1)
+            .as_primitive::<TimestampMicrosecondType>()
+            .iter()
+    });
+    for (id, t) in ids.into_iter().zip(times) {
+        if let Some(t) = t {
+            out.entry(id).or_default().push(t.rem_euclid(DAY));
+        }
+    }
+    for v in out.values_mut() {
+        v.sort_unstable();
+    }
+    out
+}
+
+/// Date shifts move a patient's times by an offset with a part of a day in it. With whole days,
+/// every time of day survived to the microsecond: joining alice's and dave's times of day linked
+/// all their pseudonyms one to one across projects, and carol's identified rows named hundreds
+/// of alice's patients.
+#[tokio::test]
+async fn shifted_times_do_not_link_pseudonyms_across_projects() {
+    let server = TestServer::start().await;
+    let q = "SELECT patient_id, start_time FROM clinical.encounters";
+    let mut seen = Vec::new();
+    for persona in ["alice", "dave", "carol"] {
+        let mut client = login(&server, persona).await;
+        let b = sql(&mut client, q).await.unwrap();
+        seen.push(times_of_day(&b));
+    }
+    let (alice, dave, carol) = (&seen[0], &seen[1], &seen[2]);
+    assert!(alice.len() > 50 && dave.len() > 50 && carol.len() > 50);
+    for (name, other) in [("dave", dave), ("carol", carol)] {
+        let theirs: std::collections::HashSet<&Vec<i64>> = other.values().collect();
+        let linked = alice.values().filter(|t| theirs.contains(t)).count();
+        assert_eq!(
+            linked,
+            0,
+            "{linked} of alice's {} pseudonyms link to {name}'s by their times of day",
+            alice.len()
+        );
+    }
 }
