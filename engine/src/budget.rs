@@ -138,7 +138,7 @@ mod tests {
             512 << 10,
             "nothing leaked into the shared pool"
         );
-        // A second session of the same principal shares the budget.
+        // Another session of the same principal shares the budget.
         let pool2: Arc<dyn MemoryPool> = Arc::new(BudgetedPool {
             budget: budget.clone(),
             shared: Arc::clone(&shared),

@@ -160,7 +160,7 @@ async fn each_limit_answers_resource_exhausted_and_leaves_others_unaffected() {
     let hungry = "SELECT count(DISTINCT a.observation_id || b.observation_id) \
                   FROM clinical.observations a \
                   JOIN clinical.observations b ON a.description = b.description";
-    // Twice: the second session reuses the state built for dave's budget, which must hold.
+    // Twice: the next session reuses the state built for dave's budget, which must hold.
     for _ in 0..2 {
         let err = sql(&mut dave, hungry).await.unwrap_err();
         assert_eq!(code_of(&err), "ResourceExhausted", "{err}");
