@@ -14,8 +14,8 @@
 //!
 //! A total operation can still fail for its fixed arguments (`date_part('foo', t)`,
 //! `substr(x, -9223372036854775808, 1)`, a `LIKE` pattern too large to compile), and then fails
-//! exactly when a row reaches it. So each expression that passed is also run once, before the
-//! query, on a few made-up rows of its columns' types ([`probe`]): one that fails there is
+//! exactly when a row reaches it. So each operation that passed is also run once, before the
+//! query, on a few made-up rows of its operands' types ([`probe`]): one that fails there is
 //! refused as the others are, whatever the lake holds. What fails anyway while the query runs is
 //! answered as an empty result (`crate::session`), never as an error.
 
@@ -159,31 +159,36 @@ fn below(plan: &LogicalPlan) -> Option<String> {
 /// Rows a probe evaluates an expression on: a NULL and ordinary values of each type.
 const PROBE_ROWS: usize = 5;
 
-/// Runs each operation of `e` once on [`PROBE_ROWS`] made-up rows of the types of the columns
-/// it reads, and describes the first that fails: it fails for its fixed arguments, on whatever
-/// row reaches it. Each is run on its own, since in place it may run on no made-up row at all
-/// (a `CASE` branch whose condition none meets, the right side of an `AND`). Subexpressions
-/// that cannot run on their own (aggregates, subqueries, window functions, placeholders, outer
-/// references, Lakegate's own functions, which carry keys or read subject sets) stand in as
-/// columns of their type; their arguments are operations of `e` too.
+/// Runs each operation of `e` once on [`PROBE_ROWS`] made-up rows, and describes the first that
+/// fails: it fails for its fixed arguments, on whatever row reaches it. Each operation runs on
+/// its own, its literal operands as written and every other operand standing in as a column of
+/// its type, since in place it may meet no made-up row at all (a `CASE` branch whose condition
+/// none meets, the right side of an `AND`); so the probes grow with the expression's size, not
+/// its square. Operations that cannot run on their own (aggregates, subqueries, window
+/// functions, placeholders, outer references, Lakegate's own functions, which carry keys or
+/// read subject sets) are not run; their operands are operations of `e` too.
 fn probe(e: &Expr, schema: &DFSchema) -> Option<String> {
-    let mut operations = Vec::new();
+    let mut failed = None;
     let _ = e.apply(|x| {
-        if !matches!(x, Expr::Column(_) | Expr::Literal(..) | Expr::Alias(_)) && !opaque(x) {
-            operations.push(x.clone());
+        if matches!(x, Expr::Column(_) | Expr::Literal(..) | Expr::Alias(_)) || opaque(x) {
+            return Ok(TreeNodeRecursion::Continue);
         }
-        Ok(TreeNodeRecursion::Continue)
+        let Some((runnable, fields)) = with_stand_ins(x, schema) else {
+            return Ok(TreeNodeRecursion::Continue);
+        };
+        match run_on_probe_rows(&runnable, fields) {
+            Ok(()) => Ok(TreeNodeRecursion::Continue),
+            Err(why) => {
+                tracing::debug!(%why, "a probe of an expression under a threshold failed");
+                failed = Some(format!(
+                    "the expression {} (it fails for its fixed arguments)",
+                    describe(x)
+                ));
+                Ok(TreeNodeRecursion::Stop)
+            }
+        }
     });
-    operations.into_iter().find_map(|x| {
-        let (runnable, fields) = with_stand_ins(x.clone(), schema)?;
-        run_on_probe_rows(&runnable, fields).err().map(|why| {
-            tracing::debug!(%why, "a probe of an expression under a threshold failed");
-            format!(
-                "the expression {} (it fails for its fixed arguments)",
-                describe(&x)
-            )
-        })
-    })
+    failed
 }
 
 /// Whether `x` cannot be run on made-up rows by itself.
@@ -202,27 +207,26 @@ fn opaque(x: &Expr) -> bool {
     }
 }
 
-/// `x` with every column and opaque subexpression replaced by a column `probe_N` of its type,
-/// and those columns; `None` where a type is unknown (nothing to probe then).
+/// `x` with each operand that is not a literal replaced by a column `probe_N` of its type, and
+/// those columns; `None` where a type is unknown (nothing to probe then).
 fn with_stand_ins(
-    x: Expr,
+    x: &Expr,
     schema: &DFSchema,
 ) -> Option<(Expr, Vec<datafusion::arrow::datatypes::Field>)> {
     use datafusion::common::tree_node::Transformed;
     let mut fields: Vec<datafusion::arrow::datatypes::Field> = Vec::new();
     let runnable = x
-        .transform_down(|x| {
-            if !matches!(x, Expr::Column(_)) && !opaque(&x) {
-                return Ok(Transformed::no(x));
+        .clone()
+        .map_children(|c| {
+            if matches!(c, Expr::Literal(..)) {
+                return Ok(Transformed::no(c));
             }
-            let t = x.get_type(schema)?;
+            let t = c.get_type(schema)?;
             let name = format!("probe_{}", fields.len());
             fields.push(datafusion::arrow::datatypes::Field::new(&name, t, true));
-            Ok(Transformed::new(
-                Expr::Column(datafusion::common::Column::from_name(name)),
-                true,
-                TreeNodeRecursion::Jump,
-            ))
+            Ok(Transformed::yes(Expr::Column(
+                datafusion::common::Column::from_name(name),
+            )))
         })
         .ok()?
         .data;
