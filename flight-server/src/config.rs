@@ -98,6 +98,9 @@ pub struct ServeArgs {
     /// RPCs per second one principal may make, sustained [default: 100].
     #[arg(long, env = "LAKEGATE_REQUESTS_PER_SECOND")]
     pub requests_per_second: Option<u32>,
+    /// Handshakes one client address may start per minute, sustained [default: 120].
+    #[arg(long, env = "LAKEGATE_HANDSHAKES_PER_MINUTE")]
+    pub handshakes_per_minute: Option<u32>,
 }
 
 /// The `[jwt]` table of the config file: what the flags do not cover.
@@ -288,6 +291,7 @@ impl ServeArgs {
         limits.memory_mb = self.principal_memory_mb.or(limits.memory_mb);
         limits.query_timeout_secs = self.query_timeout_secs.or(limits.query_timeout_secs);
         limits.requests_per_second = self.requests_per_second.or(limits.requests_per_second);
+        limits.handshakes_per_minute = self.handshakes_per_minute.or(limits.handshakes_per_minute);
         limits.validate().map_err(ConfigError::Invalid)?;
         let defaults = EngineConfig::default();
         let lifetimes = Lifetimes::default();

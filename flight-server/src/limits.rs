@@ -1,13 +1,15 @@
 //! Per-principal limits: concurrent queries, memory budget, query timeout, SQL size, request
-//! rate. Exceeding one answers ResourceExhausted naming the limit; other callers are unaffected
-//! because every counter belongs to one principal.
+//! rate; and per client address, the Handshake rate. Exceeding one answers ResourceExhausted
+//! naming the limit; other callers are unaffected because every counter belongs to one
+//! principal or one address.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use lakegate_engine::MemoryBudget;
 use lakegate_policies::Principal;
 use serde::Deserialize;
@@ -92,6 +94,11 @@ pub struct LimitSettings {
     pub max_sql_bytes: Option<usize>,
     pub requests_per_second: Option<u32>,
     pub burst: Option<u32>,
+    /// Handshakes (password checks) one client address may start per minute, sustained.
+    /// Per address, not per principal: the caller is not known before it authenticates.
+    pub handshakes_per_minute: Option<u32>,
+    /// Handshakes one client address may start at once before the rate applies.
+    pub handshake_burst: Option<u32>,
     #[serde(default)]
     pub roles: BTreeMap<String, LimitsPatch>,
     #[serde(default)]
@@ -125,6 +132,14 @@ impl LimitSettings {
                     .iter()
                     .map(|(k, v)| (format!("[limits.users.{k}]"), v)),
             );
+        for (field, v) in [
+            ("handshakes_per_minute", self.handshakes_per_minute),
+            ("handshake_burst", self.handshake_burst),
+        ] {
+            if v == Some(0) {
+                return Err(format!("[limits] {field} must be at least 1"));
+            }
+        }
         for (table, p) in all {
             let zero = [
                 (
@@ -186,13 +201,20 @@ impl Counters {
     }
 }
 
-/// Most principals tracked at once; idle ones are forgotten beyond it.
+/// Most principals (and client addresses) tracked at once; idle ones are forgotten beyond it.
 const MAX_TRACKED: usize = 10_000;
+
+/// Handshakes per minute one client address may start by default: a person or a pool of
+/// connections logs in a few times a minute; a password-guessing loop wants thousands.
+pub const DEFAULT_HANDSHAKES_PER_MINUTE: u32 = 120;
+pub const DEFAULT_HANDSHAKE_BURST: u32 = 60;
 
 /// The limits of every principal and their live counters.
 pub struct Limiter {
     settings: LimitSettings,
     counters: Mutex<HashMap<String, Arc<Counters>>>,
+    handshakes: DefaultKeyedRateLimiter<IpAddr>,
+    handshakes_per_minute: u32,
 }
 
 /// What a running query holds: its concurrency slot, its memory budget and its deadline.
@@ -204,10 +226,45 @@ pub struct QueryGrant {
 
 impl Limiter {
     pub fn new(settings: LimitSettings) -> Self {
+        let per_minute = settings
+            .handshakes_per_minute
+            .unwrap_or(DEFAULT_HANDSHAKES_PER_MINUTE);
+        let burst = settings.handshake_burst.unwrap_or(DEFAULT_HANDSHAKE_BURST);
+        let quota = Quota::per_minute(NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
         Self {
             settings,
             counters: Mutex::new(HashMap::new()),
+            handshakes: RateLimiter::keyed(quota),
+            handshakes_per_minute: per_minute,
         }
+    }
+
+    /// Count one Handshake against its client address's rate, before any password is checked:
+    /// a guessing loop is slowed per address instead of queueing everyone behind the Argon2
+    /// slots. A connection without a peer address (in-process transports) is not limited.
+    pub fn admit_handshake(&self, client: Option<IpAddr>) -> Result<(), Status> {
+        let Some(ip) = client else { return Ok(()) };
+        // One IPv6 host holds a whole /64: count the prefix, not each address in it.
+        let ip = match ip {
+            IpAddr::V6(v6) => {
+                let mut seg = v6.segments();
+                seg[4..].fill(0);
+                IpAddr::V6(seg.into())
+            }
+            v4 => v4,
+        };
+        if self.handshakes.len() >= MAX_TRACKED {
+            // Addresses whose bucket has refilled hold no information: forget them.
+            self.handshakes.retain_recent();
+            self.handshakes.shrink_to_fit();
+        }
+        self.handshakes.check_key(&ip).map_err(|_| {
+            Status::resource_exhausted(format!(
+                "too many handshakes from this address: {} per minute; retry later (limit: handshakes_per_minute)",
+                self.handshakes_per_minute
+            ))
+        })
     }
 
     fn counters(&self, principal: &Principal) -> Arc<Counters> {
@@ -332,5 +389,37 @@ mod tests {
         let err = limiter.admit_request(&alice).unwrap_err();
         assert!(err.message().contains("requests_per_second"));
         assert!(limiter.admit_request(&bob).is_ok());
+    }
+
+    #[test]
+    fn handshakes_are_limited_per_client_address() {
+        let s: LimitSettings =
+            toml::from_str("handshakes_per_minute = 1\nhandshake_burst = 2\n").unwrap();
+        s.validate().unwrap();
+        let limiter = Limiter::new(s);
+        let guesser: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        assert!(limiter.admit_handshake(Some(guesser)).is_ok());
+        assert!(limiter.admit_handshake(Some(guesser)).is_ok());
+        let err = limiter.admit_handshake(Some(guesser)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(err.message().contains("handshakes_per_minute"));
+        assert!(
+            limiter.admit_handshake(Some(other)).is_ok(),
+            "another address is unaffected"
+        );
+        assert!(limiter.admit_handshake(None).is_ok());
+        let v6 = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        limiter.admit_handshake(v6("2001:db8::1")).unwrap();
+        limiter.admit_handshake(v6("2001:db8::2")).unwrap();
+        assert!(
+            limiter.admit_handshake(v6("2001:db8::3")).is_err(),
+            "one /64 is one client"
+        );
+        let zero: LimitSettings = toml::from_str("handshake_burst = 0\n").unwrap();
+        assert_eq!(
+            zero.validate().unwrap_err(),
+            "[limits] handshake_burst must be at least 1"
+        );
     }
 }

@@ -770,6 +770,12 @@ impl FlightSqlService for LakegateService {
             self.audit.record_later(event);
             status
         };
+        if let Err(status) = self
+            .limiter
+            .admit_handshake(request.remote_addr().map(|a| a.ip()))
+        {
+            return Err(refuse(status, event, String::new()));
+        }
         let certified = match self.certificate_principal(&request) {
             Ok(c) => c,
             Err(status) => return Err(refuse(status, event, String::new())),

@@ -172,6 +172,77 @@ async fn each_limit_answers_resource_exhausted_and_leaves_others_unaffected() {
     );
 }
 
+/// A password-guessing loop from one address is slowed before any password is checked, and the
+/// trail says so; sessions already open carry on.
+#[tokio::test]
+async fn handshakes_are_rate_limited_per_client_address_and_audited() {
+    let server = TestServer::start_with(ServerOptions {
+        limits: Some(LimitSettings {
+            handshakes_per_minute: Some(1),
+            handshake_burst: Some(3),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let mut erin = login(&server, "erin").await;
+    let guess = || async {
+        let channel = Channel::from_shared(server.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        FlightSqlServiceClient::new(channel)
+            .handshake("alice", "guess")
+            .await
+            .unwrap_err()
+    };
+    // The client reports a failed handshake as text with the status's code and message.
+    for _ in 0..2 {
+        let err = guess().await.to_string();
+        assert!(err.contains("invalid user name or password"), "{err}");
+    }
+    let err = guess().await.to_string();
+    assert!(err.contains("handshakes_per_minute"), "{err}");
+    // The right password is slowed too: the limit counts attempts, not failures.
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let err = FlightSqlServiceClient::new(channel)
+        .handshake("alice", "demo-alice")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("handshakes_per_minute"), "{err}");
+
+    assert!(
+        sql(&mut erin, COUNT_AUDIT).await.is_ok(),
+        "open sessions carry on"
+    );
+    let mut limited = 0;
+    for _ in 0..50 {
+        server.audit.checkpoint().await.unwrap();
+        limited = first_i64(
+            &sql(
+                &mut erin,
+                "SELECT count(*) FROM audit.events WHERE kind = 'auth' AND outcome = 'limited' \
+                 AND reason LIKE '%handshakes_per_minute%' AND client LIKE '127.0.0.1:%'",
+            )
+            .await
+            .unwrap(),
+        );
+        if limited == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(limited, 2, "each limited handshake is in the trail");
+}
+
+const COUNT_AUDIT: &str = "SELECT count(*) FROM audit.events";
+
 /// Many clients at once mixing valid, invalid and malicious requests, bounded in count and
 /// time: the valid ones all succeed with the right answer, memory stays flat, and the server
 /// still answers afterwards.
@@ -183,6 +254,8 @@ async fn soak_mixed_traffic() {
             requests_per_second: Some(100_000),
             burst: Some(100_000),
             max_concurrent_queries: Some(64),
+            handshakes_per_minute: Some(100_000),
+            handshake_burst: Some(100_000),
             ..Default::default()
         }),
         ..Default::default()
