@@ -11,8 +11,8 @@ mod model;
 
 pub use lake::{CatalogStamp, Lake};
 pub use model::{
-    audit_dataset, Catalog, ColumnDef, ColumnType, Dataset, DatasetName, FileFormat, AUDIT_DATASET,
-    AUDIT_EVENTS_PREFIX, AUDIT_RETENTION_DAYS, LABELS,
+    audit_dataset, Catalog, ColumnDef, ColumnType, Dataset, DatasetName, FileFormat, NdjsonCheck,
+    AUDIT_DATASET, AUDIT_EVENTS_PREFIX, AUDIT_RETENTION_DAYS, LABELS,
 };
 
 /// Everything that can go wrong reading or checking a catalog.

@@ -220,6 +220,13 @@ impl Dataset {
         compare_schema(&self.name, expected, actual)
     }
 
+    /// Check one newline-delimited JSON file against the contract (see [`NdjsonCheck`]).
+    pub fn check_ndjson_file(&self, expected: &SchemaRef, bytes: &[u8]) -> Result<()> {
+        let mut check = NdjsonCheck::new(self, expected)?;
+        check.lines(bytes)?;
+        check.finish()
+    }
+
     pub fn column(&self, name: &str) -> Option<&ColumnDef> {
         self.columns.iter().find(|c| c.name == name)
     }
@@ -441,6 +448,115 @@ impl MetadataFetch for StoreFetch<'_> {
     }
 }
 
+/// One newline-delimited JSON file checked against its dataset's contract, as a Parquet
+/// file's schema is: every line an object whose keys are catalog columns; every column present
+/// in the file (a column no line names is a renamed or dropped one, not a column of NULLs);
+/// every value readable as its column's type; no required column null. JSON carries no schema
+/// of its own, so the rows are read, a run of whole lines at a time. Reasons name lines and
+/// columns, never a value.
+pub struct NdjsonCheck {
+    dataset: String,
+    expected: SchemaRef,
+    decoder: arrow::json::reader::Decoder,
+    seen: BTreeSet<String>,
+    line: usize,
+    rows: usize,
+}
+
+impl NdjsonCheck {
+    pub fn new(dataset: &Dataset, expected: &SchemaRef) -> Result<Self> {
+        Ok(Self {
+            dataset: dataset.name.clone(),
+            expected: Arc::clone(expected),
+            decoder: arrow::json::ReaderBuilder::new(Arc::clone(expected))
+                .with_strict_mode(true)
+                .build_decoder()
+                .map_err(|e| CatalogError::SchemaMismatch {
+                    dataset: dataset.name.clone(),
+                    reason: e.to_string(),
+                })?,
+            seen: BTreeSet::new(),
+            line: 0,
+            rows: 0,
+        })
+    }
+
+    fn mismatch(&self, reason: String) -> CatalogError {
+        CatalogError::SchemaMismatch {
+            dataset: self.dataset.clone(),
+            reason,
+        }
+    }
+
+    /// Check the next whole lines of the file (`text` ends at a line's end or the file's).
+    pub fn lines(&mut self, text: &[u8]) -> Result<()> {
+        for line in text.split(|b| *b == b'\n') {
+            self.line += 1;
+            let line = line.trim_ascii();
+            if line.is_empty() {
+                continue;
+            }
+            self.rows += 1;
+            let keys: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
+                serde_json::from_slice(line).map_err(|_| {
+                    self.mismatch(format!("line {} is not a JSON object", self.line))
+                })?;
+            for key in keys.into_keys() {
+                if !self.seen.contains(&key) {
+                    if self.expected.field_with_name(&key).is_err() {
+                        return Err(self.mismatch(format!(
+                            "line {}: '{key}' is not in the catalog",
+                            self.line
+                        )));
+                    }
+                    self.seen.insert(key);
+                }
+            }
+        }
+        // `split` counts the piece after the last newline as a line of its own.
+        if text.ends_with(b"\n") {
+            self.line -= 1;
+        }
+        let mut rest = text;
+        while !rest.is_empty() {
+            let read = self
+                .decoder
+                .decode(rest)
+                .map_err(|e| self.decode_failed(e))?;
+            rest = &rest[read..];
+            self.decoder.flush().map_err(|e| self.decode_failed(e))?;
+        }
+        Ok(())
+    }
+
+    /// Types and required values, decoded as the scan will decode them. Arrow's messages can
+    /// quote a value: only the kind of failure is kept.
+    fn decode_failed(&self, e: arrow::error::ArrowError) -> CatalogError {
+        let kind = if e.to_string().contains("non-nullable") {
+            "a required column is null or missing on some line"
+        } else {
+            "a value is not of its column's type"
+        };
+        self.mismatch(kind.to_string())
+    }
+
+    /// The file has ended: every column must have appeared.
+    pub fn finish(mut self) -> Result<()> {
+        self.decoder.flush().map_err(|e| self.decode_failed(e))?;
+        let missing: Vec<String> = self
+            .expected
+            .fields()
+            .iter()
+            .filter(|f| !self.seen.contains(f.name()))
+            .map(|f| format!("'{}'", f.name()))
+            .collect();
+        if self.rows > 0 && !missing.is_empty() {
+            return Err(self.mismatch(format!("missing from the file: {}", missing.join(", "))));
+        }
+        Ok(())
+    }
+}
+
 fn compare_schema(dataset: &str, expected: &Schema, actual: &Schema) -> Result<()> {
     let mismatch = |reason: String| CatalogError::SchemaMismatch {
         dataset: dataset.to_string(),
@@ -515,6 +631,49 @@ mod tests {
                 format: FileFormat::Parquet,
                 retention_days: None,
             }],
+        }
+    }
+
+    #[test]
+    fn ndjson_files_are_held_to_the_contract_line_by_line() {
+        let mut d = sample().datasets.remove(0);
+        d.format = FileFormat::Ndjson;
+        d.columns.push(ColumnDef {
+            name: "n".into(),
+            data_type: ColumnType::Int64,
+            nullable: true,
+            label: "public".into(),
+        });
+        let schema = d.schema();
+        let check = |text: &str| {
+            d.check_ndjson_file(&schema, text.as_bytes())
+                .map_err(|e| e.to_string())
+        };
+        check("{\"id\":\"a\",\"n\":1}\n{\"id\":\"b\",\"n\":null}\n\n{\"id\":\"c\"}\n").unwrap();
+        check("").unwrap();
+        let refused = [
+            (
+                "{\"id\":\"a\",\"n\":1}\n[1,2]\n",
+                "line 2 is not a JSON object",
+            ),
+            (
+                "{\"id\":\"a\",\"n\":1,\"ssn\":\"x\"}\n",
+                "line 1: 'ssn' is not in the catalog",
+            ),
+            (
+                "{\"id\":\"a\"}\n{\"id\":\"b\"}\n",
+                "missing from the file: 'n'",
+            ),
+            (
+                "{\"id\":\"a\",\"n\":\"secret-7\"}\n",
+                "not of its column's type",
+            ),
+            ("{\"id\":null,\"n\":1}\n", "a required column is null"),
+        ];
+        for (text, reason) in refused {
+            let err = check(text).unwrap_err();
+            assert!(err.contains(reason), "{text}: {err}");
+            assert!(!err.contains("secret-7"), "{err}");
         }
     }
 

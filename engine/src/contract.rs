@@ -1,13 +1,14 @@
-//! Every Parquet file a scan reads keeps its dataset's contract, including files that arrive
-//! while the server runs.
+//! Every file a scan reads (Parquet or newline-delimited JSON) keeps its dataset's contract,
+//! including files that arrive while the server runs.
 //!
 //! The catalog is verified against the lake's files at start and at each catalog reload. A
 //! file written later (a pipeline's new part) is listed by the next query a second later, and
 //! DataFusion would read it through the catalog's schema: a column it lacks reads as NULL, one
 //! it adds is never seen, a type it changes is cast where it can be. Clinical data read as
-//! silent NULLs is wrong data, so [`ContractFormat`] checks each file version's schema (from
-//! its footer, which the listing's statistics read has just cached) before a scan may read it,
-//! and refuses the query if it does not match.
+//! silent NULLs is wrong data, so [`ContractFormat`] checks each file version before a scan
+//! may read it, and refuses the query if it does not match: a Parquet file's schema (from its
+//! footer, which the listing's statistics read has just cached), an NDJSON file's lines (JSON
+//! has no schema to read; see `NdjsonCheck`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,9 +25,10 @@ use datafusion::datasource::table_schema::TableSchema;
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::physical_expr::LexRequirement;
 use datafusion::physical_plan::ExecutionPlan;
-use lakegate_catalogs::{CatalogError, Dataset};
+use futures::StreamExt;
+use lakegate_catalogs::{CatalogError, Dataset, FileFormat as Stored, NdjsonCheck};
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStore};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 use parquet::arrow::parquet_to_arrow_schema;
 
 /// Most paths remembered as checked; past it the memory starts again (each file is then
@@ -55,7 +57,7 @@ pub(crate) struct OffContract {
     pub reason: String,
 }
 
-/// Parquet, reading only files whose schema is the catalog's for `dataset`.
+/// A file format reading only files that keep the catalog's contract for `dataset`.
 #[derive(Debug)]
 pub(crate) struct ContractFormat {
     inner: Arc<dyn FileFormat>,
@@ -103,28 +105,54 @@ impl ContractFormat {
         if self.is_checked(meta) {
             return Ok(());
         }
-        // The footer is in the runtime's metadata cache when the listing collected the file's
-        // statistics (it always does here), so this reads nothing new.
-        let metadata = DFParquetMetadata::new(store, meta)
-            .with_file_metadata_cache(Some(
-                state.runtime_env().cache_manager.get_file_metadata_cache(),
-            ))
-            .fetch_metadata()
-            .await?;
-        let fm = metadata.file_metadata();
-        let actual = parquet_to_arrow_schema(fm.schema_descr(), fm.key_value_metadata())?;
-        self.dataset
-            .check_file_schema(&self.expected, &actual)
-            .map_err(|e| {
-                DataFusionError::External(Box::new(OffContract {
-                    dataset: self.dataset.name.clone(),
-                    path: meta.location.to_string(),
-                    reason: match e {
-                        CatalogError::SchemaMismatch { reason, .. } => reason,
-                        other => other.to_string(),
-                    },
-                }))
-            })?;
+        let off_contract = |e: CatalogError| {
+            DataFusionError::External(Box::new(OffContract {
+                dataset: self.dataset.name.clone(),
+                path: meta.location.to_string(),
+                reason: match e {
+                    CatalogError::SchemaMismatch { reason, .. } => reason,
+                    other => other.to_string(),
+                },
+            }))
+        };
+        match self.dataset.format {
+            Stored::Parquet => {
+                // The footer is in the runtime's metadata cache when the listing collected the
+                // file's statistics (it always does here), so this reads nothing new.
+                let metadata = DFParquetMetadata::new(store, meta)
+                    .with_file_metadata_cache(Some(
+                        state.runtime_env().cache_manager.get_file_metadata_cache(),
+                    ))
+                    .fetch_metadata()
+                    .await?;
+                let fm = metadata.file_metadata();
+                let actual = parquet_to_arrow_schema(fm.schema_descr(), fm.key_value_metadata())?;
+                self.dataset
+                    .check_file_schema(&self.expected, &actual)
+                    .map_err(off_contract)?;
+            }
+            Stored::Ndjson => {
+                let mut check =
+                    NdjsonCheck::new(&self.dataset, &self.expected).map_err(off_contract)?;
+                // Streamed: whole lines go to the check, a line cut by a chunk waits for its end.
+                let mut chunks = store.get(&meta.location).await?.into_stream();
+                let mut partial: Vec<u8> = Vec::new();
+                while let Some(chunk) = chunks.next().await {
+                    let chunk = chunk?;
+                    match chunk.iter().rposition(|b| *b == b'\n') {
+                        Some(end) => {
+                            partial.extend_from_slice(&chunk[..=end]);
+                            check.lines(&partial).map_err(off_contract)?;
+                            partial.clear();
+                            partial.extend_from_slice(&chunk[end + 1..]);
+                        }
+                        None => partial.extend_from_slice(&chunk),
+                    }
+                }
+                check.lines(&partial).map_err(off_contract)?;
+                check.finish().map_err(off_contract)?;
+            }
+        }
         self.mark_checked(meta);
         Ok(())
     }

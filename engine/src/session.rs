@@ -688,7 +688,10 @@ fn listing_table(d: &Dataset, runtime: &RuntimeEnv) -> Result<Arc<dyn TableProvi
             Arc::new(ParquetFormat::default()),
             d,
         )),
-        FileFormat::Ndjson => Arc::new(JsonFormat::default()),
+        FileFormat::Ndjson => Arc::new(crate::contract::ContractFormat::new(
+            Arc::new(JsonFormat::default()),
+            d,
+        )),
     };
     let options = ListingOptions::new(format).with_file_extension(d.format.extension());
     // Parquet strings are read as views: no copy out of the pages for rows a filter drops, and

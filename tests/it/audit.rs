@@ -350,6 +350,69 @@ async fn alerts_are_raised_into_the_trail() {
     assert_eq!(delivered, ["bulk-phi-read", "refusal-burst"]);
 }
 
+/// The trail is newline-delimited JSON: a file dropped among its segments is held to the
+/// catalog's contract line by line before a scan reads it, as a Parquet file's schema is.
+#[tokio::test]
+async fn a_foreign_file_in_the_trail_is_refused_by_its_contract() {
+    let (_dir, lake) = build_lake(200);
+    let server = TestServer::start_with(ServerOptions {
+        lake: Some(lake),
+        ..Default::default()
+    })
+    .await;
+    let mut erin = login(&server, "erin").await;
+    let count = "SELECT count(*) FROM audit.events";
+    let before = first_i64(&sql(&mut erin, count).await.unwrap());
+    assert!(before > 0);
+    let store = server.lake.store();
+    let first = {
+        let mut listing = store.list(Some(&object_store::path::Path::from("audit/events")));
+        listing.next().await.unwrap().unwrap().location
+    };
+    let line = store.get(&first).await.unwrap().bytes().await.unwrap();
+    let line = std::str::from_utf8(&line)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let foreign = object_store::path::Path::from("audit/events/zz-foreign.jsonl");
+    let changes = [
+        // An extra column, which a reader with the catalog's schema would never show.
+        line.replacen('{', "{\"ssn\":\"123-45-6789\",", 1),
+        // A value of another type.
+        line.replacen("\"seq\":", "\"seq\":\"123-45-6789\",\"seq_was\":", 1),
+        // Not JSON at all.
+        "123-45-6789".to_string(),
+    ];
+    for text in changes {
+        store
+            .put(&foreign, format!("{line}\n{text}\n").into())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let err = sql(&mut erin, count).await.unwrap_err();
+        assert_eq!(code_of(&err), "FailedPrecondition", "{text}: {err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("a data file of audit.events does not match the catalog's schema"),
+            "{message}"
+        );
+        for leak in ["foreign", "123-45", "ssn"] {
+            assert!(!message.contains(leak), "{leak}: {message}");
+        }
+    }
+    // A copy of a real line keeps the contract: it is read (and counted).
+    store
+        .put(&foreign, format!("{line}\n").into())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let with_copy = first_i64(&sql(&mut erin, count).await.unwrap());
+    assert!(with_copy > before, "{with_copy} vs {before}");
+    store.delete(&foreign).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_trail_that_cannot_be_written_refuses_queries_with_unavailable() {
     let (_dir, lake) = build_lake(200);
