@@ -30,19 +30,22 @@ mod budget;
 mod contract;
 mod counted;
 mod depth;
+mod engine;
 mod error;
 mod governed;
 mod keys;
 pub mod masks;
 mod session;
+mod thresholds;
 mod total;
 
 pub use bounded::FUNCTION_OUTPUT_LIMIT;
 pub use budget::MemoryBudget;
 pub use depth::MAX_DEPTH as MAX_QUERY_DEPTH;
+pub use engine::{Engine, EngineConfig, CATALOG_NAME};
 pub use error::EngineError;
 pub use keys::KeyRing;
-pub use session::{AccessReport, Engine, EngineConfig, PlannedQuery, Session};
+pub use session::{AccessReport, PlannedQuery, Session};
 
 pub use datafusion::execution::SendableRecordBatchStream;
 pub use datafusion::scalar::ScalarValue;
