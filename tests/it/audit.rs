@@ -49,6 +49,17 @@ async fn erin_count(server: &TestServer, filter: &str, expected: i64) -> i64 {
     n
 }
 
+/// A server on a small lake of its own, for tests that damage the lake or its trail.
+async fn on_a_lake_of_its_own() -> (tempfile::TempDir, TestServer) {
+    let (dir, lake) = build_lake(200);
+    let server = TestServer::start_with(ServerOptions {
+        lake: Some(lake),
+        ..Default::default()
+    })
+    .await;
+    (dir, server)
+}
+
 #[tokio::test]
 async fn decisions_are_recorded_without_any_literal_or_value_and_only_erin_reads_them() {
     let server = TestServer::start().await;
@@ -354,12 +365,7 @@ async fn alerts_are_raised_into_the_trail() {
 /// catalog's contract line by line before a scan reads it, as a Parquet file's schema is.
 #[tokio::test]
 async fn a_foreign_file_in_the_trail_is_refused_by_its_contract() {
-    let (_dir, lake) = build_lake(200);
-    let server = TestServer::start_with(ServerOptions {
-        lake: Some(lake),
-        ..Default::default()
-    })
-    .await;
+    let (_dir, server) = on_a_lake_of_its_own().await;
     let mut erin = login(&server, "erin").await;
     let count = "SELECT count(*) FROM audit.events";
     let before = first_i64(&sql(&mut erin, count).await.unwrap());
@@ -415,12 +421,7 @@ async fn a_foreign_file_in_the_trail_is_refused_by_its_contract() {
 
 #[tokio::test]
 async fn a_trail_that_cannot_be_written_refuses_queries_with_unavailable() {
-    let (_dir, lake) = build_lake(200);
-    let server = TestServer::start_with(ServerOptions {
-        lake: Some(lake),
-        ..Default::default()
-    })
-    .await;
+    let (_dir, server) = on_a_lake_of_its_own().await;
     let mut alice = login(&server, "alice").await;
     sql(&mut alice, "SELECT count(*) FROM clinical.patients")
         .await

@@ -14,13 +14,18 @@ pub async fn login(server: &TestServer, user: &str) -> Client {
     login_url(&server.url(), user).await
 }
 
-pub async fn login_url(url: &str, user: &str) -> Client {
+/// A connection to the server at `url`, not logged in.
+pub async fn connect_url(url: &str) -> Client {
     let channel = Channel::from_shared(url.to_string())
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let mut c = FlightSqlServiceClient::new(channel);
+    FlightSqlServiceClient::new(channel)
+}
+
+pub async fn login_url(url: &str, user: &str) -> Client {
+    let mut c = connect_url(url).await;
     c.handshake(user, &format!("demo-{user}"))
         .await
         .expect("handshake");

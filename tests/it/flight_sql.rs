@@ -27,12 +27,7 @@ use tonic::transport::Channel;
 type Client = FlightSqlServiceClient<Channel>;
 
 async fn connect(server: &TestServer) -> Client {
-    let channel = Channel::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    FlightSqlServiceClient::new(channel)
+    crate::common::connect_url(&server.url()).await
 }
 
 async fn login(server: &TestServer, user: &str) -> Client {

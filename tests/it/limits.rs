@@ -4,13 +4,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::StreamExt;
 use lakegate_flight_server::limits::{LimitSettings, LimitsPatch};
 use lakegate_tests::{ServerOptions, TestServer};
-use tonic::transport::Channel;
 
-use crate::common::{code_of, first_i64, login, sql};
+use crate::common::{code_of, connect_url, first_i64, login, sql};
 
 const COUNT: &str = "SELECT count(*) FROM clinical.patients";
 
@@ -187,12 +185,8 @@ async fn handshakes_are_rate_limited_per_client_address_and_audited() {
     .await;
     let mut erin = login(&server, "erin").await;
     let guess = || async {
-        let channel = Channel::from_shared(server.url())
-            .unwrap()
-            .connect()
+        connect_url(&server.url())
             .await
-            .unwrap();
-        FlightSqlServiceClient::new(channel)
             .handshake("alice", "guess")
             .await
             .unwrap_err()
@@ -205,12 +199,8 @@ async fn handshakes_are_rate_limited_per_client_address_and_audited() {
     let err = guess().await.to_string();
     assert!(err.contains("handshakes_per_minute"), "{err}");
     // The right password is slowed too: the limit counts attempts, not failures.
-    let channel = Channel::from_shared(server.url())
-        .unwrap()
-        .connect()
+    let err = connect_url(&server.url())
         .await
-        .unwrap();
-    let err = FlightSqlServiceClient::new(channel)
         .handshake("alice", "demo-alice")
         .await
         .unwrap_err()
@@ -283,12 +273,7 @@ async fn soak_mixed_traffic() {
                 2 => {
                     let e = sql(&mut c, "SELEKT * FROM").await.unwrap_err();
                     assert_eq!(code_of(&e), "InvalidArgument");
-                    let channel = Channel::from_shared(url.clone())
-                        .unwrap()
-                        .connect()
-                        .await
-                        .unwrap();
-                    let mut wrong = FlightSqlServiceClient::new(channel);
+                    let mut wrong = connect_url(&url).await;
                     assert!(wrong.handshake("alice", "guess").await.is_err());
                 }
                 // Malicious: file paths, DDL, a forged ticket, raw SSNs.
