@@ -13,6 +13,11 @@
 //! DataFusion (no policy, no transport); and the ratio of Flight to plain. Then N clients run
 //! the small-query (BI) mix at once, through the server and through plain DataFusion:
 //! throughput, p50 and p99 latency, errors, and the server's peak resident memory.
+//!
+//! With `--pin`, the server runs on CPU 0 and this process on CPU 1 (`taskset`), so the ratio
+//! is the server's single core against plain DataFusion's single core, and the CPU table's
+//! `srv_s/GB` against `eng_s/GB` is what serving over Flight adds to the engine's own work for
+//! the same rows.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -61,6 +66,47 @@ struct Args {
     /// a stream's messages in frames of this size, one socket write and one receive per frame.
     #[arg(long, default_value_t = 16383, value_parser = clap::value_parser!(u32).range(16..=16383))]
     max_frame_kib: u32,
+    /// Pin the server to CPU 0 and this process (the client, the in-process engine and plain
+    /// DataFusion) to CPU 1 (`taskset`), so the ratio compares one core with one core and the
+    /// client's work is not counted against the server.
+    #[arg(long)]
+    pin: bool,
+    /// Keep the server's default memory budgets (2 GiB for all queries, 1 GiB per principal)
+    /// instead of raising them to 8 GiB, as a new user's `lakegate demo` runs.
+    #[arg(long)]
+    default_memory: bool,
+}
+
+/// What a query of the mix is, for its target (`docs/benchmarks.md`): a stream with or without
+/// masks, or an aggregate. Targets are throughput against plain DataFusion on the same core
+/// count: unmasked streams at least 0.9x, masked at least 0.8x, aggregates within 1.1x.
+#[derive(Clone, Copy)]
+enum Kind {
+    Stream,
+    MaskedStream,
+    Aggregate,
+    Lookup,
+}
+
+impl Kind {
+    /// The largest Flight/plain time ratio the target allows (None: no target).
+    fn target(self) -> Option<f64> {
+        match self {
+            Kind::Stream => Some(1.0 / 0.9),
+            Kind::MaskedStream => Some(1.0 / 0.8),
+            Kind::Aggregate => Some(1.1),
+            Kind::Lookup => None,
+        }
+    }
+}
+
+fn kind_of(name: &str) -> Kind {
+    match name {
+        "training_stream" => Kind::MaskedStream,
+        "filtered_scan" | "site_stream" => Kind::Stream,
+        "point_lookup" => Kind::Lookup,
+        _ => Kind::Aggregate,
+    }
 }
 
 /// The mix: (name, persona, SQL). `{pid}` is a SITE_A patient, so carol may look it up.
@@ -69,6 +115,11 @@ const MIX: &[(&str, &str, &str)] = &[
         "training_stream",
         "alice",
         "SELECT patient_id, start_time, encounter_class, total_cost FROM clinical.encounters",
+    ),
+    (
+        "site_stream",
+        "carol",
+        "SELECT encounter_id, patient_id, start_time, encounter_class, total_cost FROM clinical.encounters",
     ),
     (
         "filtered_scan",
@@ -102,17 +153,19 @@ const MIX: &[(&str, &str, &str)] = &[
 const BI_MIX: &[&str] = &["cohort_count", "point_lookup", "filtered_scan"];
 
 /// Limits for the bench's server: the defaults are per-deployment choices, raised here so that
-/// 16 clients of the same persona are admitted and the 1M-patient lake's distinct counts fit.
+/// 16 clients of the same persona are admitted.
 const SERVER_FLAGS: &[&str] = &[
     "--max-concurrent-queries",
     "32",
     "--requests-per-second",
     "10000",
-    "--memory-limit-mb",
-    "8192",
-    "--principal-memory-mb",
-    "8192",
+    "--handshakes-per-minute",
+    "100000",
 ];
+
+/// Memory raised so that the 1M-patient lake's distinct counts fit without spilling (unless
+/// `--default-memory`).
+const MEMORY_FLAGS: &[&str] = &["--memory-limit-mb", "8192", "--principal-memory-mb", "8192"];
 
 type Client = FlightSqlServiceClient<Channel>;
 
@@ -252,16 +305,36 @@ fn own_cpu_ms() -> f64 {
 }
 
 impl Server {
-    async fn start(bin: &PathBuf, lake: &str, fixed_window: bool, max_frame_bytes: u32) -> Server {
+    async fn start(
+        bin: &PathBuf,
+        lake: &str,
+        fixed_window: bool,
+        max_frame_bytes: u32,
+        pin: bool,
+        default_memory: bool,
+    ) -> Server {
         use std::io::BufRead;
         // The server's log (alerts fire: the training stream reads many rows) stays out of the
         // table.
         let log_path = std::env::temp_dir().join("lakegate-bench-server.log");
         let log = std::fs::File::create(&log_path).expect("server log");
         eprintln!("server log: {}", log_path.display());
-        let mut child = std::process::Command::new(bin)
+        // `taskset` execs the server in its own process: the child's pid is the server's.
+        let mut command = if pin {
+            let mut c = std::process::Command::new("taskset");
+            c.args(["-c", "0"]).arg(bin);
+            c
+        } else {
+            std::process::Command::new(bin)
+        };
+        let mut child = command
             .args(["demo", "--lake", lake, "--port", "0"])
             .args(SERVER_FLAGS)
+            .args(if default_memory {
+                &[][..]
+            } else {
+                MEMORY_FLAGS
+            })
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -371,6 +444,16 @@ fn typical(runs: &[Run]) -> Run {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if args.pin {
+        // Every thread of this process, before the in-process engines size their partitions by
+        // the cores they may use.
+        let status = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .expect("taskset (util-linux) is needed for --pin");
+        assert!(status.success(), "taskset failed: {status}");
+    }
     let bin = args.server_bin.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .expect("current exe")
@@ -390,16 +473,29 @@ async fn main() {
     };
     // 16383 KiB is the protocol's largest frame, 2^24 - 1 bytes, less 1023 bytes.
     let max_frame_bytes = args.max_frame_kib * 1024;
-    let server = Server::start(&bin, &args.lake, args.fixed_window, max_frame_bytes).await;
+    let server = Server::start(
+        &bin,
+        &args.lake,
+        args.fixed_window,
+        max_frame_bytes,
+        args.pin,
+        args.default_memory,
+    )
+    .await;
     println!(
-        "server {} (pid {}); clients accept HTTP/2 frames up to {} KiB",
+        "server {} (pid {}); clients accept HTTP/2 frames up to {} KiB; {}",
         server.url,
         server.pid(),
-        args.max_frame_kib
+        args.max_frame_kib,
+        if args.pin {
+            "pinned: server on CPU 0, client and in-process engines on CPU 1"
+        } else {
+            "unpinned: server and client share every core"
+        }
     );
 
     println!(
-        "\n{:<16} {:<6} {:>10} {:>9} {:>11} {:>10} {:>8} | {:>10} | {:>9} {:>9} {:>8} | {:>6} {:>8}",
+        "\n{:<16} {:<6} {:>10} {:>9} {:>11} {:>10} {:>8} | {:>10} | {:>9} {:>9} {:>8} | {:>6} {:>6} {:>8}",
         "query",
         "who",
         "flight_ms",
@@ -412,6 +508,7 @@ async fn main() {
         "first_ms",
         "MB/s",
         "ratio",
+        "target",
         "srv_MiB"
     );
     let mut cpu_rows = Vec::new();
@@ -478,11 +575,34 @@ async fn main() {
             (eng_cpu, eng_ms / eng_ms.max((eng_cpu + cli_cpu) / cores))
         };
         let plain_cpu = mid(plain_cpu);
+        // CPU per GB of Arrow data streamed, where a result is large enough to say it.
+        let gb = f.bytes as f64 / 1e9;
+        let per_gb = |ms: f64| {
+            if gb >= 0.01 && ms.is_finite() {
+                format!("{:.2}", ms / 1e3 / gb)
+            } else {
+                "-".to_string()
+            }
+        };
+        let added = if eng_cpu.is_finite() && eng_cpu > 0.0 {
+            format!("{:+.0}%", (srv_cpu / eng_cpu - 1.0) * 100.0)
+        } else {
+            "-".to_string()
+        };
         cpu_rows.push(format!(
-            "{name:<16} {who:<6} {srv_cpu:>13.0} {cli_cpu:>13.0} {eng_cpu:>13.0} {plain_cpu:>13.0} {bound:>10.2}"
+            "{name:<16} {who:<6} {srv_cpu:>13.0} {cli_cpu:>13.0} {eng_cpu:>13.0} {plain_cpu:>13.0} {bound:>10.2} | {gb:>6.3} {:>9} {:>9} {:>9}",
+            per_gb(srv_cpu),
+            per_gb(eng_cpu),
+            added,
         ));
+        let ratio = f.total.as_secs_f64() / p.total.as_secs_f64();
+        let target = match kind_of(name).target() {
+            Some(t) if ratio <= t => format!("<={t:.2}"),
+            Some(t) => format!("!{t:.2}"),
+            None => "-".to_string(),
+        };
         println!(
-            "{name:<16} {who:<6} {:>10.1} {:>9.1} {:>11} {:>10.0} {:>8.1} | {engine_ms:>10} | {:>9.1} {:>9.1} {:>8.1} | {:>6.2} {peak:>8.0}",
+            "{name:<16} {who:<6} {:>10.1} {:>9.1} {:>11} {:>10.0} {:>8.1} | {engine_ms:>10} | {:>9.1} {:>9.1} {:>8.1} | {ratio:>6.2} {target:>6} {peak:>8.0}",
             f.total.as_secs_f64() * 1e3,
             f.first.as_secs_f64() * 1e3,
             f.rows,
@@ -491,7 +611,6 @@ async fn main() {
             p.total.as_secs_f64() * 1e3,
             p.first.as_secs_f64() * 1e3,
             mb_per_s(&p),
-            f.total.as_secs_f64() / p.total.as_secs_f64(),
         );
     }
 
