@@ -93,6 +93,8 @@ struct Inner {
     /// Subject sets (e.g. consenting patients) per filter, with the files they were read from:
     /// computed again when those files change (a consent withdrawn), never served stale.
     subject_sets: AsyncMutex<HashMap<String, KnownSet>>,
+    /// From pseudonyms back to raw keys, for lookups by pseudonym.
+    pseudonym_indexes: Arc<crate::lookup::PseudonymIndexes>,
     /// Per memory budget, the template state with that budget in its runtime.
     budgeted: std::sync::Mutex<HashMap<usize, Planning>>,
     /// Callers' catalog views built during the current second. Decisions depend on the
@@ -241,6 +243,10 @@ impl Engine {
                 keys,
                 config,
                 store: lake.store(),
+                pseudonym_indexes: Arc::new(crate::lookup::PseudonymIndexes::new(
+                    lake.store(),
+                    uncached.clone(),
+                )),
                 uncached,
                 subject_sets: AsyncMutex::new(HashMap::new()),
                 budgeted: std::sync::Mutex::new(HashMap::new()),
@@ -561,7 +567,8 @@ impl Engine {
             columns,
             &masked,
             pseudonymized,
-        ))
+        )
+        .with_lookups(Arc::clone(&self.inner.pseudonym_indexes), d.clone()))
     }
 
     fn filter_expr<'a>(

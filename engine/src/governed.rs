@@ -36,6 +36,10 @@ use datafusion::physical_plan::{
     ChildStats, DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, StatisticsArgs,
 };
 
+use lakegate_catalogs::Dataset;
+
+use crate::lookup::PseudonymIndexes;
+
 /// A dataset as one caller may see it.
 #[derive(Debug, Clone)]
 pub struct GovernedTable {
@@ -49,6 +53,8 @@ pub struct GovernedTable {
     clear: HashSet<String>,
     /// Per column: masked by a keyed pseudonym (injective, NULL-preserving).
     pseudonymized: Vec<bool>,
+    /// Where lookups by pseudonym find their raw keys, with this dataset's definition.
+    lookups: Option<(Arc<PseudonymIndexes>, Arc<Dataset>)>,
 }
 
 impl GovernedTable {
@@ -89,7 +95,14 @@ impl GovernedTable {
             columns,
             clear,
             pseudonymized,
+            lookups: None,
         }
+    }
+
+    /// This table with lookups by pseudonym narrowed through `indexes` (see `lookup.rs`).
+    pub(crate) fn with_lookups(mut self, indexes: Arc<PseudonymIndexes>, dataset: Dataset) -> Self {
+        self.lookups = Some((indexes, Arc::new(dataset)));
+        self
     }
 
     pub(crate) fn pseudonymized_len(&self) -> usize {
@@ -140,6 +153,17 @@ impl GovernedTable {
             && refs.iter().all(|c| self.clear.contains(&c.name))
             && is_plain_predicate(f)
     }
+
+    /// The column and pseudonyms a caller's predicate looks up, if it is an equality or `IN`
+    /// list of text on a pseudonymized column and an index can serve it.
+    fn lookup<'a>(&self, f: &'a Expr) -> Option<(usize, Vec<&'a str>)> {
+        self.lookups.as_ref()?;
+        let (c, values) = crate::lookup::named_pseudonyms(f)?;
+        let i = self.schema.index_of(&c.name).ok()?;
+        // A pseudonymized column read raw (`counting_raw`) is no pseudonym any more.
+        (self.is_pseudonymized(i) && !matches!(self.columns[i], Expr::Column(_)))
+            .then_some((i, values))
+    }
 }
 
 fn referenced_columns(expr: &Expr, schema: &Schema, into: &mut BTreeSet<usize>) {
@@ -174,6 +198,9 @@ impl TableProvider for GovernedTable {
             .map(|f| {
                 if self.runs_early(f) {
                     TableProviderFilterPushDown::Exact
+                } else if self.lookup(f).is_some() {
+                    // Narrowed to the raw keys below the masks, checked again above them.
+                    TableProviderFilterPushDown::Inexact
                 } else {
                     TableProviderFilterPushDown::Unsupported
                 }
@@ -204,6 +231,8 @@ impl TableProvider for GovernedTable {
         }
         // DataFusion hands over exactly the predicates `supports_filters_pushdown` accepted,
         // and drops them from the plan: one that cannot run here would be silently lost.
+        let (lookups, filters): (Vec<&Expr>, Vec<&Expr>) =
+            filters.iter().partition(|f| self.lookup(f).is_some());
         if let Some(f) = filters.iter().find(|f| !self.runs_early(f)) {
             return datafusion::common::internal_err!(
                 "a predicate on {} reached the scan but cannot run there: {}",
@@ -213,8 +242,27 @@ impl TableProvider for GovernedTable {
         }
         let early: Vec<Expr> = filters
             .iter()
-            .map(|f| unqualified(f.clone()))
+            .map(|f| unqualified((*f).clone()))
             .collect::<DFResult<_>>()?;
+        // Lookups by pseudonym become predicates on the raw keys that carry those pseudonyms:
+        // they cannot fail, and they prune like a lookup by raw key. The caller's predicate on
+        // the pseudonym stays above the masks (`Inexact`), so the result is the same.
+        let mut narrowing = Vec::new();
+        if let Some((indexes, dataset)) = &self.lookups {
+            for f in lookups {
+                let Some((i, values)) = self.lookup(f) else {
+                    continue;
+                };
+                let column = raw_schema.field(i).name();
+                if let Some(p) = indexes
+                    .raw_predicate(dataset, &self.raw, column, &self.columns[i], &values)
+                    .await
+                {
+                    needed.insert(i);
+                    narrowing.push(p);
+                }
+            }
+        }
         for f in &early {
             referenced_columns(f, &raw_schema, &mut needed);
         }
@@ -232,7 +280,7 @@ impl TableProvider for GovernedTable {
         // still run, in order, and what pruning skipped they would have dropped. (The row
         // filter reaches the scan the same way, through DataFusion's filter pushdown.)
         if let (Some(user), Some(scan)) = (
-            early.iter().cloned().reduce(Expr::and),
+            narrowing.iter().chain(&early).cloned().reduce(Expr::and),
             plan.downcast_ref::<DataSourceExec>(),
         ) {
             let predicate = state.create_physical_expr(user, &input_schema)?;
@@ -247,9 +295,10 @@ impl TableProvider for GovernedTable {
         // (carol's `total_cost > 49000` keeps 2% of the rows; her row filter keeps a fifth).
         // The hidden rows they read show in nothing: no error, no value; only the conjunction
         // of the two decides what passes. The rest run after it, as below.
-        let (infallible, early): (Vec<Expr>, Vec<Expr>) = early
+        let (mut infallible, early): (Vec<Expr>, Vec<Expr>) = early
             .into_iter()
             .partition(|f| cannot_fail(f, &input_schema));
+        infallible.splice(0..0, narrowing);
         // A FilterExec holds back what passes until it has a batch of this many rows (larger
         // runs pass straight through). At the session's batch size, a selective row filter
         // followed by a selective caller's predicate (carol: her site, then 2% of it) reads two

@@ -34,6 +34,7 @@ mod engine;
 mod error;
 mod governed;
 mod keys;
+mod lookup;
 pub mod masks;
 mod session;
 mod thresholds;

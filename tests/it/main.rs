@@ -8,6 +8,7 @@ mod differential;
 mod flight_sql;
 mod identity;
 mod limits;
+mod lookup;
 mod personas;
 mod policy_admin;
 mod slt;
