@@ -16,6 +16,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+use rand::distributions::{Distribution, WeightedIndex};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -229,6 +230,116 @@ const SITES: &[&str] = &["SITE_A", "SITE_B", "SITE_C", "SITE_D", "SITE_E"];
 const CARE_START_DAY: i32 = 16_436;
 const CARE_END_DAY: i32 = 20_454;
 const MICROS_PER_DAY: i64 = 86_400_000_000;
+
+/// Syllables of the synthetic towns past [`CITIES`], and the states they lie in.
+const TOWN_STARTS: &[&str] = &[
+    "Ash", "Bell", "Brook", "Cedar", "Clear", "Elm", "Fair", "Green", "High", "Lake", "Maple",
+    "Mill", "North", "Oak", "Pine", "Red", "River", "Rock", "Silver", "Spring", "Stone", "Sun",
+    "West", "Wood", "Glen",
+];
+const TOWN_ENDS: &[&str] = &[
+    "ton", "ville", "field", "wood", "ford", "dale", "port", "burg", "view", "haven", "ridge",
+    "crest", "mont", "brook", "land", "stead",
+];
+const STATES: &[&str] = &[
+    "AL", "AK", "AZ", "AR", "CA", "CO", "CT", "DE", "FL", "GA", "HI", "ID", "IL", "IN", "IA", "KS",
+    "KY", "LA", "ME", "MD", "MA", "MI", "MN", "MS", "MO", "MT", "NE", "NV", "NH", "NJ", "NM", "NY",
+    "NC", "ND", "OH", "OK", "OR", "PA", "RI", "SC", "SD", "TN", "TX", "UT", "VT", "VA", "WA", "WV",
+    "WI", "WY",
+];
+/// Towns by size rank, Zipf-distributed (exponent 1): at a million patients the 12 cities of
+/// [`CITIES`] hold about a third of them and thousands of towns fewer than 11.
+const TOWNS: usize = 20_000;
+/// Long tails past the common codes: ICD-10-shaped reason and condition codes, LOINC-shaped
+/// lab codes, Zipf-distributed (exponent 1.2), so that at any scale many codes are held by
+/// fewer than 11 patients.
+const TAIL_CONDITIONS: usize = 10_000;
+const TAIL_LABS: usize = 20_000;
+/// Share of draws from the long tail rather than the common codes.
+const TAIL_SHARE: f64 = 0.2;
+/// Share of patients who are frequent flyers: 50 to 120 encounters, most of them for one
+/// chronic condition drawn evenly from the long tail (so usually a rare one).
+const FREQUENT_FLYERS: f64 = 0.01;
+/// Race groups in proportions of a US population, so the smallest are small.
+const RACE_WEIGHTS: &[f64] = &[60.0, 13.0, 6.0, 1.0, 0.2, 19.8];
+
+/// Weights `1 / rank^exponent` for ranks 1..=n.
+fn zipf(n: usize, exponent: f64) -> WeightedIndex<f64> {
+    WeightedIndex::new((1..=n).map(|r| (r as f64).powf(-exponent))).expect("positive weights")
+}
+
+/// The samplers of the skewed columns, built once.
+struct Skew {
+    towns: WeightedIndex<f64>,
+    common_conditions: WeightedIndex<f64>,
+    tail_conditions: WeightedIndex<f64>,
+    labs: WeightedIndex<f64>,
+    tail_labs: WeightedIndex<f64>,
+    races: WeightedIndex<f64>,
+}
+
+static SKEW: std::sync::LazyLock<Skew> = std::sync::LazyLock::new(|| Skew {
+    towns: zipf(TOWNS, 1.0),
+    common_conditions: zipf(COMMON_CONDITIONS.len(), 1.0),
+    tail_conditions: zipf(TAIL_CONDITIONS, 1.2),
+    labs: zipf(LABS.len(), 0.5),
+    tail_labs: zipf(TAIL_LABS, 1.2),
+    races: WeightedIndex::new(RACE_WEIGHTS).expect("positive weights"),
+});
+
+/// The town of size rank `rank`: a real city for the largest, a synthetic name and state for
+/// the rest (every pair distinct).
+fn town(rank: usize) -> (String, &'static str) {
+    if let Some((city, state)) = CITIES.get(rank) {
+        return (city.to_string(), state);
+    }
+    let r = rank - CITIES.len();
+    let names = TOWN_STARTS.len() * TOWN_ENDS.len();
+    let name = format!(
+        "{}{}",
+        TOWN_STARTS[r % TOWN_STARTS.len()],
+        TOWN_ENDS[(r / TOWN_STARTS.len()) % TOWN_ENDS.len()]
+    );
+    (name, STATES[(r / names) % STATES.len()])
+}
+
+/// The condition code and description of long-tail rank `rank`: ICD-10-shaped (`A07.38`), with
+/// a last digit no code of the short lists uses.
+fn tail_condition(rank: usize) -> (String, String) {
+    const LETTERS: &[u8] = b"ABCDEGHIKLMNR";
+    let code = format!(
+        "{}{:02}.{}8",
+        char::from(LETTERS[rank % LETTERS.len()]),
+        (rank / LETTERS.len()) % 100,
+        (rank / (LETTERS.len() * 100)) % 10
+    );
+    let description = format!("Other specified condition ({code})");
+    (code, description)
+}
+
+/// A reason or condition: a common one, or one from the long tail.
+fn condition(rng: &mut ChaCha8Rng) -> (String, String) {
+    if rng.gen_bool(TAIL_SHARE) {
+        tail_condition(SKEW.tail_conditions.sample(rng))
+    } else {
+        let (code, description) = COMMON_CONDITIONS[SKEW.common_conditions.sample(rng)];
+        (code.to_string(), description.to_string())
+    }
+}
+
+/// A lab test `(code, description, unit, low, high)`: a common one, or one from the long tail
+/// (LOINC-shaped, `NNNNN-N`).
+fn lab(rng: &mut ChaCha8Rng) -> (String, String, &'static str, f64, f64) {
+    if rng.gen_bool(TAIL_SHARE) {
+        let rank = SKEW.tail_labs.sample(rng);
+        let code = format!("{}-{}", 50_000 + rank, rank % 10);
+        let description = format!("Laboratory test ({code})");
+        (code, description, "U/L", 1.0, 100.0)
+    } else {
+        let (code, description, unit, lo, hi) = LABS[SKEW.labs.sample(rng)];
+        (code.to_string(), description.to_string(), unit, lo, hi)
+    }
+}
 
 fn col(name: &str, t: ColumnType, nullable: bool, label: &str) -> ColumnDef {
     ColumnDef {
@@ -455,7 +566,7 @@ fn generate_part(catalog: &Catalog, seed: u64, part: u64, first: u64, end: u64) 
             .then(|| rng.gen_range(birth.max(CARE_START_DAY)..CARE_END_DAY));
         let first_name = *pick(&mut rng, FIRST_NAMES);
         let last_name = *pick(&mut rng, LAST_NAMES);
-        let (city, state) = *pick(&mut rng, CITIES);
+        let (city, state) = town(SKEW.towns.sample(&mut rng));
         let zip = if rng.gen_bool(0.03) {
             format!("{}{}", pick(&mut rng, RESTRICTED_ZIP3), digits(&mut rng, 2))
         } else {
@@ -475,14 +586,14 @@ fn generate_part(catalog: &Catalog, seed: u64, part: u64, first: u64, end: u64) 
         p[5].d(Some(birth));
         p[6].d(death);
         p[7].s(Some(if rng.gen_bool(0.5) { "F" } else { "M" }));
-        p[8].s(Some(*pick(&mut rng, RACES)));
+        p[8].s(Some(RACES[SKEW.races.sample(&mut rng)]));
         p[9].s(Some(*pick(&mut rng, ETHNICITIES)));
         p[10].s(Some(&format!(
             "{} {} St",
             rng.gen_range(1..9999),
             pick(&mut rng, STREETS)
         )));
-        p[11].s(Some(city));
+        p[11].s(Some(&city));
         p[12].s(Some(state));
         p[13].s(Some(&zip));
         let phone = rng
@@ -501,8 +612,16 @@ fn generate_part(catalog: &Catalog, seed: u64, part: u64, first: u64, end: u64) 
         p[16].s(Some(site));
         p[17].b(rng.gen_bool(0.7));
 
-        // Encounters: 5..=15 per patient (about 10).
-        let n_enc = rng.gen_range(5..=15u32);
+        // Encounters: 5..=15 per patient (about 10); frequent flyers 50..=120, most of them for
+        // one chronic condition of the long tail.
+        let chronic = rng
+            .gen_bool(FREQUENT_FLYERS)
+            .then(|| tail_condition(SKEW.tail_conditions.sample(&mut rng)));
+        let n_enc = if chronic.is_some() {
+            rng.gen_range(50..=120u32)
+        } else {
+            rng.gen_range(5..=15u32)
+        };
         let mut enc_ids = Vec::with_capacity(n_enc as usize);
         for k in 0..n_enc {
             let eid = format!("E{idx:08}{k:03}");
@@ -524,24 +643,24 @@ fn generate_part(catalog: &Catalog, seed: u64, part: u64, first: u64, end: u64) 
             e[8].f(Some(
                 (rng.gen_range(50.0..50_000.0f64) * 100.0).round() / 100.0,
             ));
-            let reason = rng
-                .gen_bool(0.9)
-                .then(|| pick(&mut rng, COMMON_CONDITIONS).0);
-            e[9].s(reason);
+            let reason = match &chronic {
+                Some((code, _)) if rng.gen_bool(0.7) => Some(code.clone()),
+                _ => rng.gen_bool(0.9).then(|| condition(&mut rng).0),
+            };
+            e[9].s(reason.as_deref());
             e[10].b(rng.gen_bool(0.1));
             enc_ids.push((eid, start));
         }
 
         // Conditions: 1..=5 (about 3), plus planted rare conditions.
         let n_cond = rng.gen_range(1..=5u32);
-        let mut conds: Vec<(&str, &str)> = (0..n_cond)
-            .map(|_| *pick(&mut rng, COMMON_CONDITIONS))
-            .collect();
+        let mut conds: Vec<(String, String)> = (0..n_cond).map(|_| condition(&mut rng)).collect();
+        conds.extend(chronic);
         for (i, (code, desc, count)) in RARE_CONDITIONS.iter().enumerate() {
             // Patients 13+i, 13+i+97, ... up to `count` of them: fewer than 11 at any scale.
             let offset = 13 + i as u64;
             if idx >= offset && (idx - offset).is_multiple_of(97) && (idx - offset) / 97 < *count {
-                conds.push((code, desc));
+                conds.push((code.to_string(), desc.to_string()));
             }
         }
         for (code, desc) in conds {
@@ -550,22 +669,22 @@ fn generate_part(catalog: &Catalog, seed: u64, part: u64, first: u64, end: u64) 
             c[0].s(Some(&pid));
             c[1].s(Some(eid));
             c[2].d(Some((start / MICROS_PER_DAY) as i32));
-            c[3].s(Some(code));
-            c[4].s(Some(desc));
+            c[3].s(Some(&code));
+            c[4].s(Some(&desc));
         }
 
         // Observations: 15..=25 (about 20), each tied to one of the patient's encounters.
         let n_obs = rng.gen_range(15..=25u32);
         for k in 0..n_obs {
             let (eid, start) = &enc_ids[rng.gen_range(0..enc_ids.len())];
-            let (loinc, desc, unit, lo, hi) = *pick(&mut rng, LABS);
+            let (loinc, desc, unit, lo, hi) = lab(&mut rng);
             let o = &mut out.observations;
             o[0].s(Some(&format!("O{idx:08}{k:03}")));
             o[1].s(Some(&pid));
             o[2].s(Some(eid));
             o[3].t(start + rng.gen_range(0..3_600_000_000i64));
-            o[4].s(Some(loinc));
-            o[5].s(Some(desc));
+            o[4].s(Some(&loinc));
+            o[5].s(Some(&desc));
             let value = rng
                 .gen_bool(0.98)
                 .then(|| (rng.gen_range(lo..hi) * 10.0f64).round() / 10.0);
@@ -703,5 +822,97 @@ mod tests {
                 assert!(x == y, "{f} differs between two runs with the same seed");
             }
         }
+    }
+
+    /// The columns of one generated part's table, as text, by column name.
+    fn texts(d: &Dataset, cols: &mut [ColumnBuilder], names: &[&str]) -> Vec<Vec<String>> {
+        use arrow::array::{Array, AsArray};
+        let arrays: Vec<ArrayRef> = cols.iter_mut().map(ColumnBuilder::finish).collect();
+        names
+            .iter()
+            .map(|n| {
+                let i = d.columns.iter().position(|c| c.name == *n).unwrap();
+                let a = arrays[i].as_string::<i32>();
+                (0..a.len())
+                    .map(|r| a.is_valid(r).then(|| a.value(r)).unwrap_or("").to_string())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Distinct `unit`s per `key`, and rows per `key`.
+    fn spread(keys: &[String], units: &[String]) -> HashMap<String, (HashSet<String>, usize)> {
+        let mut out: HashMap<String, (HashSet<String>, usize)> = HashMap::new();
+        for (k, u) in keys.iter().zip(units).filter(|(k, _)| !k.is_empty()) {
+            let e = out.entry(k.clone()).or_default();
+            e.0.insert(u.clone());
+            e.1 += 1;
+        }
+        out
+    }
+
+    use std::collections::{HashMap, HashSet};
+
+    #[test]
+    fn distributions_are_skewed_like_a_real_population() {
+        let catalog = demo_catalog();
+        let mut b = generate_part(&catalog, 42, 0, 0, 25_000);
+        let ds = |n: &str| catalog.dataset(n).unwrap();
+        let p = texts(
+            ds("clinical.patients"),
+            &mut b.patients,
+            &["patient_id", "city", "state", "race"],
+        );
+        let towns = spread(
+            &p[1]
+                .iter()
+                .zip(&p[2])
+                .map(|(c, s)| format!("{c}, {s}"))
+                .collect::<Vec<_>>(),
+            &p[0],
+        );
+        // Zipf: a big city of thousands, and many towns of fewer than 11 patients.
+        assert!(towns.values().any(|(pts, _)| pts.len() > 1_000));
+        assert!(towns.values().filter(|(pts, _)| pts.len() < 11).count() > 1_000);
+        let races = spread(&p[3], &p[0]);
+        assert!(
+            races.values().any(|(pts, _)| pts.len() < 100),
+            "a small race group"
+        );
+
+        let e = texts(
+            ds("clinical.encounters"),
+            &mut b.encounters,
+            &["patient_id", "reason_code"],
+        );
+        let per_patient = spread(&e[0], &e[0]);
+        let flyers = per_patient.values().filter(|(_, rows)| *rows >= 50).count();
+        assert!((200..=600).contains(&flyers), "{flyers} frequent flyers");
+        assert!(per_patient
+            .values()
+            .all(|(_, rows)| *rows >= 5 && *rows <= 120));
+        let reasons = spread(&e[1], &e[0]);
+        assert!(reasons.len() > 1_000, "a long tail of reason codes");
+        assert!(reasons.values().filter(|(pts, _)| pts.len() < 11).count() > 500);
+        // Frequent flyers' chronic codes: many rows, few patients.
+        assert!(reasons
+            .values()
+            .any(|(pts, rows)| pts.len() < 11 && *rows >= 50));
+
+        let c = texts(
+            ds("clinical.conditions"),
+            &mut b.conditions,
+            &["patient_id", "code"],
+        );
+        let codes = spread(&c[1], &c[0]);
+        assert!(codes.values().filter(|(pts, _)| pts.len() < 11).count() > 500);
+        let o = texts(
+            ds("clinical.observations"),
+            &mut b.observations,
+            &["patient_id", "loinc_code"],
+        );
+        let labs = spread(&o[1], &o[0]);
+        assert!(labs.values().filter(|(pts, _)| pts.len() < 11).count() > 500);
+        assert!(labs.values().any(|(pts, _)| pts.len() > 10_000));
     }
 }

@@ -88,7 +88,10 @@ def test_pandas_and_polars(alice):
     import polars as pl
 
     cur = alice.cursor()
-    cur.execute("SELECT loinc_code, avg(value) AS mean FROM clinical.observations GROUP BY loinc_code ORDER BY loinc_code")
+    cur.execute(
+        "SELECT loinc_code, avg(value) AS mean FROM clinical.observations GROUP BY loinc_code "
+        "ORDER BY count(*) DESC, loinc_code LIMIT 10"
+    )
     df = cur.fetch_df()
     assert len(df) == 10 and list(df.columns) == ["loinc_code", "mean"]
     pdf = pl.read_database("SELECT gene, count(*) AS n FROM omics.variants GROUP BY gene", connection=alice)

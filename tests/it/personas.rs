@@ -194,6 +194,34 @@ async fn bob_gets_only_aggregates_over_groups_of_eleven_or_more() {
             "rare condition {rare} released"
         );
     }
+    // A frequent flyer's chronic code: many rows, too few patients. The demo lake's skew
+    // plants such codes; the threshold counts patients, not rows.
+    let reasons = sql(
+        &mut bob,
+        "SELECT reason_code, count(*) AS n FROM clinical.encounters GROUP BY reason_code ORDER BY reason_code",
+    )
+    .await
+    .unwrap();
+    let expected = raw_query(
+        "SELECT reason_code, count(*) AS n FROM clinical_encounters GROUP BY reason_code \
+         HAVING count(DISTINCT patient_id) >= 11 ORDER BY reason_code",
+    )
+    .await;
+    assert_eq!(column_text(&reasons, 0), column_text(&expected, 0));
+    assert_eq!(column_text(&reasons, 1), column_text(&expected, 1));
+    let crowded_but_few = raw_query(
+        "SELECT reason_code FROM clinical_encounters WHERE reason_code IS NOT NULL GROUP BY reason_code \
+         HAVING count(*) >= 30 AND count(DISTINCT patient_id) < 11",
+    )
+    .await;
+    let crowded_but_few = column_text(&crowded_but_few, 0);
+    assert!(
+        !crowded_but_few.is_empty(),
+        "the lake plants no frequent flyer"
+    );
+    for code in &crowded_but_few {
+        assert!(!column_text(&reasons, 0).contains(code), "{code} released");
+    }
     // One patient with many rows is still one patient.
     let per_patient = sql(
         &mut bob,
