@@ -104,12 +104,14 @@ fn kind_of(name: &str) -> Kind {
     match name {
         "training_stream" => Kind::MaskedStream,
         "filtered_scan" | "site_stream" => Kind::Stream,
-        "point_lookup" => Kind::Lookup,
+        "point_lookup" | "pseudonym_lookup" => Kind::Lookup,
         _ => Kind::Aggregate,
     }
 }
 
-/// The mix: (name, persona, SQL). `{pid}` is a SITE_A patient, so carol may look it up.
+/// The mix: (name, persona, SQL). `{pid}` is a SITE_A patient, so carol may look it up; `{ps}`
+/// is a pseudonym alice sees, and plain DataFusion, which has no pseudonyms, looks up `{pid}` by
+/// its raw id instead: the lookup a user would compare with.
 const MIX: &[(&str, &str, &str)] = &[
     (
         "training_stream",
@@ -141,6 +143,11 @@ const MIX: &[(&str, &str, &str)] = &[
         "point_lookup",
         "carol",
         "SELECT patient_id, first_name, last_name, birth_date, ssn, zip FROM clinical.patients WHERE patient_id = '{pid}'",
+    ),
+    (
+        "pseudonym_lookup",
+        "alice",
+        "SELECT patient_id, birth_date, zip FROM clinical.patients WHERE patient_id = '{ps}'",
     ),
     (
         "lab_aggregate",
@@ -511,6 +518,13 @@ async fn main() {
         "target",
         "srv_MiB"
     );
+    // One pseudonym each side can look up (the server's keys are not the in-process engine's).
+    let pseudonym = "SELECT min(patient_id) FROM clinical.patients";
+    let flight_ps = first_text(&mut server.login("alice").await, pseudonym).await;
+    let engine_ps = match &engine {
+        Some(engine) => engine_text(engine, "alice", pseudonym).await,
+        None => String::new(),
+    };
     let mut cpu_rows = Vec::new();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     for (name, who, sql) in &mix {
@@ -522,7 +536,7 @@ async fn main() {
         server.sample();
         for i in 0..=args.iterations {
             let (srv0, cli0) = (cpu_ms(server.pid()), own_cpu_ms());
-            let f = match via_flight(&mut client, sql).await {
+            let f = match via_flight(&mut client, &sql.replace("{ps}", &flight_ps)).await {
                 Ok(r) => r,
                 Err(e) => {
                     refused = Some(e);
@@ -531,11 +545,17 @@ async fn main() {
             };
             let (srv1, cli1) = (cpu_ms(server.pid()), own_cpu_ms());
             let e = match &engine {
-                Some(engine) => Some(via_engine(engine, who, sql).await.expect("engine")),
+                Some(engine) => Some(
+                    via_engine(engine, who, &sql.replace("{ps}", &engine_ps))
+                        .await
+                        .expect("engine"),
+                ),
                 None => None,
             };
             let cli2 = own_cpu_ms();
-            let p = via_plain(&ctx, sql).await.expect("plain");
+            let p = via_plain(&ctx, &sql.replace("{ps}", &pid))
+                .await
+                .expect("plain");
             let cli3 = own_cpu_ms();
             if i > 0 {
                 flight_cpu.push((srv1 - srv0, cli1 - cli0));
@@ -654,6 +674,46 @@ async fn main() {
         let raw = concurrent(args.clients, args.rounds, &bi, Side::Plain(&ctx)).await;
         raw.print("plain", None);
     }
+}
+
+/// The first value of the first row of `sql` over Flight, as text.
+async fn first_text(client: &mut Client, sql: &str) -> String {
+    let info = client.execute(sql.to_string(), None).await.expect(sql);
+    let ticket = info.endpoint[0].ticket.clone().expect("a ticket");
+    let batches: Vec<RecordBatch> = client
+        .do_get(ticket)
+        .await
+        .expect(sql)
+        .map(|b| b.expect(sql))
+        .collect()
+        .await;
+    text_of(&batches)
+}
+
+/// The first value of the first row of `sql` in the in-process engine, as text.
+async fn engine_text(engine: &Engine, who: &str, sql: &str) -> String {
+    let stream = engine
+        .session(&persona(who))
+        .await
+        .expect("session")
+        .plan(sql)
+        .await
+        .expect(sql)
+        .execute(None)
+        .await
+        .expect(sql);
+    let batches: Vec<RecordBatch> = stream.map(|b| b.expect(sql)).collect().await;
+    text_of(&batches)
+}
+
+fn text_of(batches: &[RecordBatch]) -> String {
+    let col =
+        datafusion::arrow::compute::cast(batches[0].column(0), &DataType::Utf8).expect("cast");
+    col.as_any()
+        .downcast_ref::<StringArray>()
+        .filter(|c| !c.is_null(0))
+        .map(|c| c.value(0).to_string())
+        .expect("a value")
 }
 
 /// A patient of SITE_A: carol may look it up.
