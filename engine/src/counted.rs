@@ -357,7 +357,7 @@ fn is_threshold(predicate: &Expr) -> bool {
     predicate
         .exists(|e| {
             Ok(matches!(e, Expr::ScalarFunction(f)
-                if f.func.name() == crate::governed::ThresholdCheck::NAME))
+                if f.func.name() == crate::released::ThresholdCheck::NAME))
         })
         .unwrap_or(false)
 }
@@ -480,7 +480,7 @@ impl Retype<'_> {
                 let count = Expr::Column(Column::from(
                     agg.schema.qualified_field(agg.group_expr.len()),
                 ));
-                let check = crate::governed::ThresholdCheck::release_every_group(count);
+                let check = crate::released::ThresholdCheck::release_every_group(count);
                 let plan = LogicalPlan::Filter(Filter::try_new(check, Arc::new(plan))?);
                 Ok((plan, retyped))
             }

@@ -30,10 +30,11 @@ use lakegate_policies::{
 };
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::governed::{GovernedTable, InSubjectSet};
+use crate::governed::GovernedTable;
 use crate::keys::KeyRing;
 use crate::masks::mask_expr;
 use crate::session::{Planning, Session};
+use crate::subjects::InSubjectSet;
 
 use crate::{EngineError, Result};
 
@@ -132,7 +133,7 @@ impl LakeTables {
 /// A subject set and the files of its dataset it was read from.
 struct KnownSet {
     files: Vec<object_store::ObjectMeta>,
-    members: Arc<crate::governed::Members>,
+    members: Arc<crate::subjects::Members>,
 }
 
 /// What a caller's view depends on: the policy in force, the principal, the second.
@@ -614,7 +615,7 @@ impl Engine {
         principal: &Principal,
         lake: &LakeTables,
         rule: &str,
-    ) -> Result<Arc<crate::governed::Members>> {
+    ) -> Result<Arc<crate::subjects::Members>> {
         let inner_filter = self
             .filter_expr(&spec.filter, principal, lake, rule)
             .await?;
@@ -662,7 +663,7 @@ impl Engine {
             })?;
             keys.extend((0..strings.len()).filter_map(|i| strings.get(i).map(str::as_bytes)));
         }
-        let set = Arc::new(crate::governed::Members::new(keys));
+        let set = Arc::new(crate::subjects::Members::new(keys));
         cache.insert(
             cache_key,
             KnownSet {

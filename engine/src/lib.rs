@@ -36,9 +36,12 @@ mod governed;
 mod keys;
 mod lookup;
 pub mod masks;
+mod released;
 mod session;
+mod subjects;
 mod thresholds;
 mod total;
+mod verify;
 
 pub use bounded::FUNCTION_OUTPUT_LIMIT;
 pub use budget::MemoryBudget;

@@ -20,8 +20,9 @@ use datafusion::sql::parser::Statement as DFStatement;
 use lakegate_policies::{Action, Decision, Threshold};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::governed::{order_released_groups, touched_columns, verify_physical};
+use crate::released::order_released_groups;
 use crate::thresholds::{apply_thresholds, collect_scans, describe_rule};
+use crate::verify::{touched_columns, verify_physical};
 use sqlparser::ast::{Expr as SqlExpr, Statement as SqlStatement, Value as SqlValue};
 
 use crate::{EngineError, Result};

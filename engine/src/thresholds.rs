@@ -14,7 +14,8 @@ use datafusion::logical_expr::{
 };
 use lakegate_policies::{Action, FilterValue, Obligations, Threshold};
 
-use crate::governed::{GovernedTable, ThresholdCheck};
+use crate::governed::GovernedTable;
+use crate::released::ThresholdCheck;
 use crate::{EngineError, Result};
 
 fn governed_dataset(scan: &datafusion::logical_expr::TableScan) -> Option<String> {

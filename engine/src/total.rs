@@ -20,7 +20,7 @@
 //! answered as an empty result (`crate::session`), never as an error.
 
 use crate::error::EngineError;
-use crate::governed::ThresholdCheck;
+use crate::released::ThresholdCheck;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{DFSchema, ScalarValue};
