@@ -706,6 +706,7 @@ async fn engine_text(engine: &Engine, who: &str, sql: &str) -> String {
     text_of(&batches)
 }
 
+/// The first value of the first column, as text (Parquet strings come back as `Utf8View`).
 fn text_of(batches: &[RecordBatch]) -> String {
     let col =
         datafusion::arrow::compute::cast(batches[0].column(0), &DataType::Utf8).expect("cast");
@@ -725,14 +726,7 @@ async fn site_a_patient(ctx: &SessionContext) -> String {
         .collect()
         .await
         .expect("run");
-    // Parquet strings come back as Utf8View.
-    let col =
-        datafusion::arrow::compute::cast(batches[0].column(0), &DataType::Utf8).expect("cast");
-    col.as_any()
-        .downcast_ref::<StringArray>()
-        .filter(|c| !c.is_null(0))
-        .map(|c| c.value(0).to_string())
-        .expect("the lake has a SITE_A patient")
+    text_of(&batches)
 }
 
 #[derive(Clone, Copy)]

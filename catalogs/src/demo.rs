@@ -834,7 +834,7 @@ mod tests {
                 let i = d.columns.iter().position(|c| c.name == *n).unwrap();
                 let a = arrays[i].as_string::<i32>();
                 (0..a.len())
-                    .map(|r| a.is_valid(r).then(|| a.value(r)).unwrap_or("").to_string())
+                    .map(|r| if a.is_valid(r) { a.value(r) } else { "" }.to_string())
                     .collect()
             })
             .collect()
