@@ -8,10 +8,12 @@ pub mod config;
 pub mod demo;
 pub mod identity;
 pub mod limits;
+mod metadata;
 pub mod reload;
 pub mod service;
 pub mod signing;
 pub mod status;
+mod tickets;
 pub mod tls;
 
 use std::net::SocketAddr;

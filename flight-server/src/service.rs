@@ -1,5 +1,5 @@
-//! The Flight SQL service: authentication on every RPC, signed tickets and handles, streaming
-//! results, and metadata that lists only what the caller may query.
+//! The Flight SQL service: authentication on every RPC, queries planned, audited and streamed,
+//! and metadata that lists only what the caller may query.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -7,21 +7,20 @@ use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::Schema;
-use arrow::ipc::reader::StreamDecoder;
-use arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
+use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
-use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::metadata::SqlInfoData;
 use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
-    ActionCreatePreparedStatementResult, Any, Command, CommandGetCatalogs, CommandGetDbSchemas,
+    ActionCreatePreparedStatementResult, Command, CommandGetCatalogs, CommandGetDbSchemas,
     CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
     CommandPreparedStatementUpdate, CommandStatementIngest, CommandStatementQuery,
     CommandStatementUpdate, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
-    SqlSupportedTransaction, TicketStatementQuery,
+    TicketStatementQuery,
 };
 use arrow_flight::{
     FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
@@ -29,86 +28,24 @@ use arrow_flight::{
 };
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use datafusion::scalar::ScalarValue;
 use futures::{stream, Stream, TryStreamExt};
 use lakegate_engine::audit::{fingerprint, AuditEvent, AuditLog};
 use lakegate_engine::{Engine, EngineError, PlannedQuery};
 use lakegate_policies::Principal;
 use prost::Message;
-use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::audited::{audit_unavailable, outcome_of, reason_of, with_report, AuditedStream};
 use crate::identity::{AuthError, Identity};
 use crate::limits::Limiter;
+use crate::metadata::{lakegate_engine_catalog, sql_info, with_column_metadata};
 use crate::signing::{now_secs, Signer};
 use crate::status::{query_status, token_status};
+pub use crate::tickets::{decode_params, decode_ticket, Lifetimes, TicketRequest};
+use crate::tickets::{encode_params, HandleBody, TicketBody, MAX_BOUND_PARAMS};
 
 type DataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
-
-/// Lifetimes of what the server hands out.
-#[derive(Clone, Debug)]
-pub struct Lifetimes {
-    pub session_secs: u64,
-    pub ticket_secs: u64,
-    pub handle_secs: u64,
-}
-
-impl Default for Lifetimes {
-    fn default() -> Self {
-        Self {
-            session_secs: 3600,
-            ticket_secs: 300,
-            handle_secs: 3600,
-        }
-    }
-}
-
-/// What a ticket stands for. Signed, so the server can trust it; holds no file location.
-#[derive(Serialize, Deserialize)]
-enum TicketBody {
-    /// A query and, for prepared statements, its bound parameters (an Arrow IPC stream).
-    Query { sql: String, params: Option<String> },
-    /// A metadata command (its protobuf `Any`, base64).
-    Metadata { command: String },
-}
-
-/// What a verified DoGet ticket asks for.
-pub enum TicketRequest {
-    /// A query and its bound parameters (an Arrow IPC stream, base64), decoded when it runs.
-    Query { sql: String, params: Option<String> },
-    /// A metadata command.
-    Metadata(Command),
-}
-
-/// Verify a DoGet ticket for `caller` and decode what it asks for: the whole path of untrusted
-/// ticket bytes, in one place (`fuzz/` drives it with arbitrary input).
-pub fn decode_ticket(signer: &Signer, raw: &[u8], caller: &str) -> Result<TicketRequest, Status> {
-    let body: TicketBody = signer
-        .verify_for("ticket", raw, caller)
-        .map_err(token_status)?;
-    Ok(match body {
-        TicketBody::Query { sql, params } => TicketRequest::Query { sql, params },
-        TicketBody::Metadata { command } => {
-            let malformed = || Status::invalid_argument("malformed ticket");
-            let bytes = STANDARD.decode(command).map_err(|_| malformed())?;
-            let any = Any::decode(bytes.as_slice()).map_err(|_| malformed())?;
-            TicketRequest::Metadata(Command::try_from(any).map_err(|_| malformed())?)
-        }
-    })
-}
-
-/// A prepared statement handle's content.
-#[derive(Serialize, Deserialize)]
-struct HandleBody {
-    id: String,
-    sql: String,
-    params: Option<String>,
-}
-
-/// Most parameter bindings kept for clients that ignore the updated handle DoPut returns.
-const MAX_BOUND_PARAMS: usize = 10_000;
 
 pub struct LakegateService {
     engine: Engine,
@@ -123,26 +60,6 @@ pub struct LakegateService {
     /// Handle id -> (owner, parameters, expiry): the fallback for stateful clients.
     bound: Mutex<HashMap<String, (String, String, u64)>>,
     sql_info: SqlInfoData,
-}
-
-fn sql_info() -> SqlInfoData {
-    let mut b = SqlInfoDataBuilder::new();
-    b.append(SqlInfo::FlightSqlServerName, "Lakegate");
-    b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
-    b.append(SqlInfo::FlightSqlServerArrowVersion, "1.3");
-    b.append(SqlInfo::FlightSqlServerReadOnly, true);
-    b.append(SqlInfo::FlightSqlServerSql, true);
-    b.append(SqlInfo::FlightSqlServerSubstrait, false);
-    b.append(
-        SqlInfo::FlightSqlServerTransaction,
-        SqlSupportedTransaction::None as i32,
-    );
-    b.append(SqlInfo::FlightSqlServerCancel, false);
-    b.append(SqlInfo::SqlDdlCatalog, false);
-    b.append(SqlInfo::SqlDdlSchema, false);
-    b.append(SqlInfo::SqlDdlTable, false);
-    b.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
-    b.build().expect("static SqlInfo")
 }
 
 impl LakegateService {
@@ -544,65 +461,6 @@ fn narrow_purpose(
     Ok(principal)
 }
 
-fn lakegate_engine_catalog() -> &'static str {
-    "lakegate"
-}
-
-/// A table's schema as GetTables reports it, each column carrying Flight SQL's column metadata
-/// (`ARROW:FLIGHT:SQL:*`). Clients build their column listings from it: the ADBC driver's
-/// `xdbc_type_name`, and from that SQLAlchemy's reflected types (without a type name, every
-/// column reflects as `NullType`, and a BI tool cannot tell a measure from a dimension).
-fn with_column_metadata(schema: &Schema, db_schema: &str, table: &str) -> Schema {
-    let fields: Vec<arrow::datatypes::Field> = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            let mut metadata = f.metadata().clone();
-            for (key, value) in [
-                ("CATALOG_NAME", lakegate_engine_catalog()),
-                ("SCHEMA_NAME", db_schema),
-                ("TABLE_NAME", table),
-                ("TYPE_NAME", sql_type_name(f.data_type())),
-                ("IS_READ_ONLY", "1"),
-                ("IS_SEARCHABLE", "1"),
-                ("IS_CASE_SENSITIVE", "1"),
-                ("IS_AUTO_INCREMENT", "0"),
-            ] {
-                metadata.insert(format!("ARROW:FLIGHT:SQL:{key}"), value.to_string());
-            }
-            f.as_ref().clone().with_metadata(metadata)
-        })
-        .collect();
-    Schema::new_with_metadata(fields, schema.metadata().clone())
-}
-
-/// The SQL name of an Arrow type, as the engine's SQL dialect spells it in a `CAST`.
-fn sql_type_name(t: &arrow::datatypes::DataType) -> &'static str {
-    use arrow::datatypes::DataType as T;
-    match t {
-        T::Boolean => "BOOLEAN",
-        T::Int8 => "TINYINT",
-        T::Int16 => "SMALLINT",
-        T::Int32 => "INTEGER",
-        T::Int64 => "BIGINT",
-        T::UInt8 => "TINYINT UNSIGNED",
-        T::UInt16 => "SMALLINT UNSIGNED",
-        T::UInt32 => "INTEGER UNSIGNED",
-        T::UInt64 => "BIGINT UNSIGNED",
-        T::Float16 | T::Float32 => "REAL",
-        T::Float64 => "DOUBLE",
-        T::Decimal32(..) | T::Decimal64(..) | T::Decimal128(..) | T::Decimal256(..) => "DECIMAL",
-        T::Utf8 | T::LargeUtf8 | T::Utf8View => "VARCHAR",
-        T::Binary | T::LargeBinary | T::BinaryView | T::FixedSizeBinary(_) => "BYTEA",
-        T::Date32 | T::Date64 => "DATE",
-        T::Time32(_) | T::Time64(_) => "TIME",
-        T::Timestamp(_, Some(_)) => "TIMESTAMP WITH TIME ZONE",
-        T::Timestamp(_, None) => "TIMESTAMP",
-        T::Interval(_) => "INTERVAL",
-        _ => "OTHER",
-    }
-}
-
 fn one_batch(batch: RecordBatch) -> DataStream {
     let schema = batch.schema();
     Box::pin(
@@ -618,49 +476,6 @@ fn schema_ipc(schema: &Schema) -> Result<bytes::Bytes, Status> {
         .try_into()
         .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
     Ok(bytes)
-}
-
-fn encode_params(batch: &RecordBatch) -> Result<String, Status> {
-    let mut buf = Vec::new();
-    let mut w = StreamWriter::try_new(&mut buf, &batch.schema())
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    w.write(batch)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    w.finish()
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    drop(w);
-    Ok(URL_SAFE_NO_PAD.encode(buf))
-}
-
-/// Bound parameters as a ticket or handle carries them (base64 Arrow IPC stream, one row).
-pub fn decode_params(encoded: &str) -> Result<Vec<ScalarValue>, Status> {
-    let bad = |e: String| Status::invalid_argument(format!("bound parameters are unreadable: {e}"));
-    let bytes = URL_SAFE_NO_PAD
-        .decode(encoded)
-        .map_err(|e| bad(e.to_string()))?;
-    // The push decoder, not StreamReader: StreamReader allocates (and zeroes) whatever body
-    // length a message header claims before reading it, so a few forged bytes could claim
-    // gigabytes (found by the `ticket` fuzz target); the decoder grows only with real input.
-    let mut decoder = StreamDecoder::new();
-    let mut buffer = arrow::buffer::Buffer::from(bytes);
-    while !buffer.is_empty() {
-        let Some(batch) = decoder
-            .decode(&mut buffer)
-            .map_err(|e| bad(e.to_string()))?
-        else {
-            continue;
-        };
-        if batch.num_rows() == 0 {
-            continue;
-        }
-        return batch
-            .columns()
-            .iter()
-            .map(|col| ScalarValue::try_from_array(col, 0).map_err(|e| bad(e.to_string())))
-            .collect();
-    }
-    decoder.finish().map_err(|e| bad(e.to_string()))?;
-    Ok(Vec::new())
 }
 
 /// `(user, password)` from a Basic authorization header.
@@ -1133,34 +948,4 @@ impl FlightSqlService for LakegateService {
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use arrow::array::Int64Array;
-
-    #[test]
-    fn bound_parameters_round_trip() {
-        let batch = RecordBatch::try_from_iter([(
-            "a",
-            Arc::new(Int64Array::from(vec![42])) as arrow::array::ArrayRef,
-        )])
-        .unwrap();
-        let encoded = encode_params(&batch).unwrap();
-        assert_eq!(
-            decode_params(&encoded).unwrap(),
-            vec![ScalarValue::Int64(Some(42))]
-        );
-    }
-
-    #[test]
-    fn a_forged_length_claim_allocates_nothing() {
-        // A message header claiming ~2 GiB of metadata, then a few bytes: refused, without
-        // reserving what the header claims (the fuzz target's RSS shows the difference).
-        let mut forged = vec![0xff, 0xff, 0xff, 0xff, 0xf0, 0xff, 0xff, 0x7f];
-        forged.extend_from_slice(&[1, 2, 3, 4]);
-        let encoded = URL_SAFE_NO_PAD.encode(forged);
-        assert!(decode_params(&encoded).is_err());
-    }
 }
