@@ -109,6 +109,44 @@ fn masks(c: &mut Criterion) {
             });
         }
     }
+    // The same masks as a user would write them in plain DataFusion, built-in functions only,
+    // over the same batches: an unkeyed SHA-256 for the pseudonym (HMAC needs two), substrings
+    // for ZIP3 and the last four.
+    let b = batch(rows, 1);
+    let df_schema = DFSchema::try_from(b.schema().as_ref().clone()).expect("schema");
+    let restricted = lakegate_engine::masks::RESTRICTED_ZIP3
+        .iter()
+        .map(|z| format!("'{z}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let plain = [
+        (
+            "plain_sha256_pseudonym/unique",
+            "concat('ps_', substr(encode(sha256(concat('0707070707', id)), 'hex'), 1, 24))".to_string(),
+        ),
+        (
+            "plain_zip3",
+            format!(
+                "CASE WHEN substr(zip, 1, 3) IN ({restricted}) THEN '000' ELSE substr(zip, 1, 3) END"
+            ),
+        ),
+        ("plain_show_last_4", "concat('*****', right(id, 4))".to_string()),
+    ];
+    for (name, sql) in plain {
+        let expr = ctx
+            .parse_sql_expr(&sql, &df_schema)
+            .expect("plain expression");
+        let physical: Arc<dyn PhysicalExpr> = ctx
+            .create_physical_expr(expr, &df_schema)
+            .expect("physical");
+        group.bench_function(name, |bench| {
+            bench.iter_batched(
+                || fresh(&b),
+                |b| physical.evaluate(&b).expect("evaluate"),
+                BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
 }
 
