@@ -10,13 +10,16 @@
 
 use std::sync::Arc;
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, Throughput,
+};
 use datafusion::arrow::array::{
     make_array, Array, ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::common::DFSchema;
-use datafusion::logical_expr::col;
+use datafusion::logical_expr::{col, Expr};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 use lakegate_engine::masks::{mask_expr, ProjectKey};
@@ -58,6 +61,26 @@ fn fresh(b: &RecordBatch) -> RecordBatch {
     RecordBatch::try_new(b.schema(), columns).expect("batch")
 }
 
+/// Times `expr` over new arrays holding `b`'s values, as each batch of a scan is.
+fn evaluate(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    ctx: &SessionContext,
+    name: &str,
+    expr: Expr,
+    b: &RecordBatch,
+) {
+    let schema = DFSchema::try_from(b.schema().as_ref().clone()).expect("schema");
+    let physical: Arc<dyn PhysicalExpr> =
+        ctx.create_physical_expr(expr, &schema).expect("physical");
+    group.bench_function(name, |bench| {
+        bench.iter_batched(
+            || fresh(b),
+            |b| physical.evaluate(&b).expect("evaluate"),
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 fn masks(c: &mut Criterion) {
     let rows = EngineConfig::default().batch_size;
     let key = ProjectKey([7; 32]);
@@ -66,7 +89,6 @@ fn masks(c: &mut Criterion) {
     group.throughput(Throughput::Elements(rows as u64));
     for (run, label) in [(1, "unique"), (10, "runs_of_10")] {
         let b = batch(rows, run);
-        let df_schema = DFSchema::try_from(b.schema().as_ref().clone()).expect("schema");
         let cases: Vec<(String, Mask, &str, DataType)> = vec![
             (
                 format!("pseudonym/{label}"),
@@ -97,16 +119,7 @@ fn masks(c: &mut Criterion) {
         for (name, mask, column, data_type) in cases {
             let expr = mask_expr(&mask, col(column), &data_type, Some(&key), Some(col("id")))
                 .expect("mask");
-            let physical: Arc<dyn PhysicalExpr> = ctx
-                .create_physical_expr(expr, &df_schema)
-                .expect("physical");
-            group.bench_function(name, |bench| {
-                bench.iter_batched(
-                    || fresh(&b),
-                    |b| physical.evaluate(&b).expect("evaluate"),
-                    BatchSize::SmallInput,
-                )
-            });
+            evaluate(&mut group, &ctx, &name, expr, &b);
         }
     }
     // The same masks as a user would write them in plain DataFusion, built-in functions only,
@@ -136,16 +149,7 @@ fn masks(c: &mut Criterion) {
         let expr = ctx
             .parse_sql_expr(&sql, &df_schema)
             .expect("plain expression");
-        let physical: Arc<dyn PhysicalExpr> = ctx
-            .create_physical_expr(expr, &df_schema)
-            .expect("physical");
-        group.bench_function(name, |bench| {
-            bench.iter_batched(
-                || fresh(&b),
-                |b| physical.evaluate(&b).expect("evaluate"),
-                BatchSize::SmallInput,
-            )
-        });
+        evaluate(&mut group, &ctx, name, expr, &b);
     }
     group.finish();
 }
