@@ -655,7 +655,7 @@ impl Engine {
             })?;
         let mut keys = Vec::new();
         for b in &batches {
-            let strings = crate::masks::Strings::of(b.column(0)).map_err(|_| {
+            let strings = crate::strings::Strings::of(b.column(0)).map_err(|_| {
                 EngineError::Internal(format!(
                     "subject key {}.{} is not utf8",
                     spec.dataset, spec.key

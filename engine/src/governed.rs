@@ -219,6 +219,18 @@ impl TableProvider for GovernedTable {
         for i in &wanted {
             referenced_columns(&self.columns[*i], &raw_schema, &mut needed);
         }
+        // Pseudonyms this scan computes: their subjects' digests are read into a table in the
+        // background, so the next scan of them under this key computes no HMAC (`digests.rs`).
+        if let Some((indexes, dataset)) = &self.lookups {
+            for &i in wanted.iter().filter(|&&i| self.is_pseudonymized(i)) {
+                indexes.warm(
+                    dataset,
+                    &self.raw,
+                    raw_schema.field(i).name(),
+                    &self.columns[i],
+                );
+            }
+        }
         if let Some(f) = &self.filter {
             referenced_columns(f, &raw_schema, &mut needed);
         }

@@ -10,10 +10,16 @@
 //! masks (`Inexact` pushdown), so the index only narrows what is read: a stale or missing index
 //! can make a lookup slow, never change its answer. The index sees raw values, never the
 //! caller: nothing of it reaches a plan, a result or an error.
+//!
+//! The same machinery keeps the subjects of each pseudonymized column that a scan reads with
+//! their digests (`digests.rs`), read in the background once per file listing, so that the next
+//! stream of those subjects under the same key computes no HMAC.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, UInt32Array};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array};
 use datafusion::arrow::compute::{cast, concat, sort_to_indices};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::catalog::TableProvider;
@@ -25,6 +31,9 @@ use lakegate_catalogs::Dataset;
 use object_store::{ObjectMeta, ObjectStore};
 use tokio::sync::Mutex as AsyncMutex;
 
+use crate::digests::partition_point;
+use crate::masks::ProjectKey;
+
 /// Indexes kept at once (least recently used first out). One of a million ids holds about
 /// 50 MB: the pseudonyms (27 bytes each), the raw ids, and a 4-byte sort order.
 const MAX_INDEXES: usize = 8;
@@ -33,6 +42,12 @@ const MAX_INDEXES: usize = 8;
 /// lookups on them compute every row's pseudonym, as without an index.
 const MAX_INDEXED_KEYS: usize = 50_000_000;
 
+/// How long a column's known subjects are trusted before its file listing is checked again.
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// Columns whose subjects were read for their digests, remembered at once.
+const MAX_WARMED: usize = 32;
+
 /// The engine's pseudonym indexes, shared by every caller's governed tables.
 pub(crate) struct PseudonymIndexes {
     store: Arc<dyn ObjectStore>,
@@ -40,6 +55,27 @@ pub(crate) struct PseudonymIndexes {
     /// stored with.
     uncached: SessionState,
     known: AsyncMutex<Vec<Known>>,
+    /// Columns whose subjects' digests are known, with the listing they were read from.
+    warmed: Mutex<Vec<Warmed>>,
+    /// One column's subjects are read at a time, in the background.
+    warming: AtomicBool,
+}
+
+struct Warmed {
+    dataset: String,
+    column: String,
+    key: ProjectKey,
+    files: Vec<ObjectMeta>,
+    checked: Instant,
+}
+
+/// Clears the flag it holds when the background read ends, however it ends.
+struct Warming<'a>(&'a AtomicBool);
+
+impl Drop for Warming<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for PseudonymIndexes {
@@ -80,19 +116,6 @@ impl Index {
     }
 }
 
-fn partition_point(len: usize, before: impl Fn(usize) -> bool) -> usize {
-    let (mut lo, mut hi) = (0, len);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if before(mid) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    lo
-}
-
 /// A caller's predicate that names pseudonyms of one column: `column = 'literal'` (either way
 /// round) or `column IN ('a', 'b', …)`.
 pub(crate) fn named_pseudonyms(f: &Expr) -> Option<(&Column, Vec<&str>)> {
@@ -126,7 +149,112 @@ impl PseudonymIndexes {
             store,
             uncached,
             known: AsyncMutex::new(Vec::new()),
+            warmed: Mutex::new(Vec::new()),
+            warming: AtomicBool::new(false),
         }
+    }
+
+    /// Makes the subjects of a pseudonymized column known with their digests under the mask's
+    /// key, in the background, if they are not known yet or the listing they were read from may
+    /// have changed. A scan never waits for it: until it is done, streams compute HMACs.
+    pub(crate) fn warm(
+        self: &Arc<Self>,
+        dataset: &Arc<Dataset>,
+        raw: &Arc<dyn TableProvider>,
+        column: &str,
+        mask: &Expr,
+    ) {
+        let Some(key) = crate::masks::pseudonym_key(mask) else {
+            return;
+        };
+        let fresh = self
+            .warmed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|w| {
+                w.dataset == dataset.name
+                    && w.column == column
+                    && w.key == *key
+                    && w.checked.elapsed() < RECHECK
+            });
+        if fresh || self.warming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (this, dataset, raw) = (Arc::clone(self), Arc::clone(dataset), Arc::clone(raw));
+        let (column, key) = (column.to_string(), key.clone());
+        tokio::spawn(async move {
+            let _warming = Warming(&this.warming);
+            if let Err(e) = this.warm_now(&dataset, &raw, &column, key).await {
+                tracing::warn!(dataset = %dataset.name, column, error = %e, "subjects not read; streams compute every pseudonym");
+            }
+        });
+    }
+
+    async fn warm_now(
+        &self,
+        dataset: &Dataset,
+        raw: &Arc<dyn TableProvider>,
+        column: &str,
+        key: ProjectKey,
+    ) -> crate::Result<()> {
+        let files = dataset.file_versions(&self.store).await?;
+        let same = |w: &Warmed| w.dataset == dataset.name && w.column == column && w.key == key;
+        {
+            let mut warmed = self.warmed.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(w) = warmed.iter_mut().find(|w| same(w)) {
+                if w.files == files {
+                    w.checked = Instant::now();
+                    return Ok(());
+                }
+            }
+        }
+        let ids = self.distinct(raw, column).await?;
+        if let Some(ids) = ids {
+            let key = key.clone();
+            tokio::task::spawn_blocking(move || crate::digests::remember(&key, &ids))
+                .await
+                .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        }
+        let mut warmed = self.warmed.lock().unwrap_or_else(|e| e.into_inner());
+        warmed.retain(|w| !same(w));
+        if warmed.len() >= MAX_WARMED {
+            warmed.remove(0);
+        }
+        warmed.push(Warmed {
+            dataset: dataset.name.clone(),
+            column: column.to_string(),
+            key,
+            files,
+            checked: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// The distinct values of a raw column, read from the lake as it is now.
+    fn distinct_ids(
+        &self,
+        raw: &Arc<dyn TableProvider>,
+        column: &str,
+    ) -> DFResult<datafusion::dataframe::DataFrame> {
+        let key = Expr::Column(Column::new_unqualified(column));
+        SessionContext::new_with_state(self.uncached.clone())
+            .read_table(Arc::clone(raw))?
+            .select(vec![key])?
+            .distinct()
+    }
+
+    /// The distinct values of a raw column as text, `None` past `MAX_INDEXED_KEYS`.
+    async fn distinct(
+        &self,
+        raw: &Arc<dyn TableProvider>,
+        column: &str,
+    ) -> crate::Result<Option<StringArray>> {
+        let batches = self.distinct_ids(raw, column)?.collect().await?;
+        if batches.iter().map(|b| b.num_rows()).sum::<usize>() > MAX_INDEXED_KEYS {
+            return Ok(None);
+        }
+        Ok(Some(text_column(&batches, 0)?))
     }
 
     /// The predicate over the raw column that keeps every row whose pseudonym is one of
@@ -219,11 +347,8 @@ impl PseudonymIndexes {
         mask: &Expr,
     ) -> crate::Result<Option<Index>> {
         let key = Expr::Column(Column::new_unqualified(column));
-        let ctx = SessionContext::new_with_state(self.uncached.clone());
-        let batches = ctx
-            .read_table(Arc::clone(raw))?
-            .select(vec![key.clone()])?
-            .distinct()?
+        let batches = self
+            .distinct_ids(raw, column)?
             .select(vec![key, mask.clone().alias("pseudonym")])?
             .collect()
             .await?;
@@ -231,17 +356,8 @@ impl PseudonymIndexes {
         if rows > MAX_INDEXED_KEYS {
             return Ok(None);
         }
-        let column_of = |i: usize| -> DFResult<StringArray> {
-            let parts: Vec<&dyn Array> = batches.iter().map(|b| b.column(i).as_ref()).collect();
-            let whole: ArrayRef = if parts.is_empty() {
-                Arc::new(StringArray::from(Vec::<Option<&str>>::new()))
-            } else {
-                concat(&parts)?
-            };
-            Ok(cast(&whole, &DataType::Utf8)?.as_string::<i32>().clone())
-        };
-        let raw = column_of(0)?;
-        let pseudonyms = column_of(1)?;
+        let raw = text_column(&batches, 0)?;
+        let pseudonyms = text_column(&batches, 1)?;
         let order = sort_to_indices(&pseudonyms, None, None).map_err(DataFusionError::from)?;
         Ok(Some(Index {
             pseudonyms,
@@ -249,6 +365,17 @@ impl PseudonymIndexes {
             order,
         }))
     }
+}
+
+/// Column `i` of `batches`, as one `Utf8` array.
+fn text_column(batches: &[RecordBatch], i: usize) -> DFResult<StringArray> {
+    let parts: Vec<&dyn Array> = batches.iter().map(|b| b.column(i).as_ref()).collect();
+    let whole: ArrayRef = if parts.is_empty() {
+        Arc::new(StringArray::from(Vec::<Option<&str>>::new()))
+    } else {
+        concat(&parts)?
+    };
+    Ok(cast(&whole, &DataType::Utf8)?.as_string::<i32>().clone())
 }
 
 #[cfg(test)]

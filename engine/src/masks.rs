@@ -2,9 +2,7 @@
 //! UTF-8 input. The keyed masks (pseudonym, date shift) are UDFs that carry their project's key;
 //! they are never registered in a session, so no query can call them with another key.
 
-use std::cell::RefCell;
-use std::rc::Rc;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use chrono::Datelike;
 use datafusion::arrow::array::{
@@ -17,11 +15,11 @@ use datafusion::logical_expr::{
     cast, lit, when, ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
     Volatility,
 };
-use hmac::{Hmac, Mac};
 use lakegate_policies::Mask;
-use sha2::Sha256;
 
-type HmacSha256 = Hmac<Sha256>;
+pub use crate::digests::ProjectKey;
+use crate::digests::{subject_digests, Digest, RunDigests};
+use crate::strings::Strings;
 
 /// ZIP3 areas with fewer than 20,000 people (HIPAA Safe Harbor, 2000 census), which must become
 /// `000`. Versioned so a policy decision can say which list it used.
@@ -32,25 +30,6 @@ pub const RESTRICTED_ZIP3: &[&str] = &[
 ];
 
 const DAY_MICROS: i64 = 86_400_000_000;
-
-/// A 32-byte secret of one project: pseudonyms and date shifts are stable within a project and
-/// unrelated across projects.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct ProjectKey(pub [u8; 32]);
-
-impl std::fmt::Debug for ProjectKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ProjectKey(<redacted>)")
-    }
-}
-
-impl ProjectKey {
-    fn mac(&self, domain: &[u8]) -> HmacSha256 {
-        let mut m = HmacSha256::new_from_slice(&self.0).expect("any key length");
-        m.update(domain);
-        m
-    }
-}
 
 /// What one masking UDF computes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -88,117 +67,6 @@ impl MaskUdf {
 
 /// `ps_` and 24 hex digits (96 bits of the HMAC).
 const PSEUDONYM_LEN: usize = 27;
-
-/// A string column as `Utf8` or `Utf8View`: the lake's raw strings are read as views (no copy
-/// out of the Parquet pages), what masks produce is `Utf8`.
-pub(crate) enum Strings<'a> {
-    Plain(&'a datafusion::arrow::array::StringArray),
-    View(&'a datafusion::arrow::array::StringViewArray),
-}
-
-impl<'a> Strings<'a> {
-    pub(crate) fn of(a: &'a ArrayRef) -> DFResult<Self> {
-        if let Some(s) = a.as_string_opt::<i32>() {
-            return Ok(Self::Plain(s));
-        }
-        if let Some(s) = a.as_string_view_opt() {
-            return Ok(Self::View(s));
-        }
-        exec_err!("expected a string column, got {}", a.data_type())
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            Self::Plain(s) => s.len(),
-            Self::View(s) => s.len(),
-        }
-    }
-
-    pub(crate) fn is_null(&self, i: usize) -> bool {
-        match self {
-            Self::Plain(s) => s.is_null(i),
-            Self::View(s) => s.is_null(i),
-        }
-    }
-
-    pub(crate) fn nulls(&self) -> Option<&'a NullBuffer> {
-        match self {
-            Self::Plain(s) => (*s).nulls(),
-            Self::View(s) => (*s).nulls(),
-        }
-    }
-
-    /// The value of a row that is not null.
-    pub(crate) fn value(&self, i: usize) -> &'a str {
-        match self {
-            Self::Plain(s) => s.value(i),
-            Self::View(s) => s.value(i),
-        }
-    }
-
-    /// Rows in runs of one value, in order and covering every row: each run is all null or
-    /// all one string, and a run ends where the value or its nullness changes. Kernels compute
-    /// one answer per run, because rows of one subject lie together (files are written per
-    /// patient).
-    pub(crate) fn runs(&self) -> Vec<std::ops::Range<usize>> {
-        // One pass per kind, each comparing neighbours inline (a call per row cost more than
-        // the comparison: this runs on every row a scan reads, once per kernel).
-        match self {
-            Self::Plain(s) => runs_where(s.len(), s.nulls(), |i| s.value(i) == s.value(i - 1)),
-            Self::View(s) => {
-                let views = s.views();
-                runs_where(s.len(), s.nulls(), |i| {
-                    let (a, b) = (views[i], views[i - 1]);
-                    a == b
-                        || ((a as u64) == (b as u64)
-                            && (a as u32) > 12
-                            && s.value(i) == s.value(i - 1))
-                })
-            }
-        }
-    }
-
-    pub(crate) fn get(&self, i: usize) -> Option<&'a str> {
-        (!self.is_null(i)).then(|| self.value(i))
-    }
-
-    /// Bytes of the values, for sizing an output.
-    fn value_bytes(&self) -> usize {
-        match self {
-            Self::Plain(s) => s.value_data().len(),
-            Self::View(s) => s.total_bytes_len(),
-        }
-    }
-}
-
-/// Runs of rows where `same_as_previous(i)` (asked only when rows `i - 1` and `i` are both
-/// valid) holds; nullness changes always cut, and adjacent nulls share a run.
-fn runs_where(
-    n: usize,
-    nulls: Option<&NullBuffer>,
-    same_as_previous: impl Fn(usize) -> bool,
-) -> Vec<std::ops::Range<usize>> {
-    let mut runs = Vec::with_capacity(n / 4 + 1);
-    let mut start = 0;
-    for i in 1..n {
-        let continues = match nulls {
-            None => same_as_previous(i),
-            Some(b) => match (b.is_valid(i), b.is_valid(i - 1)) {
-                (true, true) => same_as_previous(i),
-                (false, false) => true,
-                _ => false,
-            },
-        };
-        if !continues {
-            runs.push(start..i);
-            start = i;
-        }
-    }
-    if n > 0 {
-        runs.push(start..n);
-    }
-    runs
-}
 
 fn map_strings(a: &ArrayRef, mut f: impl FnMut(&str, &mut String)) -> DFResult<ArrayRef> {
     let strings = Strings::of(a)?;
@@ -263,76 +131,6 @@ fn shift_days(digest: &Digest, max_days: u32) -> i64 {
 fn shift_micros(digest: &Digest, max_days: u32) -> i64 {
     let n = u64::from_le_bytes(digest[16..24].try_into().expect("8 bytes"));
     shift_days(digest, max_days) * DAY_MICROS + (n % DAY_MICROS as u64) as i64
-}
-
-/// A subject id's keyed digest, `HMAC-SHA256(project key, "pseudonym\0" || id)`: its first 12
-/// bytes are the id's pseudonym, its last 8 the subject's date shift. (The domain is named for
-/// the pseudonym, which it served alone first; it stays so pseudonyms stay stable.)
-type Digest = [u8; 32];
-const SUBJECT_DOMAIN: &[u8] = b"pseudonym\0";
-
-/// One digest per run of equal subject ids, `None` for a run of nulls.
-type RunDigests = Rc<[(std::ops::Range<usize>, Option<Digest>)]>;
-
-/// How many subject columns a thread remembers the digests of.
-const DIGEST_CACHE_LEN: usize = 4;
-
-thread_local! {
-    /// The digests of the subject columns this thread met last. A projection evaluates its
-    /// expressions one after another on one thread, so the pseudonym of `patient_id` and every
-    /// date shift keyed on it read the same array of the same batch: one HMAC per patient
-    /// serves them all, where an HMAC per patient per mask was most of their cost. Entries
-    /// hold a weak reference to the array: it keeps the allocation's address from being
-    /// reused (so an equal pointer is the same array, the same values) without keeping its
-    /// buffers alive.
-    static DIGESTS: RefCell<Vec<KnownDigests>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The digests of one subject array under one project key.
-struct KnownDigests {
-    key: ProjectKey,
-    subjects: Weak<dyn Array>,
-    digests: RunDigests,
-}
-
-/// The digests of `subjects` under `key`, computed once per array and key on this thread.
-fn subject_digests(key: &ProjectKey, subjects: &ArrayRef) -> DFResult<RunDigests> {
-    let hit = DIGESTS.with_borrow(|cache| {
-        cache
-            .iter()
-            .find(|k| {
-                std::ptr::addr_eq(k.subjects.as_ptr(), Arc::as_ptr(subjects)) && k.key == *key
-            })
-            .map(|k| Rc::clone(&k.digests))
-    });
-    if let Some(digests) = hit {
-        return Ok(digests);
-    }
-    let strings = Strings::of(subjects)?;
-    let base = key.mac(SUBJECT_DOMAIN);
-    let digests: RunDigests = strings
-        .runs()
-        .into_iter()
-        .map(|run| {
-            let digest = (!strings.is_null(run.start)).then(|| {
-                let mut m = base.clone();
-                m.update(strings.value(run.start).as_bytes());
-                Digest::from(m.finalize().into_bytes())
-            });
-            (run, digest)
-        })
-        .collect();
-    DIGESTS.with_borrow_mut(|cache| {
-        if cache.len() == DIGEST_CACHE_LEN {
-            cache.remove(0);
-        }
-        cache.push(KnownDigests {
-            key: key.clone(),
-            subjects: Arc::downgrade(subjects),
-            digests: Rc::clone(&digests),
-        });
-    });
-    Ok(digests)
 }
 
 /// The pseudonyms of a column whose runs of subjects have `digests`, written straight into the
@@ -567,6 +365,27 @@ pub fn mask_expr(
 }
 
 /// A mask's kind, as named in policy files (for the audit trail; never its parameters' secrets).
+/// Makes the digests of `ids` known under `key`, so that pseudonyms and date shifts of these
+/// subjects under this key are read from a table instead of computed (see `digests.rs`). The
+/// engine does this itself, in the background, for every pseudonymized column a scan reads.
+pub fn remember_subjects(key: &ProjectKey, ids: &datafusion::arrow::array::StringArray) {
+    crate::digests::remember(key, ids);
+}
+
+/// The project key of a pseudonym mask expression (`lg_pseudonym(column)`), if it is one.
+pub(crate) fn pseudonym_key(mask: &Expr) -> Option<&ProjectKey> {
+    match mask {
+        Expr::ScalarFunction(f) => match f.func.inner().downcast_ref::<MaskUdf>() {
+            Some(MaskUdf {
+                kernel: Kernel::Pseudonym(key),
+                ..
+            }) => Some(key),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 pub fn mask_name(m: &Mask) -> &'static str {
     match m {
         Mask::Nullify => "nullify",
@@ -796,7 +615,8 @@ mod tests {
         // Known answer: the pseudonym shows the digest's first 12 bytes, the date shift reads
         // its last 8, so one HMAC per subject serves both and neither reveals the other.
         let key = ProjectKey([9; 32]);
-        let mut m = HmacSha256::new_from_slice(&key.0).unwrap();
+        use hmac::Mac;
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key.0).unwrap();
         m.update(b"pseudonym\0P1");
         let d = m.finalize().into_bytes();
         let hex: String = d[..12].iter().map(|b| format!("{b:02x}")).collect();

@@ -158,7 +158,7 @@ impl InSubjectSet {
 }
 
 impl InSubjectSet {
-    fn members(&self, strings: &crate::masks::Strings) -> BooleanBuffer {
+    fn members(&self, strings: &crate::strings::Strings) -> BooleanBuffer {
         // One answer per run of a subject's rows (this runs on every row the scan reads).
         let mut cursor = Cursor::default();
         let mut out = BooleanBufferBuilder::new(strings.len());
@@ -185,7 +185,7 @@ impl ScalarUDFImpl for InSubjectSet {
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let members = self.members(&crate::masks::Strings::of(&arrays[0])?);
+        let members = self.members(&crate::strings::Strings::of(&arrays[0])?);
         Ok(ColumnarValue::Array(
             Arc::new(BooleanArray::new(members, None)) as ArrayRef,
         ))
