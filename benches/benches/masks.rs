@@ -22,9 +22,13 @@ use datafusion::common::DFSchema;
 use datafusion::logical_expr::{col, Expr};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
-use lakegate_engine::masks::{mask_expr, ProjectKey};
+use lakegate_engine::masks::{mask_expr, remember_subjects, ProjectKey};
 use lakegate_engine::EngineConfig;
 use lakegate_policies::Mask;
+
+fn ids(n: usize) -> StringArray {
+    StringArray::from_iter_values((0..n).map(|i| format!("P{i:08}")))
+}
 
 fn batch(rows: usize, run: usize) -> RecordBatch {
     let ids: ArrayRef = Arc::new(StringArray::from_iter_values(
@@ -122,6 +126,22 @@ fn masks(c: &mut Criterion) {
             evaluate(&mut group, &ctx, &name, expr, &b);
         }
     }
+    // Subjects the engine knows under the key (as after a first scan of them): a million ids,
+    // the batch's among them. Another key, so the cases above computed their HMACs.
+    let known = ProjectKey([9; 32]);
+    remember_subjects(&known, &ids(1_000_000));
+    for (run, label) in [(1, "unique"), (10, "runs_of_10")] {
+        let expr = mask_expr(
+            &Mask::Pseudonym,
+            col("id"),
+            &DataType::Utf8,
+            Some(&known),
+            None,
+        )
+        .expect("mask");
+        let name = format!("pseudonym_known_subjects/{label}");
+        evaluate(&mut group, &ctx, &name, expr, &batch(rows, run));
+    }
     // The same masks as a user would write them in plain DataFusion, built-in functions only,
     // over the same batches: an unkeyed SHA-256 for the pseudonym (HMAC needs two), substrings
     // for ZIP3 and the last four.
@@ -154,5 +174,45 @@ fn masks(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, masks);
+/// A subject's digest read from a hash map from id to digest (DataFusion's hashbrown and
+/// foldhash) against its HMAC, per id over `n` distinct ids in order. The engine keeps a sorted
+/// table instead (group `mask`, `pseudonym_known_subjects`): past the CPU caches, each map
+/// lookup misses memory and costs more than the HMAC it saves.
+fn subject_digest(c: &mut Criterion) {
+    use hmac::{Hmac, Mac};
+    let mut group = c.benchmark_group("subject_digest");
+    group.sample_size(10);
+    let mut base = Hmac::<sha2::Sha256>::new_from_slice(&[7; 32]).expect("key");
+    base.update(b"pseudonym\0");
+    let hmac = |id: &str| -> [u8; 32] {
+        let mut m = base.clone();
+        m.update(id.as_bytes());
+        m.finalize().into_bytes().into()
+    };
+    for n in [10_000, 1_000_000] {
+        let ids = ids(n);
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_function(format!("hmac_sha256/{n}"), |b| {
+            b.iter(|| {
+                ids.iter()
+                    .flatten()
+                    .map(|id| hmac(id)[0])
+                    .fold(0, |a, x| a ^ x)
+            })
+        });
+        let map: hashbrown::HashMap<&str, [u8; 32]> =
+            ids.iter().flatten().map(|id| (id, hmac(id))).collect();
+        group.bench_function(format!("hash_map/{n}"), |b| {
+            b.iter(|| {
+                ids.iter()
+                    .flatten()
+                    .map(|id| map[id][0])
+                    .fold(0, |a, x| a ^ x)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, masks, subject_digest);
 criterion_main!(benches);
