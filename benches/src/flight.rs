@@ -35,6 +35,10 @@ use lakegate_benches::{governed, persona, plain};
 use lakegate_engine::Engine;
 use tonic::transport::Channel;
 
+// The server's allocator, so the in-process engine and plain DataFusion allocate as it does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     /// The lake to measure (build one with `lakegate demo --patients 1000000 --build-only`).

@@ -12,3 +12,7 @@ mod lookup;
 mod personas;
 mod policy_admin;
 mod slt;
+
+// The server's allocator, so the soak's resident-memory bound measures what a server does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
