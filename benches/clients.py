@@ -23,29 +23,12 @@ import time
 import adbc_driver_flightsql.dbapi as flightsql
 import pyarrow.flight as flight
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "interop"))
+from flightsql_command import statement_query  # noqa: E402
+
 TRAINING_STREAM = (
     "SELECT patient_id, start_time, encounter_class, total_cost FROM clinical.encounters"
 )
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def statement_query(sql: str) -> bytes:
-    """A protobuf Any wrapping CommandStatementQuery."""
-    type_url = b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery"
-    return _field(1, type_url) + _field(2, _field(1, sql.encode()))
 
 
 def read_pyarrow(address: str, user: str, sql: str) -> int:
