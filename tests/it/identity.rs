@@ -12,8 +12,6 @@ use lakegate_flight_server::tls::TlsSettings;
 use lakegate_policies::UserStore;
 use lakegate_tests::{ServerOptions, TestServer};
 use rcgen::{BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair};
-use rsa::pkcs1::EncodeRsaPrivateKey;
-use rsa::traits::PublicKeyParts;
 use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::common::{code_of, first_i64, login, sql, Client};
@@ -174,15 +172,13 @@ struct Idp {
 const ISSUER: &str = "https://idp.hospital.test";
 const AUDIENCE: &str = "lakegate";
 
+/// The identity provider's RSA signing key: a fixed test key (`tests/fixtures/idp-rsa.pem`,
+/// made with `openssl genrsa -traditional 2048`) and its public JWK, so the tests need no RSA
+/// key generator of their own.
 fn rsa_key() -> (EncodingKey, serde_json::Value) {
-    let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
-    let der = key.to_pkcs1_der().unwrap();
-    let jwk = serde_json::json!({
-        "kty": "RSA", "use": "sig", "alg": "RS256",
-        "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
-        "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
-    });
-    (EncodingKey::from_rsa_der(der.as_bytes()), jwk)
+    let pem = include_bytes!("../fixtures/idp-rsa.pem");
+    let jwk = serde_json::from_str(include_str!("../fixtures/idp-rsa.jwk.json")).unwrap();
+    (EncodingKey::from_rsa_pem(pem).unwrap(), jwk)
 }
 
 impl Idp {
