@@ -6,6 +6,7 @@
 //! Every dataset carries its Arrow schema, per-column sensitivity labels and dataset tags;
 //! [`Catalog::verify`] checks the Parquet files against that contract before anything is served.
 
+pub mod describe;
 mod lake;
 mod model;
 

@@ -1,4 +1,5 @@
-//! The `lakegate` command: `demo` builds and serves the demo lake, `serve` runs a deployment.
+//! The `lakegate` command: `demo` builds and serves the demo lake, `serve` runs a deployment,
+//! `audit` verifies the trail and `catalog` describes the lake.
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -8,6 +9,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lakegate_catalogs::demo::{build_demo_lake, DemoOptions};
+use lakegate_catalogs::describe;
 use lakegate_catalogs::Lake;
 use lakegate_engine::audit::{public_key_from_pem, verify_trail, AuditKey};
 use lakegate_engine::{Engine, KeyRing};
@@ -45,6 +47,27 @@ enum Cmd {
     /// The audit trail: verify it, or make a signing key for it.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// What the catalog holds: datasets, labels, contracts and files (never a data value).
+    #[command(subcommand)]
+    Catalog(CatalogCmd),
+}
+
+#[derive(Subcommand)]
+enum CatalogCmd {
+    /// One line per dataset: zone, format, files, bytes, columns by label, retention, owner.
+    List {
+        /// The lake (local path or object store URL) [default: ./demo-lake].
+        #[arg(long, env = "LAKEGATE_LAKE")]
+        lake: Option<String>,
+    },
+    /// One dataset: description, owner, retention, each column's type and label, its files.
+    Show {
+        /// The lake (local path or object store URL) [default: ./demo-lake].
+        #[arg(long, env = "LAKEGATE_LAKE")]
+        lake: Option<String>,
+        /// The dataset, as `schema.table` (e.g. clinical.encounters).
+        dataset: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +135,8 @@ fn main() -> ExitCode {
             Cmd::Serve(args) => serve(args).await,
             Cmd::Audit(AuditCmd::Verify { lake, public_key }) => verify(lake, public_key).await,
             Cmd::Audit(AuditCmd::Keygen { out }) => keygen(&out),
+            Cmd::Catalog(CatalogCmd::List { lake }) => catalog_list(lake).await,
+            Cmd::Catalog(CatalogCmd::Show { lake, dataset }) => catalog_show(lake, &dataset).await,
         }
     });
     match result {
@@ -280,11 +305,8 @@ async fn verify(
     lake: Option<String>,
     public_key: Option<std::path::PathBuf>,
 ) -> Result<(), AnyError> {
-    let lake_url = lake.unwrap_or_else(|| "./demo-lake".into());
-    let lake = Lake::open(&lake_url)?;
-    if !lake.has_catalog().await? {
-        return Err(format!("no lake at {} (it has no catalog)", lake.url()).into());
-    }
+    let lake_url = lake.clone().unwrap_or_else(|| "./demo-lake".into());
+    let lake = existing_lake(lake).await?;
     let key_path = match public_key {
         Some(p) => p,
         None => {
@@ -314,6 +336,28 @@ async fn verify(
     let report = verify_trail(&lake.store(), &key).await?;
     println!("{report}");
     println!("  trusted key {}", key_path.display());
+    Ok(())
+}
+
+/// Opens a lake that must already hold a catalog.
+async fn existing_lake(lake: Option<String>) -> Result<Lake, AnyError> {
+    let lake = Lake::open(&lake.unwrap_or_else(|| "./demo-lake".into()))?;
+    if !lake.has_catalog().await? {
+        return Err(format!("no lake at {} (it has no catalog)", lake.url()).into());
+    }
+    Ok(lake)
+}
+
+async fn catalog_list(lake: Option<String>) -> Result<(), AnyError> {
+    print!("{}", describe::list(&existing_lake(lake).await?).await?);
+    Ok(())
+}
+
+async fn catalog_show(lake: Option<String>, dataset: &str) -> Result<(), AnyError> {
+    print!(
+        "{}",
+        describe::show(&existing_lake(lake).await?, dataset).await?
+    );
     Ok(())
 }
 

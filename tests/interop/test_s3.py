@@ -3,6 +3,7 @@ loopback, speaking the S3 HTTP protocol to object_store's signed requests) holds
 s3://bucket/prefix for `demo`, serving and `audit verify`."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -87,6 +88,12 @@ def _verify(lake):
     )
 
 
+def _lakegate(*args):
+    return subprocess.run(
+        [lakegate_binary(), *args], capture_output=True, text=True, timeout=120
+    )
+
+
 def _serve_and_query(lake):
     proc, address = start_lakegate(lake, patients=300)
     try:
@@ -123,6 +130,17 @@ def test_a_lake_on_s3_is_built_served_governed_and_audited(s3):
     result = _verify(lake)
     assert result.returncode == 0, result.stderr
     assert "audit trail intact" in result.stdout
+
+    # The catalog describes the lake on S3: names, labels and files, never a value.
+    listing = _lakegate("catalog", "list", "--lake", lake)
+    assert listing.returncode == 0, listing.stderr
+    assert "clinical.patients" in listing.stdout and "phi.direct" in listing.stdout
+    shown = _lakegate("catalog", "show", "--lake", lake, "clinical.patients")
+    assert shown.returncode == 0, shown.stderr
+    assert "ssn" in shown.stdout and "phi.direct" in shown.stdout
+    assert not re.search(r"\b\d{3}-\d{2}-\d{4}\b", listing.stdout + shown.stdout)
+    unknown = _lakegate("catalog", "show", "--lake", lake, "clinical.nope")
+    assert unknown.returncode == 1 and "no such dataset" in unknown.stderr
 
     # Served again: the lake is found as it was left, and the chain continues on S3.
     _serve_and_query(lake)
