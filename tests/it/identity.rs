@@ -173,8 +173,8 @@ const ISSUER: &str = "https://idp.hospital.test";
 const AUDIENCE: &str = "lakegate";
 
 /// The identity provider's RSA signing key: a fixed test key (`tests/fixtures/idp-rsa.pem`,
-/// made with `openssl genrsa -traditional 2048`) and its public JWK, so the tests need no RSA
-/// key generator of their own.
+/// made with `openssl genrsa -traditional 2048`, as is `unpublished-rsa.pem`, a key no JWKS
+/// names) and its public JWK, so the tests need no RSA key generator of their own.
 fn rsa_key() -> (EncodingKey, serde_json::Value) {
     let pem = include_bytes!("../fixtures/idp-rsa.pem");
     let jwk = serde_json::from_str(include_str!("../fixtures/idp-rsa.jwk.json")).unwrap();
@@ -287,7 +287,8 @@ async fn bearer_jwts_are_verified_on_every_rpc() {
     cases.push(refused(c, "missing exp"));
     cases.push(refused(Idp::claims("revoked-svc"), "disabled"));
     // Signed by a key the provider does not publish, under a published kid.
-    let (other, _) = rsa_key();
+    let other =
+        EncodingKey::from_rsa_pem(include_bytes!("../fixtures/unpublished-rsa.pem")).unwrap();
     let mut h = Header::new(jsonwebtoken::Algorithm::RS256);
     h.kid = Some("rsa-1".into());
     cases.push((
