@@ -25,9 +25,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3():
+def s3(tmp_path_factory):
     """Start moto's S3 server, make a bucket, and point object_store at it through the
-    environment (as a deployment would); yield a boto3 client of the same server."""
+    environment (as a deployment would); yield a boto3 client of the same server. The servers
+    run in a folder of their own: for a remote lake the demo keeps its keys in the working
+    folder."""
+    home = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("s3-workdir"))
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -72,6 +76,7 @@ def s3():
                 os.environ[k] = v
         proc.terminate()
         proc.wait(timeout=10)
+        os.chdir(home)
 
 
 def _keys(client, prefix):
