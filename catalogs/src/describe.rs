@@ -29,7 +29,7 @@ pub async fn list(lake: &Lake) -> Result<String> {
         rows.push([
             d.name.clone(),
             d.zone.clone(),
-            format_name(d).into(),
+            catalog_name(&d.format),
             files.len().to_string(),
             bytes(&files).to_string(),
             labels(d),
@@ -59,7 +59,7 @@ pub async fn show(lake: &Lake, name: &str) -> Result<String> {
         let _ = writeln!(out, "description  {}", d.description);
     }
     let _ = writeln!(out, "zone         {}", d.zone);
-    let _ = writeln!(out, "format       {}", format_name(d));
+    let _ = writeln!(out, "format       {}", catalog_name(&d.format));
     let _ = writeln!(out, "location     {}", d.location);
     let _ = writeln!(out, "owner        {}", or_dash(&d.owner));
     let _ = writeln!(out, "tags         {}", or_dash(&d.tags.join(", ")));
@@ -75,7 +75,7 @@ pub async fn show(lake: &Lake, name: &str) -> Result<String> {
     for c in &d.columns {
         rows.push([
             c.name.clone(),
-            format!("{:?}", c.data_type).to_lowercase(),
+            catalog_name(&c.data_type),
             if c.nullable { "yes" } else { "no" }.into(),
             c.label.clone(),
         ]);
@@ -99,10 +99,11 @@ pub async fn show(lake: &Lake, name: &str) -> Result<String> {
     Ok(out)
 }
 
-fn format_name(d: &Dataset) -> &'static str {
-    match d.format {
-        crate::FileFormat::Parquet => "parquet",
-        crate::FileFormat::Ndjson => "ndjson",
+/// A type or format as `catalog/datasets.json` spells it (`timestamp_utc`, `ndjson`).
+fn catalog_name<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => "?".into(),
     }
 }
 

@@ -56,15 +56,15 @@ enum Cmd {
 enum CatalogCmd {
     /// One line per dataset: zone, format, files, bytes, columns by label, retention, owner.
     List {
-        /// The lake (local path or object store URL) [default: ./demo-lake].
-        #[arg(long, env = "LAKEGATE_LAKE")]
-        lake: Option<String>,
+        /// The lake (local path or object store URL).
+        #[arg(long, env = "LAKEGATE_LAKE", default_value = "./demo-lake")]
+        lake: String,
     },
     /// One dataset: description, owner, retention, each column's type and label, its files.
     Show {
-        /// The lake (local path or object store URL) [default: ./demo-lake].
-        #[arg(long, env = "LAKEGATE_LAKE")]
-        lake: Option<String>,
+        /// The lake (local path or object store URL).
+        #[arg(long, env = "LAKEGATE_LAKE", default_value = "./demo-lake")]
+        lake: String,
         /// The dataset, as `schema.table` (e.g. clinical.encounters).
         dataset: String,
     },
@@ -135,8 +135,8 @@ fn main() -> ExitCode {
             Cmd::Serve(args) => serve(args).await,
             Cmd::Audit(AuditCmd::Verify { lake, public_key }) => verify(lake, public_key).await,
             Cmd::Audit(AuditCmd::Keygen { out }) => keygen(&out),
-            Cmd::Catalog(CatalogCmd::List { lake }) => catalog_list(lake).await,
-            Cmd::Catalog(CatalogCmd::Show { lake, dataset }) => catalog_show(lake, &dataset).await,
+            Cmd::Catalog(CatalogCmd::List { lake }) => catalog_list(&lake).await,
+            Cmd::Catalog(CatalogCmd::Show { lake, dataset }) => catalog_show(&lake, &dataset).await,
         }
     });
     match result {
@@ -305,8 +305,8 @@ async fn verify(
     lake: Option<String>,
     public_key: Option<std::path::PathBuf>,
 ) -> Result<(), AnyError> {
-    let lake_url = lake.clone().unwrap_or_else(|| "./demo-lake".into());
-    let lake = existing_lake(lake).await?;
+    let lake_url = lake.unwrap_or_else(|| "./demo-lake".into());
+    let lake = existing_lake(&lake_url).await?;
     let key_path = match public_key {
         Some(p) => p,
         None => {
@@ -340,20 +340,20 @@ async fn verify(
 }
 
 /// Opens a lake that must already hold a catalog.
-async fn existing_lake(lake: Option<String>) -> Result<Lake, AnyError> {
-    let lake = Lake::open(&lake.unwrap_or_else(|| "./demo-lake".into()))?;
+async fn existing_lake(url: &str) -> Result<Lake, AnyError> {
+    let lake = Lake::open(url)?;
     if !lake.has_catalog().await? {
         return Err(format!("no lake at {} (it has no catalog)", lake.url()).into());
     }
     Ok(lake)
 }
 
-async fn catalog_list(lake: Option<String>) -> Result<(), AnyError> {
+async fn catalog_list(lake: &str) -> Result<(), AnyError> {
     print!("{}", describe::list(&existing_lake(lake).await?).await?);
     Ok(())
 }
 
-async fn catalog_show(lake: Option<String>, dataset: &str) -> Result<(), AnyError> {
+async fn catalog_show(lake: &str, dataset: &str) -> Result<(), AnyError> {
     print!(
         "{}",
         describe::show(&existing_lake(lake).await?, dataset).await?
