@@ -347,6 +347,7 @@ fn col(name: &str, t: ColumnType, nullable: bool, label: &str) -> ColumnDef {
         data_type: t,
         nullable,
         label: label.into(),
+        checks: Default::default(),
     }
 }
 

@@ -71,6 +71,7 @@ pub async fn show(lake: &Lake, name: &str) -> Result<String> {
         "type".into(),
         "nullable".into(),
         "label".into(),
+        "checks".into(),
     ]];
     for c in &d.columns {
         rows.push([
@@ -78,6 +79,7 @@ pub async fn show(lake: &Lake, name: &str) -> Result<String> {
             catalog_name(&c.data_type),
             if c.nullable { "yes" } else { "no" }.into(),
             c.label.clone(),
+            checks(&c.checks),
         ]);
     }
     out.push_str(&table(&rows));
@@ -97,6 +99,37 @@ pub async fn show(lake: &Lake, name: &str) -> Result<String> {
         out.push_str(&table(&rows));
     }
     Ok(out)
+}
+
+/// A column's contract checks, in the contract's own words (`unique, shape=loinc, min=0`).
+fn checks(k: &crate::ColumnChecks) -> String {
+    let mut parts = Vec::new();
+    if k.unique {
+        parts.push("unique".to_string());
+    }
+    if let Some(r) = &k.references {
+        parts.push(format!("references={r}"));
+    }
+    if let Some(s) = &k.shape {
+        parts.push(format!("shape={}", catalog_name(s)));
+    }
+    if let Some(a) = &k.allowed {
+        parts.push(format!("allowed={}", a.join("|")));
+    }
+    if let Some(b) = &k.min {
+        parts.push(format!("min={b}"));
+    }
+    if let Some(b) = &k.max {
+        parts.push(format!("max={b}"));
+    }
+    if let Some(r) = &k.regex {
+        parts.push(format!("regex={r}"));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 /// A type or format as `catalog/datasets.json` spells it (`timestamp_utc`, `ndjson`).
@@ -220,7 +253,8 @@ mod tests {
                 .lines()
                 .find(|l| l.split_whitespace().next() == Some(c.name.as_str()))
                 .unwrap_or_else(|| panic!("no line for {}: {out}", c.name));
-            assert!(line.ends_with(&c.label), "{line}");
+            let cells: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(cells[3], c.label, "{line}");
         }
         assert!(out.contains("part-00000.parquet"), "{out}");
         // Not one value of the data: no patient id appears.

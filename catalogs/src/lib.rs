@@ -6,14 +6,18 @@
 //! Every dataset carries its Arrow schema, per-column sensitivity labels and dataset tags;
 //! [`Catalog::verify`] checks the Parquet files against that contract before anything is served.
 
+mod contract;
 pub mod describe;
+pub mod ingest;
 mod lake;
 mod model;
 
+pub use contract::parse_contract;
 pub use lake::{CatalogStamp, Lake};
 pub use model::{
-    audit_dataset, Catalog, ColumnDef, ColumnType, Dataset, DatasetName, FileFormat, NdjsonCheck,
-    AUDIT_DATASET, AUDIT_EVENTS_PREFIX, AUDIT_RETENTION_DAYS, LABELS,
+    audit_dataset, Bound, Catalog, ColumnChecks, ColumnDef, ColumnType, Dataset, DatasetName,
+    FileFormat, NdjsonCheck, Shape, AUDIT_DATASET, AUDIT_EVENTS_PREFIX, AUDIT_RETENTION_DAYS,
+    LABELS,
 };
 
 /// Everything that can go wrong reading or checking a catalog.
@@ -35,6 +39,16 @@ pub enum CatalogError {
     SchemaMismatch { dataset: String, reason: String },
     #[error("dataset '{dataset}': a data file is not valid Parquet: {reason}")]
     CorruptFile { dataset: String, reason: String },
+    #[error("contract {file}: {reason}")]
+    Contract { file: String, reason: String },
+    #[error("unknown dataset '{0}' (declare it with `lakegate catalog add --contract FILE`)")]
+    UnknownDataset(String),
+    #[error("dataset '{dataset}' cannot be ingested into: {reason}")]
+    NotIngestible { dataset: String, reason: String },
+    #[error("another ingest into '{dataset}' holds its lock since {since}; retry when it ends")]
+    Busy { dataset: String, since: String },
+    #[error("cannot read {path}: {reason}")]
+    Source { path: String, reason: String },
     #[error("object store error: {0}")]
     Store(#[from] object_store::Error),
 }

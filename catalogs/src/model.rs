@@ -43,6 +43,19 @@ pub enum ColumnType {
 }
 
 impl ColumnType {
+    /// The type's name in catalogs and contracts (`timestamp_utc`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnType::Utf8 => "utf8",
+            ColumnType::Bool => "bool",
+            ColumnType::Int32 => "int32",
+            ColumnType::Int64 => "int64",
+            ColumnType::Float64 => "float64",
+            ColumnType::Date32 => "date32",
+            ColumnType::TimestampUtc => "timestamp_utc",
+        }
+    }
+
     pub fn to_arrow(self) -> DataType {
         match self {
             ColumnType::Utf8 => DataType::Utf8,
@@ -69,6 +82,160 @@ pub struct ColumnDef {
     pub nullable: bool,
     /// Sensitivity label, one of [`LABELS`].
     pub label: String,
+    /// What each value must satisfy beyond type and nullability (from the dataset's
+    /// contract, enforced at ingest).
+    #[serde(default, skip_serializing_if = "ColumnChecks::is_empty")]
+    pub checks: ColumnChecks,
+}
+
+/// The value checks of one column of a contract. Each is a rule with a stable name
+/// ([`ColumnChecks::RULES`]) that quarantine records and ingest summaries use.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnChecks {
+    /// The only values a text column may hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed: Option<Vec<String>>,
+    /// Smallest allowed value: a number, or a date / timestamp in ISO form for temporal columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<Bound>,
+    /// Largest allowed value, in the same form as `min`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<Bound>,
+    /// A regular expression every value of a text column matches (anchored at both ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// A code system's shape: `icd10`, `loinc` or `zip5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Shape>,
+    /// No two rows of the dataset share a value (a key).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unique: bool,
+    /// Every value exists in another dataset's column: `schema.table.column`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub references: Option<String>,
+}
+
+impl ColumnDef {
+    /// Whether the column's checks fit its type: a range on a number or a time, values,
+    /// patterns and shapes on text, a regular expression that compiles.
+    fn validate_checks(&self) -> std::result::Result<(), String> {
+        let k = &self.checks;
+        let text = self.data_type == ColumnType::Utf8;
+        if !text && (k.allowed.is_some() || k.regex.is_some() || k.shape.is_some()) {
+            return Err("allowed, regex and shape apply to utf8 columns only".into());
+        }
+        if let Some(allowed) = &k.allowed {
+            if allowed.is_empty() {
+                return Err("allowed lists no value".into());
+            }
+        }
+        if let Some(r) = &k.regex {
+            regex::Regex::new(r).map_err(|e| format!("regex does not compile: {e}"))?;
+        }
+        let min = k.min.as_ref().map(|b| self.bound(b)).transpose()?;
+        let max = k.max.as_ref().map(|b| self.bound(b)).transpose()?;
+        if let (Some(lo), Some(hi)) = (min, max) {
+            if lo > hi {
+                return Err(format!(
+                    "min {} is above max {}",
+                    k.min.as_ref().unwrap(),
+                    k.max.as_ref().unwrap()
+                ));
+            }
+        }
+        if let Some(r) = &k.references {
+            if r.split('.').count() != 3 {
+                return Err(format!("references '{r}' is not schema.table.column"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A range bound as the number the column's values compare with: the value itself for
+    /// numbers, days since 1970 for dates, microseconds since 1970 (UTC) for timestamps.
+    pub fn bound(&self, b: &Bound) -> std::result::Result<f64, String> {
+        use arrow::compute::kernels::cast_utils::Parser;
+        use arrow::datatypes::{Date32Type, TimestampMicrosecondType};
+        let wrong = || format!("bound {b} does not fit a {} column", self.data_type.name());
+        match (self.data_type, b) {
+            (ColumnType::Int32 | ColumnType::Int64 | ColumnType::Float64, Bound::Number(n))
+                if n.is_finite() =>
+            {
+                Ok(*n)
+            }
+            (ColumnType::Date32, Bound::Text(t)) => {
+                Date32Type::parse(t).map(f64::from).ok_or_else(wrong)
+            }
+            (ColumnType::TimestampUtc, Bound::Text(t)) => TimestampMicrosecondType::parse(t)
+                .map(|v| v as f64)
+                .ok_or_else(wrong),
+            _ => Err(wrong()),
+        }
+    }
+}
+
+impl ColumnChecks {
+    /// Every rule name an ingest can report, value checks and the ones every column has.
+    pub const RULES: &'static [&'static str] = &[
+        "column_count",
+        "utf8",
+        "json",
+        "unknown_column",
+        "type",
+        "not_null",
+        "allowed",
+        "min",
+        "max",
+        "regex",
+        "shape",
+        "unique",
+        "references",
+    ];
+
+    pub fn is_empty(&self) -> bool {
+        self == &ColumnChecks::default()
+    }
+}
+
+/// A range bound in a contract.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Bound {
+    Number(f64),
+    Text(String),
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bound::Number(n) => write!(f, "{n}"),
+            Bound::Text(t) => write!(f, "{t}"),
+        }
+    }
+}
+
+/// The shape of a code system's codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shape {
+    /// ICD-10-CM: a letter, two characters, then up to four after an optional dot (`E11.9`).
+    Icd10,
+    /// LOINC: up to seven digits, a dash and a check digit (`4548-4`).
+    Loinc,
+    /// A 5-digit US ZIP code.
+    Zip5,
+}
+
+impl Shape {
+    /// The regular expression of the shape.
+    pub fn pattern(self) -> &'static str {
+        match self {
+            Shape::Icd10 => r"^[A-TV-Z][0-9][0-9A-Z](\.?[0-9A-Z]{1,4})?$",
+            Shape::Loinc => r"^[0-9]{1,7}-[0-9]$",
+            Shape::Zip5 => r"^[0-9]{5}$",
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -155,6 +322,7 @@ pub fn audit_dataset() -> Dataset {
         data_type,
         nullable,
         label: "audit".into(),
+        checks: Default::default(),
     };
     Dataset {
         name: AUDIT_DATASET.into(),
@@ -231,7 +399,7 @@ impl Dataset {
         self.columns.iter().find(|c| c.name == name)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let bad = |reason: String| CatalogError::InvalidEntry {
             dataset: self.name.clone(),
             reason,
@@ -279,6 +447,8 @@ impl Dataset {
                     LABELS.join(", ")
                 )));
             }
+            c.validate_checks()
+                .map_err(|e| bad(format!("column '{}': {e}", c.name)))?;
         }
         Ok(())
     }
@@ -343,6 +513,23 @@ impl Catalog {
                 });
             }
         }
+        for d in &self.datasets {
+            for c in &d.columns {
+                if let Some(target) = &c.checks.references {
+                    self.referenced_column(target)
+                        .filter(|t| t.data_type == c.data_type)
+                        .ok_or_else(|| CatalogError::InvalidEntry {
+                            dataset: d.name.clone(),
+                            reason: format!(
+                                "column '{}' references '{target}', which is not a {} column of \
+                                 a dataset in the catalog",
+                                c.name,
+                                c.data_type.name()
+                            ),
+                        })?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -369,6 +556,12 @@ impl Catalog {
             .put(&Path::from(CATALOG_PATH), PutPayload::from(json))
             .await?;
         Ok(())
+    }
+
+    /// The column that a `references` check names (`schema.table.column`).
+    pub fn referenced_column(&self, target: &str) -> Option<&ColumnDef> {
+        let (dataset, column) = target.rsplit_once('.')?;
+        self.dataset(dataset)?.column(column)
     }
 
     pub fn dataset(&self, name: &str) -> Option<&Dataset> {
@@ -624,6 +817,7 @@ mod tests {
                     data_type: ColumnType::Utf8,
                     nullable: false,
                     label: "identifier".into(),
+                    checks: Default::default(),
                 }],
                 tags: vec![],
                 owner: "test".into(),
@@ -643,6 +837,7 @@ mod tests {
             data_type: ColumnType::Int64,
             nullable: true,
             label: "public".into(),
+            checks: Default::default(),
         });
         let schema = d.schema();
         let check = |text: &str| {

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lakegate_catalogs::demo::{build_demo_lake, DemoOptions};
 use lakegate_catalogs::describe;
-use lakegate_catalogs::Lake;
+use lakegate_catalogs::{ingest, Catalog, CatalogError, Lake};
 use lakegate_engine::audit::{public_key_from_pem, verify_trail, AuditKey};
 use lakegate_engine::{Engine, KeyRing};
 use lakegate_flight_server::audited::open_audit;
@@ -50,6 +50,28 @@ enum Cmd {
     /// What the catalog holds: datasets, labels, contracts and files (never a data value).
     #[command(subcommand)]
     Catalog(CatalogCmd),
+    /// Load CSV, NDJSON or Parquet files into a dataset: each file lands in raw/, rows that
+    /// keep the dataset's contract are committed to curated/, the rest go to quarantine/.
+    Ingest(IngestArgs),
+}
+
+#[derive(Args)]
+struct IngestArgs {
+    /// The lake (local path or object store URL).
+    #[arg(long, env = "LAKEGATE_LAKE", default_value = "./demo-lake")]
+    lake: String,
+    /// The dataset, as `schema.table`, declared with `lakegate catalog add`.
+    #[arg(long)]
+    dataset: String,
+    /// The largest share of quarantined rows (0 to 1) with which the feed is still committed.
+    #[arg(long, env = "LAKEGATE_MAX_REJECT_RATIO", default_value_t = 0.05)]
+    max_reject_ratio: f64,
+    /// Who ingests, recorded in the dataset's lineage [default: the login name].
+    #[arg(long = "as", env = "LAKEGATE_PRINCIPAL")]
+    principal: Option<String>,
+    /// Files to ingest: local paths or URLs of an object store (s3://bucket/key).
+    #[arg(required = true)]
+    files: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -66,6 +88,24 @@ enum CatalogCmd {
         #[arg(long, env = "LAKEGATE_LAKE", default_value = "./demo-lake")]
         lake: String,
         /// The dataset, as `schema.table` (e.g. clinical.encounters).
+        dataset: String,
+    },
+    /// Declare a dataset from its contract (TOML; see docs/ingestion.md).
+    Add {
+        /// The lake (local path or object store URL).
+        #[arg(long, env = "LAKEGATE_LAKE", default_value = "./demo-lake")]
+        lake: String,
+        /// The contract file.
+        #[arg(long)]
+        contract: std::path::PathBuf,
+    },
+    /// Where a dataset's contents came from: each committed file with its checksum, counts,
+    /// principal and time.
+    History {
+        /// The lake (local path or object store URL).
+        #[arg(long, env = "LAKEGATE_LAKE", default_value = "./demo-lake")]
+        lake: String,
+        /// The dataset, as `schema.table`.
         dataset: String,
     },
 }
@@ -137,6 +177,11 @@ fn main() -> ExitCode {
             Cmd::Audit(AuditCmd::Keygen { out }) => keygen(&out),
             Cmd::Catalog(CatalogCmd::List { lake }) => catalog_list(&lake).await,
             Cmd::Catalog(CatalogCmd::Show { lake, dataset }) => catalog_show(&lake, &dataset).await,
+            Cmd::Catalog(CatalogCmd::Add { lake, contract }) => catalog_add(&lake, &contract).await,
+            Cmd::Catalog(CatalogCmd::History { lake, dataset }) => {
+                catalog_history(&lake, &dataset).await
+            }
+            Cmd::Ingest(args) => ingest(args).await,
         }
     });
     match result {
@@ -359,6 +404,111 @@ async fn catalog_show(lake: &str, dataset: &str) -> Result<(), AnyError> {
         describe::show(&existing_lake(lake).await?, dataset).await?
     );
     Ok(())
+}
+
+async fn catalog_add(lake: &str, contract: &std::path::Path) -> Result<(), AnyError> {
+    let text = read(contract)?;
+    let dataset = lakegate_catalogs::parse_contract(&contract.display().to_string(), &text)?;
+    let lake = Lake::open(lake)?;
+    let mut catalog = match Catalog::load(&lake).await {
+        Ok(c) => c,
+        Err(CatalogError::NoCatalog) => Catalog {
+            version: 1,
+            datasets: Vec::new(),
+        },
+        Err(e) => return Err(e.into()),
+    };
+    let name = dataset.name.clone();
+    if catalog.add_dataset(dataset)? {
+        catalog.save(&lake).await?;
+        println!("declared {name} in {}", lake.url());
+    } else {
+        println!("{name} is already declared with this contract");
+    }
+    Ok(())
+}
+
+async fn catalog_history(lake: &str, dataset: &str) -> Result<(), AnyError> {
+    let lake = existing_lake(lake).await?;
+    let catalog = Catalog::load(&lake).await?;
+    if catalog.dataset(dataset).is_none() {
+        return Err(CatalogError::UnknownDataset(dataset.into()).into());
+    }
+    let records = ingest::history(&lake, dataset).await?;
+    if records.is_empty() {
+        println!("{dataset}: no ingests recorded");
+    }
+    for r in records {
+        let at = chrono::DateTime::from_timestamp(r.committed_at as i64, 0)
+            .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_default();
+        println!(
+            "{at}  {}  sha256:{}  {} rows, {} accepted, {} quarantined  by {}  raw {}",
+            r.source, r.sha256, r.rows, r.accepted, r.quarantined, r.principal, r.raw
+        );
+    }
+    Ok(())
+}
+
+async fn ingest(args: IngestArgs) -> Result<(), AnyError> {
+    let lake = existing_lake(&args.lake).await?;
+    let principal = args
+        .principal
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".into());
+    let options = ingest::IngestOptions {
+        principal,
+        max_reject_ratio: args.max_reject_ratio,
+        ..Default::default()
+    };
+    let total: u64 = args
+        .files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")?
+            .progress_chars("=> "),
+    );
+    let progress = Arc::clone(&options.progress);
+    let ticker = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(progress.load(std::sync::atomic::Ordering::Relaxed));
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let result = ingest::ingest(&lake, &args.dataset, &args.files, &options).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let report = result?;
+    for f in &report.files {
+        let what = match &f.outcome {
+            ingest::FileOutcome::Checked {
+                rows,
+                accepted,
+                quarantined,
+            } => format!("{rows} rows, {accepted} accepted, {quarantined} quarantined"),
+            ingest::FileOutcome::AlreadyIngested => "already ingested (same checksum)".into(),
+            ingest::FileOutcome::Recovered => {
+                "committed by an interrupted ingest; recorded now".into()
+            }
+            ingest::FileOutcome::Quarantined { reason } => format!("quarantined: {reason}"),
+        };
+        println!("{}  sha256:{}  {what}", f.source, &f.sha256[..16]);
+    }
+    for (rule, n) in &report.by_rule {
+        println!("  rule {rule}: {n}");
+    }
+    println!("{}", report.summary());
+    match report.refused {
+        Some(reason) => Err(format!("feed refused, nothing committed: {reason}").into()),
+        None => Ok(()),
+    }
 }
 
 async fn audit_zone_is_empty(lake: &Lake) -> Result<bool, AnyError> {

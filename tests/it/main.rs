@@ -7,6 +7,7 @@ mod counted;
 mod differential;
 mod flight_sql;
 mod identity;
+mod ingest;
 mod limits;
 mod lookup;
 mod personas;

@@ -1,0 +1,369 @@
+//! The contract's value rules, applied to decoded rows.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
+use arrow::datatypes::{
+    DataType, Date32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType,
+};
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+use regex::Regex;
+
+use super::decode::{Chunk, Failure};
+use crate::model::{ColumnDef, Dataset, Shape};
+use crate::{Catalog, CatalogError, Result};
+
+/// The values a key column holds (for `unique` and `references`).
+enum KeySet {
+    Text(HashSet<Box<str>>),
+    Number(HashSet<i64>),
+}
+
+impl KeySet {
+    fn for_column(c: &ColumnDef) -> Self {
+        match c.data_type.to_arrow() {
+            DataType::Utf8 => KeySet::Text(HashSet::new()),
+            _ => KeySet::Number(HashSet::new()),
+        }
+    }
+
+    fn contains(&self, v: &Value) -> bool {
+        match (self, v) {
+            (KeySet::Text(s), Value::Text(t)) => s.contains(*t),
+            (KeySet::Number(s), Value::Number { key, .. }) => s.contains(key),
+            (KeySet::Number(s), Value::Bool(b)) => s.contains(&i64::from(*b)),
+            _ => false,
+        }
+    }
+
+    /// Add a value; false when it was there already.
+    fn insert(&mut self, v: &Value) -> bool {
+        match (self, v) {
+            (KeySet::Text(s), Value::Text(t)) => s.insert((*t).into()),
+            (KeySet::Number(s), Value::Number { key, .. }) => s.insert(*key),
+            (KeySet::Number(s), Value::Bool(b)) => s.insert(i64::from(*b)),
+            _ => true,
+        }
+    }
+
+    fn add_array(&mut self, array: &ArrayRef) {
+        let view = View::of(array);
+        for i in 0..array.len() {
+            let v = view.get(i);
+            self.insert(&v);
+        }
+    }
+}
+
+/// One value of a column, as the rules compare it.
+enum Value<'a> {
+    Null,
+    Text(&'a str),
+    /// `cmp` for ranges; `key` identifies the value exactly (the bits of a float).
+    Number {
+        cmp: f64,
+        key: i64,
+    },
+    Bool(bool),
+}
+
+/// A column downcast once per batch.
+enum View<'a> {
+    Text(&'a arrow::array::StringArray),
+    Bool(&'a BooleanArray),
+    Int32(&'a arrow::array::PrimitiveArray<Int32Type>),
+    Int64(&'a arrow::array::PrimitiveArray<Int64Type>),
+    Float64(&'a arrow::array::PrimitiveArray<Float64Type>),
+    Date32(&'a arrow::array::PrimitiveArray<Date32Type>),
+    Timestamp(&'a arrow::array::PrimitiveArray<TimestampMicrosecondType>),
+}
+
+impl<'a> View<'a> {
+    fn of(array: &'a ArrayRef) -> Self {
+        match array.data_type() {
+            DataType::Utf8 => View::Text(array.as_string::<i32>()),
+            DataType::Boolean => View::Bool(array.as_boolean()),
+            DataType::Int32 => View::Int32(array.as_primitive()),
+            DataType::Int64 => View::Int64(array.as_primitive()),
+            DataType::Float64 => View::Float64(array.as_primitive()),
+            DataType::Date32 => View::Date32(array.as_primitive()),
+            DataType::Timestamp(..) => View::Timestamp(array.as_primitive()),
+            other => unreachable!("the catalog has no {other} columns"),
+        }
+    }
+
+    fn get(&self, i: usize) -> Value<'a> {
+        let null = match self {
+            View::Text(a) => a.is_null(i),
+            View::Bool(a) => a.is_null(i),
+            View::Int32(a) => a.is_null(i),
+            View::Int64(a) => a.is_null(i),
+            View::Float64(a) => a.is_null(i),
+            View::Date32(a) => a.is_null(i),
+            View::Timestamp(a) => a.is_null(i),
+        };
+        if null {
+            return Value::Null;
+        }
+        let int = |v: i64| Value::Number {
+            cmp: v as f64,
+            key: v,
+        };
+        match self {
+            View::Text(a) => Value::Text(a.value(i)),
+            View::Bool(a) => Value::Bool(a.value(i)),
+            View::Int32(a) => int(i64::from(a.value(i))),
+            View::Int64(a) => int(a.value(i)),
+            View::Float64(a) => {
+                let v = a.value(i);
+                Value::Number {
+                    cmp: v,
+                    key: v.to_bits() as i64,
+                }
+            }
+            View::Date32(a) => int(i64::from(a.value(i))),
+            View::Timestamp(a) => int(a.value(i)),
+        }
+    }
+}
+
+struct Rules {
+    index: usize,
+    nullable: bool,
+    allowed: Option<HashSet<String>>,
+    min: Option<(f64, String)>,
+    max: Option<(f64, String)>,
+    regex: Option<Regex>,
+    shape: Option<(Shape, Regex)>,
+    unique: Option<KeySet>,
+    references: Option<(String, KeySet)>,
+}
+
+/// Every rule of one dataset's contract, with the keys it already holds.
+pub(super) struct Checker {
+    rules: Vec<Rules>,
+}
+
+impl Checker {
+    /// Compile the rules and read the keys that `unique` and `references` compare with from
+    /// the lake (the dataset's own files and the referenced datasets').
+    pub async fn new(
+        catalog: &Catalog,
+        dataset: &Dataset,
+        store: &Arc<dyn ObjectStore>,
+    ) -> Result<Self> {
+        let mut rules = Vec::new();
+        for (index, c) in dataset.columns.iter().enumerate() {
+            let k = &c.checks;
+            let bound = |b: &Option<crate::Bound>| -> Result<Option<(f64, String)>> {
+                b.as_ref()
+                    .map(|b| {
+                        c.bound(b).map(|v| (v, b.to_string())).map_err(|reason| {
+                            CatalogError::InvalidEntry {
+                                dataset: dataset.name.clone(),
+                                reason,
+                            }
+                        })
+                    })
+                    .transpose()
+            };
+            let compile = |r: &str| {
+                Regex::new(r).map_err(|e| CatalogError::InvalidEntry {
+                    dataset: dataset.name.clone(),
+                    reason: format!("column '{}': regex does not compile: {e}", c.name),
+                })
+            };
+            let unique = if k.unique {
+                let mut keys = KeySet::for_column(c);
+                load_keys(store, dataset, &c.name, &mut keys).await?;
+                Some(keys)
+            } else {
+                None
+            };
+            let references = match &k.references {
+                Some(target) => {
+                    let (name, column) = target.rsplit_once('.').unwrap_or_default();
+                    let referenced =
+                        catalog
+                            .dataset(name)
+                            .ok_or_else(|| CatalogError::InvalidEntry {
+                                dataset: dataset.name.clone(),
+                                reason: format!(
+                                    "column '{}' references unknown '{target}'",
+                                    c.name
+                                ),
+                            })?;
+                    let mut keys = KeySet::for_column(c);
+                    load_keys(store, referenced, column, &mut keys).await?;
+                    Some((target.clone(), keys))
+                }
+                None => None,
+            };
+            rules.push(Rules {
+                index,
+                nullable: c.nullable,
+                allowed: k.allowed.as_ref().map(|a| a.iter().cloned().collect()),
+                min: bound(&k.min)?,
+                max: bound(&k.max)?,
+                regex: k
+                    .regex
+                    .as_deref()
+                    .map(|r| compile(&format!("^(?:{r})$")))
+                    .transpose()?,
+                shape: k
+                    .shape
+                    .map(|s| compile(s.pattern()).map(|r| (s, r)))
+                    .transpose()?,
+                unique,
+                references,
+            });
+        }
+        Ok(Self { rules })
+    }
+
+    /// Add to `chunk.failures` what each row breaks. A row that keeps every other rule claims
+    /// its unique keys, so the first of two duplicates is accepted and the second is not.
+    pub fn check(&mut self, chunk: &mut Chunk) {
+        let batch: &RecordBatch = &chunk.batch;
+        for r in &mut self.rules {
+            let view = View::of(batch.column(r.index));
+            for (i, failures) in chunk.failures.iter_mut().enumerate() {
+                if failures
+                    .iter()
+                    .any(|f| f.column == Some(r.index) || f.column.is_none())
+                {
+                    continue;
+                }
+                let v = view.get(i);
+                let mut fail = |rule: &'static str, reason: String| {
+                    failures.push(Failure {
+                        column: Some(r.index),
+                        rule,
+                        reason,
+                    })
+                };
+                if let Value::Null = v {
+                    if !r.nullable {
+                        fail(
+                            "not_null",
+                            "empty in a column that must have a value".into(),
+                        );
+                    }
+                    continue;
+                }
+                if let (Some(allowed), Value::Text(t)) = (&r.allowed, &v) {
+                    if !allowed.contains(*t) {
+                        fail(
+                            "allowed",
+                            format!("not one of the {} allowed values", allowed.len()),
+                        );
+                    }
+                }
+                if let Value::Number { cmp, .. } = v {
+                    if let Some((min, text)) = &r.min {
+                        if cmp < *min {
+                            fail("min", format!("below the minimum {text}"));
+                        }
+                    }
+                    if let Some((max, text)) = &r.max {
+                        if cmp > *max {
+                            fail("max", format!("above the maximum {text}"));
+                        }
+                    }
+                }
+                if let Value::Text(t) = v {
+                    if let Some(re) = &r.regex {
+                        if !re.is_match(t) {
+                            fail("regex", "does not match the contract's pattern".into());
+                        }
+                    }
+                    if let Some((shape, re)) = &r.shape {
+                        if !re.is_match(t) {
+                            fail(
+                                "shape",
+                                format!("not shaped like a {} code", shape_name(*shape)),
+                            );
+                        }
+                    }
+                }
+                if let Some((target, keys)) = &r.references {
+                    if !keys.contains(&v) {
+                        fail("references", format!("not found in {target}"));
+                    }
+                }
+            }
+        }
+        // Row by row, in file order: the first of two duplicates is the one accepted.
+        let unique: Vec<(usize, View)> = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.unique.is_some())
+            .map(|(k, r)| (k, View::of(batch.column(r.index))))
+            .collect();
+        if unique.is_empty() {
+            return;
+        }
+        for (i, failures) in chunk.failures.iter_mut().enumerate() {
+            if !failures.is_empty() {
+                continue;
+            }
+            for (k, view) in &unique {
+                let r = &self.rules[*k];
+                let v = view.get(i);
+                let keys = r.unique.as_ref().expect("unique rule");
+                if !matches!(v, Value::Null) && keys.contains(&v) {
+                    failures.push(Failure {
+                        column: Some(r.index),
+                        rule: "unique",
+                        reason: "a key the dataset or this feed already holds".into(),
+                    });
+                }
+            }
+            if failures.is_empty() {
+                for (k, view) in &unique {
+                    let keys = self.rules[*k].unique.as_mut().expect("unique rule");
+                    keys.insert(&view.get(i));
+                }
+            }
+        }
+    }
+}
+
+fn shape_name(s: Shape) -> &'static str {
+    match s {
+        Shape::Icd10 => "ICD-10",
+        Shape::Loinc => "LOINC",
+        Shape::Zip5 => "5-digit ZIP",
+    }
+}
+
+/// Read one column of a dataset's Parquet files into `keys`.
+async fn load_keys(
+    store: &Arc<dyn ObjectStore>,
+    dataset: &Dataset,
+    column: &str,
+    keys: &mut KeySet,
+) -> Result<()> {
+    let corrupt = |reason: String| CatalogError::CorruptFile {
+        dataset: dataset.name.clone(),
+        reason,
+    };
+    for path in dataset.files(store).await? {
+        // One file at a time, whole: curated parts are written in bounded sizes.
+        let bytes = store.get(&path).await?.bytes().await?;
+        let unreadable = |e: parquet::errors::ParquetError| corrupt(format!("{path}: {e}"));
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(unreadable)?;
+        let mask = ProjectionMask::columns(builder.parquet_schema(), [column]);
+        for batch in builder.with_projection(mask).build().map_err(unreadable)? {
+            let batch = batch.map_err(|e| corrupt(format!("{path}: {e}")))?;
+            if batch.num_columns() == 1 {
+                keys.add_array(batch.column(0));
+            }
+        }
+    }
+    Ok(())
+}

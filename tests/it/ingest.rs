@@ -1,0 +1,466 @@
+//! Ingestion: contracts, quarantine, the raw zone, recommit safety, and the governed door over
+//! what was ingested.
+
+use std::path::{Path, PathBuf};
+
+use lakegate_catalogs::ingest::{self, FileOutcome, IngestOptions, IngestReport};
+use lakegate_catalogs::{parse_contract, Catalog, CatalogError, Lake};
+use lakegate_tests::{build_lake, raw_query_in, ServerOptions, TestServer};
+
+use crate::common::{login, rows, sql};
+
+const LABS: &str = r#"
+dataset = "clinical.lab_results"
+description = "Results from the laboratory information system"
+owner = "lab-informatics"
+
+[[columns]]
+name = "result_id"
+type = "utf8"
+nullable = false
+label = "identifier"
+unique = true
+regex = "R[0-9]{6}"
+
+[[columns]]
+name = "patient_id"
+type = "utf8"
+nullable = false
+label = "identifier"
+references = "clinical.patients.patient_id"
+
+[[columns]]
+name = "loinc_code"
+type = "utf8"
+nullable = false
+label = "clinical"
+shape = "loinc"
+
+[[columns]]
+name = "value"
+type = "float64"
+label = "clinical"
+min = 0
+max = 1000
+
+[[columns]]
+name = "unit"
+type = "utf8"
+label = "clinical"
+allowed = ["mg/dL", "mmol/L", "%"]
+
+[[columns]]
+name = "taken"
+type = "date32"
+nullable = false
+label = "phi.quasi"
+min = "2000-01-01"
+"#;
+
+/// A demo lake of 200 patients with `clinical.lab_results` declared; its folder, path and
+/// three patient ids.
+async fn lake_with_labs() -> (tempfile::TempDir, PathBuf, Lake, Vec<String>) {
+    let (dir, path) = build_lake(200);
+    let lake = Lake::open(path.to_str().unwrap()).unwrap();
+    let mut catalog = Catalog::load(&lake).await.unwrap();
+    catalog
+        .add_dataset(parse_contract("labs.toml", LABS).unwrap())
+        .unwrap();
+    catalog.save(&lake).await.unwrap();
+    let batches = raw_query_in(
+        &path,
+        "SELECT patient_id FROM clinical_patients ORDER BY patient_id LIMIT 3",
+    )
+    .await;
+    let ids = crate::common::column_text(&batches, 0);
+    (dir, path, lake, ids)
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+async fn run(lake: &Lake, files: &[String], ratio: f64) -> IngestReport {
+    let options = IngestOptions {
+        principal: "lab-feed".into(),
+        max_reject_ratio: ratio,
+        ..Default::default()
+    };
+    ingest::ingest(lake, "clinical.lab_results", files, &options)
+        .await
+        .unwrap()
+}
+
+async fn list(lake: &Lake, prefix: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    let store = lake.store();
+    let mut paths: Vec<String> = store
+        .list(Some(&object_store::path::Path::from(prefix)))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    paths.sort();
+    paths
+}
+
+async fn read_text(lake: &Lake, path: &str) -> String {
+    use object_store::ObjectStoreExt;
+    let bytes = lake
+        .store()
+        .get(&object_store::path::Path::from(path))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn bad_rows_are_quarantined_with_row_column_and_rule_and_good_rows_are_served() {
+    let (dir, path, lake, ids) = lake_with_labs().await;
+    let (p0, p1) = (&ids[0], &ids[1]);
+    let mut csv = String::from("result_id,patient_id,loinc_code,value,unit,taken\n");
+    for i in 0..20 {
+        csv += &format!(
+            "R{:06},{p0},2345-7,{}.5,mg/dL,2024-03-{:02}\n",
+            i,
+            90 + i,
+            i + 1
+        );
+    }
+    csv += &format!("R100001,{p1},2345-7,5.1,mmol/L\n"); // row 21: a field short
+    csv += &format!("R100002,{p1},2345-7,5.1,mmol/L,2024-02-30\n"); // 22: no such date
+    csv += &format!("R000003,{p1},4548-4,6.0,%,2024-01-05\n"); // 23: duplicate key
+    csv += "R100004,nobody,4548-4,6.0,%,2024-01-05\n"; // 24: unknown patient
+    csv += &format!("R100005,{p1},E11.9,6.0,%,2024-01-05\n"); // 25: not a LOINC code
+    csv += &format!("R100006,{p1},4548-4,-3,%,2024-01-05\n"); // 26: below the range
+    csv += &format!("R100007,{p1},4548-4,6.0,g,2024-01-05\n"); // 27: unit not allowed
+    csv += &format!("R100008,{p1},4548-4,6.0,%,\n"); // 28: no date
+    let mut bytes = csv.into_bytes();
+    // 29: a byte that is not UTF-8
+    bytes.extend_from_slice(format!("R100009,{p1},4548-4,6.0,%").as_bytes());
+    bytes.extend_from_slice(b"\xff,2024-01-05\n");
+    let file = write(dir.path(), "labs-2024-03.csv", &bytes);
+
+    let report = run(&lake, std::slice::from_ref(&file), 0.5).await;
+    assert_eq!(report.refused, None);
+    assert_eq!(
+        (report.rows_read, report.accepted, report.quarantined),
+        (29, 20, 9),
+        "{report:?}"
+    );
+    assert_eq!(report.summary(), "29 rows read, 20 accepted, 9 quarantined");
+    for rule in [
+        "column_count",
+        "type",
+        "unique",
+        "references",
+        "shape",
+        "min",
+        "allowed",
+        "not_null",
+        "utf8",
+    ] {
+        assert_eq!(
+            report.by_rule.get(rule),
+            Some(&1),
+            "{rule}: {:?}",
+            report.by_rule
+        );
+    }
+
+    let sha = &report.files[0].sha256;
+    assert_eq!(
+        list(&lake, "raw/clinical/lab_results").await,
+        vec![format!("raw/clinical/lab_results/{sha}/labs-2024-03.csv")]
+    );
+    let quarantined = read_text(
+        &lake,
+        &format!("quarantine/clinical/lab_results/{sha}/rows.jsonl"),
+    )
+    .await;
+    let lines: Vec<serde_json::Value> = quarantined
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 9);
+    let at = |row: u64| {
+        lines
+            .iter()
+            .find(|l| l["row"] == row)
+            .unwrap_or_else(|| panic!("row {row} in {quarantined}"))
+    };
+    assert_eq!(at(22)["failed"][0]["column"], "taken");
+    assert_eq!(at(22)["failed"][0]["rule"], "type");
+    assert_eq!(at(23)["failed"][0]["rule"], "unique");
+    assert_eq!(at(24)["failed"][0]["column"], "patient_id");
+    assert_eq!(at(29)["failed"][0]["column"], "unit");
+    assert_eq!(at(29)["file"], "labs-2024-03.csv");
+    assert!(
+        !quarantined.contains("nobody") && !quarantined.contains("E11.9"),
+        "quarantine records name rules, not values: {quarantined}"
+    );
+
+    // Re-ingesting the same file adds nothing.
+    let again = run(&lake, std::slice::from_ref(&file), 0.5).await;
+    assert_eq!(again.files[0].outcome, FileOutcome::AlreadyIngested);
+    assert_eq!(again.rows_read, 0);
+    assert_eq!(list(&lake, "curated/clinical/lab_results").await.len(), 1);
+    let history = ingest::history(&lake, "clinical.lab_results")
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].principal, "lab-feed");
+    assert_eq!((history[0].accepted, history[0].quarantined), (20, 9));
+    assert!(list(&lake, "staging").await.is_empty());
+    assert!(list(&lake, "catalog/locks").await.is_empty());
+
+    // The governed door serves the new dataset under the same rules as the demo tables:
+    // carol sees her site's patients only, alice consenting patients under pseudonyms.
+    let server = TestServer::start_with(ServerOptions {
+        lake: Some(path.clone()),
+        ..Default::default()
+    })
+    .await;
+    let mut alice = login(&server, "alice").await;
+    let batches = sql(&mut alice, "SELECT patient_id FROM clinical.lab_results")
+        .await
+        .unwrap();
+    let seen = crate::common::column_text(&batches, 0);
+    assert!(seen.iter().all(|p| p != p0), "pseudonyms");
+    let consenting = raw_query_in(
+        &path,
+        &format!(
+            "SELECT count(*) FROM clinical_patients WHERE patient_id = '{p0}' AND research_consent"
+        ),
+    )
+    .await;
+    assert_eq!(
+        rows(&batches) as i64,
+        20 * lakegate_tests::scalar_i64(&consenting)
+    );
+}
+
+#[tokio::test]
+async fn a_feed_over_the_reject_ratio_or_with_a_broken_file_commits_nothing() {
+    let (dir, path, lake, ids) = lake_with_labs().await;
+    let p0 = &ids[0];
+    let header = "result_id,patient_id,loinc_code,value,unit,taken\n";
+    let good = write(
+        dir.path(),
+        "good.csv",
+        format!("{header}R000001,{p0},2345-7,1,%,2024-01-01\nR000002,{p0},2345-7,2,%,2024-01-01\n")
+            .as_bytes(),
+    );
+    let half_bad = write(
+        dir.path(),
+        "half.csv",
+        format!("{header}R000003,{p0},2345-7,1,%,2024-01-01\nR000004,{p0},2345-7,2,%,1999-01-01\n")
+            .as_bytes(),
+    );
+    let report = run(&lake, &[good.clone(), half_bad.clone()], 0.1).await;
+    assert!(report
+        .refused
+        .as_deref()
+        .unwrap()
+        .contains("above --max-reject-ratio 0.1"));
+    assert_eq!(
+        (report.rows_read, report.accepted, report.quarantined),
+        (4, 3, 1)
+    );
+    assert!(list(&lake, "curated/clinical/lab_results").await.is_empty());
+    assert!(list(&lake, "lineage").await.is_empty());
+    assert!(list(&lake, "staging").await.is_empty());
+
+    // Whole-file problems: wrong columns, an empty file, Parquet under a CSV name, a Parquet
+    // file of another schema, an NDJSON file that is not JSON, an unknown extension.
+    let wrong_columns = write(
+        dir.path(),
+        "cols.csv",
+        b"result_id,patient,loinc_code,value,unit,taken\nR1,x,1-1,1,%,2024-01-01\n",
+    );
+    let empty = write(dir.path(), "empty.csv", b"");
+    let header_only = write(dir.path(), "header.csv", header.as_bytes());
+    let patients_file = list(&lake, "curated/clinical/patients").await.remove(0);
+    let other_schema = path.join(&patients_file);
+    let as_csv = write(
+        dir.path(),
+        "disguised.csv",
+        &std::fs::read(&other_schema).unwrap(),
+    );
+    let as_parquet = write(
+        dir.path(),
+        "patients.parquet",
+        &std::fs::read(&other_schema).unwrap(),
+    );
+    let not_json = write(dir.path(), "feed.jsonl", b"result_id,patient_id\n");
+    let unknown = write(dir.path(), "feed.xlsx", b"PK\x03\x04");
+    for (file, expected) in [
+        (
+            &wrong_columns,
+            "wrong columns: missing [patient_id], not in the contract [patient]",
+        ),
+        (&empty, "the file is empty"),
+        (&header_only, "the file holds no rows"),
+        (&as_csv, "not a CSV file"),
+        (&as_parquet, "wrong columns"),
+        (&not_json, "not NDJSON"),
+        (&unknown, "not a .csv"),
+    ] {
+        let report = run(&lake, &[good.clone(), file.clone()], 1.0).await;
+        let reason = match &report.files[1].outcome {
+            FileOutcome::Quarantined { reason } => reason.clone(),
+            other => panic!("{file}: {other:?}"),
+        };
+        assert!(reason.contains(expected), "{file}: {reason}");
+        assert!(report.refused.is_some());
+        assert!(
+            list(&lake, "curated/clinical/lab_results").await.is_empty(),
+            "{file}: nothing committed"
+        );
+        let sha = &report.files[1].sha256;
+        let record = read_text(
+            &lake,
+            &format!("quarantine/clinical/lab_results/{sha}/file.json"),
+        )
+        .await;
+        assert!(record.contains(expected), "{record}");
+    }
+
+    // The good file alone goes in.
+    let report = run(&lake, &[good], 0.0).await;
+    assert_eq!(report.refused, None);
+    assert_eq!(report.accepted, 2);
+}
+
+#[tokio::test]
+async fn ndjson_and_parquet_feeds_are_held_to_the_same_contract() {
+    let (dir, path, lake, ids) = lake_with_labs().await;
+    let p0 = &ids[0];
+    let ndjson = format!(
+        "{{\"result_id\":\"R000001\",\"patient_id\":\"{p0}\",\"loinc_code\":\"2345-7\",\"value\":1.5,\"unit\":\"%\",\"taken\":\"2024-01-01\"}}\n\
+         {{\"result_id\":\"R000002\",\"patient_id\":\"{p0}\",\"loinc_code\":\"2345-7\",\"value\":\"high\",\"unit\":\"%\",\"taken\":\"2024-01-01\"}}\n\
+         {{\"result_id\":\"R000003\",\"patient_id\":\"{p0}\",\"loinc_code\":\"2345-7\",\"taken\":\"2024-01-01\",\"ssn\":\"123-45-6789\"}}\n\
+         not json at all\n\
+         \n\
+         {{\"result_id\":\"R000004\",\"patient_id\":\"{p0}\",\"loinc_code\":\"2345-7\",\"taken\":\"2024-01-02\"}}\n"
+    );
+    let file = write(dir.path(), "labs.ndjson", ndjson.as_bytes());
+    let report = run(&lake, &[file], 1.0).await;
+    assert_eq!(
+        (report.rows_read, report.accepted, report.quarantined),
+        (5, 2, 3),
+        "{report:?}"
+    );
+    assert_eq!(report.by_rule.get("type"), Some(&1));
+    assert_eq!(report.by_rule.get("unknown_column"), Some(&1));
+    assert_eq!(report.by_rule.get("json"), Some(&1));
+
+    // A Parquet extract: the ingested part itself, with a narrower integer type elsewhere
+    // allowed; its keys are now taken, so every row is a duplicate.
+    let part = list(&lake, "curated/clinical/lab_results").await.remove(0);
+    let copy = write(
+        dir.path(),
+        "extract.parquet",
+        &std::fs::read(path.join(&part)).unwrap(),
+    );
+    let report = run(&lake, &[copy], 1.0).await;
+    assert_eq!((report.rows_read, report.quarantined), (2, 2));
+    assert_eq!(report.by_rule.get("unique"), Some(&2));
+}
+
+#[tokio::test]
+async fn a_second_ingest_into_the_same_dataset_waits_its_turn() {
+    let (dir, _, lake, ids) = lake_with_labs().await;
+    let p0 = &ids[0];
+    let body = |n: u32| {
+        let mut s = String::from("result_id,patient_id,loinc_code,value,unit,taken\n");
+        for i in 0..5000 {
+            s += &format!("R{:06},{p0},2345-7,1,%,2024-01-01\n", n * 10_000 + i);
+        }
+        s
+    };
+    let a = write(dir.path(), "a.csv", body(1).as_bytes());
+    let b = write(dir.path(), "b.csv", body(2).as_bytes());
+    let options = IngestOptions::default();
+    let (ra, rb) = tokio::join!(
+        ingest::ingest(
+            &lake,
+            "clinical.lab_results",
+            std::slice::from_ref(&a),
+            &options
+        ),
+        ingest::ingest(
+            &lake,
+            "clinical.lab_results",
+            std::slice::from_ref(&b),
+            &options
+        ),
+    );
+    let outcomes = [ra, rb];
+    let busy = outcomes
+        .iter()
+        .filter(|r| matches!(r, Err(CatalogError::Busy { .. })))
+        .count();
+    let done = outcomes.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(done + busy, 2, "{outcomes:?}");
+    assert!(done >= 1);
+    // The one that was told to retry does, and nothing is lost.
+    for f in [&a, &b] {
+        ingest::ingest(
+            &lake,
+            "clinical.lab_results",
+            std::slice::from_ref(f),
+            &options,
+        )
+        .await
+        .unwrap();
+    }
+    let history = ingest::history(&lake, "clinical.lab_results")
+        .await
+        .unwrap();
+    assert_eq!(history.iter().map(|r| r.accepted).sum::<u64>(), 10_000);
+}
+
+#[tokio::test]
+async fn an_ingest_stopped_after_its_commit_is_recorded_by_the_next_run() {
+    let (dir, _, lake, ids) = lake_with_labs().await;
+    let p0 = &ids[0];
+    let file = write(
+        dir.path(),
+        "one.csv",
+        format!("result_id,patient_id,loinc_code,value,unit,taken\nR000001,{p0},2345-7,1,%,2024-01-01\n").as_bytes(),
+    );
+    let report = run(&lake, std::slice::from_ref(&file), 0.0).await;
+    let sha = report.files[0].sha256.clone();
+    // Put the lake back where a crash between the curated part and its record leaves it.
+    use object_store::ObjectStoreExt;
+    let store = lake.store();
+    let record =
+        object_store::path::Path::from(format!("lineage/ingests/clinical.lab_results/{sha}.json"));
+    let body = store.get(&record).await.unwrap().bytes().await.unwrap();
+    store
+        .put(
+            &object_store::path::Path::from(format!("staging/clinical/lab_results/{sha}.json")),
+            body.into(),
+        )
+        .await
+        .unwrap();
+    store.delete(&record).await.unwrap();
+
+    let again = run(&lake, std::slice::from_ref(&file), 0.0).await;
+    assert_eq!(again.files[0].outcome, FileOutcome::Recovered);
+    assert_eq!(list(&lake, "curated/clinical/lab_results").await.len(), 1);
+    assert_eq!(
+        ingest::history(&lake, "clinical.lab_results")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(list(&lake, "staging").await.is_empty());
+}
