@@ -87,7 +87,7 @@ pub fn parse_contract(source: &str, text: &str) -> Result<Dataset> {
         tags: doc.tags,
         owner: doc.owner,
         description: doc.description,
-        format: FileFormat::Parquet,
+        format: FileFormat::Delta,
         retention_days: doc.retention_days,
     };
     dataset.validate()?;

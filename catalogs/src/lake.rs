@@ -61,12 +61,21 @@ impl Lake {
         let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
             Arc::from(store)
         } else {
-            Arc::new(PrefixStore::new(store, prefix))
+            let store: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(store, prefix.clone()));
+            Arc::new(crate::store::LakeStore::prefixed(store, prefix))
         };
         Ok(Self {
             store,
             url: location.to_string(),
         })
+    }
+
+    /// The lake rooted at `store` (as the engine holds it).
+    pub fn with_store(store: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            store,
+            url: "lake:///".into(),
+        }
     }
 
     /// An in-memory lake, for tests.

@@ -7,10 +7,12 @@
 //! [`Catalog::verify`] checks the Parquet files against that contract before anything is served.
 
 mod contract;
+pub mod delta;
 pub mod describe;
 pub mod ingest;
 mod lake;
 mod model;
+mod store;
 
 pub use contract::parse_contract;
 pub use lake::{CatalogStamp, Lake};
@@ -49,6 +51,8 @@ pub enum CatalogError {
     Busy { dataset: String, since: String },
     #[error("cannot read {path}: {reason}")]
     Source { path: String, reason: String },
+    #[error("dataset '{dataset}': its Delta table: {reason}")]
+    Delta { dataset: String, reason: String },
     #[error("object store error: {0}")]
     Store(#[from] object_store::Error),
 }

@@ -290,6 +290,9 @@ pub enum FileFormat {
     Parquet,
     /// One JSON object per line, files ending in `.jsonl`.
     Ndjson,
+    /// A Delta Lake table: Parquet files and the `_delta_log/` that says which of them make
+    /// each version (datasets declared by a contract and filled by `lakegate ingest`).
+    Delta,
 }
 
 impl FileFormat {
@@ -300,7 +303,7 @@ impl FileFormat {
     /// The file name suffix of this format's data files.
     pub fn extension(self) -> &'static str {
         match self {
-            FileFormat::Parquet => ".parquet",
+            FileFormat::Parquet | FileFormat::Delta => ".parquet",
             FileFormat::Ndjson => ".jsonl",
         }
     }
@@ -465,7 +468,14 @@ impl Dataset {
 
     /// Data files of this dataset as the store has them now (path, size, modification time,
     /// entity tag), sorted by path: equal lists mean the dataset's contents have not changed.
+    ///
+    /// For a Delta dataset these are the files of its newest version, as its log says: a file
+    /// in the folder that no version names (a refused or interrupted ingest's) is not listed.
     pub async fn file_versions(&self, store: &Arc<dyn ObjectStore>) -> Result<Vec<ObjectMeta>> {
+        if self.format == FileFormat::Delta {
+            let lake = Lake::with_store(Arc::clone(store));
+            return Ok(crate::delta::files(&lake, self, None).await?.1);
+        }
         let prefix = Path::from(self.location.trim_end_matches('/'));
         let mut files: Vec<ObjectMeta> = store
             .list(Some(&prefix))
@@ -575,10 +585,12 @@ impl Catalog {
         for d in self
             .datasets
             .iter()
-            .filter(|d| d.format == FileFormat::Parquet)
+            .filter(|d| matches!(d.format, FileFormat::Parquet | FileFormat::Delta))
         {
             let files = d.files(&store).await?;
-            if files.is_empty() {
+            // A Delta dataset may be empty (declared, nothing ingested yet); opening its log
+            // above already proved the table is there.
+            if files.is_empty() && d.format == FileFormat::Parquet {
                 return Err(CatalogError::MissingFiles {
                     dataset: d.name.clone(),
                 });

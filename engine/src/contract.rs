@@ -116,7 +116,7 @@ impl ContractFormat {
             }))
         };
         match self.dataset.format {
-            Stored::Parquet => {
+            Stored::Parquet | Stored::Delta => {
                 // The footer is in the runtime's metadata cache when the listing collected the
                 // file's statistics (it always does here), so this reads nothing new.
                 let metadata = DFParquetMetadata::new(store, meta)

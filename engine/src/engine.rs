@@ -8,7 +8,7 @@ use std::sync::Arc;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{
     CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
-    MemorySchemaProvider, SchemaProvider, TableProvider,
+    SchemaProvider, TableProvider,
 };
 use datafusion::common::Column;
 use datafusion::datasource::file_format::json::JsonFormat;
@@ -477,7 +477,7 @@ impl Engine {
         request: &RequestContext,
     ) -> Result<View> {
         let catalog = MemoryCatalogProvider::new();
-        let mut schemas: BTreeMap<String, Arc<MemorySchemaProvider>> = BTreeMap::new();
+        let mut schemas: BTreeMap<String, Arc<crate::versions::VersionedSchema>> = BTreeMap::new();
         let mut decisions = HashMap::new();
         for d in &lake.catalog.datasets {
             let (row, agg) = Self::decisions(&policy, principal, d, request);
@@ -686,15 +686,30 @@ fn listing_table(d: &Dataset, runtime: &RuntimeEnv) -> Result<Arc<dyn TableProvi
             Arc::new(JsonFormat::default()),
             d,
         )),
+        FileFormat::Delta => Arc::new(crate::contract::ContractFormat::new(
+            Arc::new(ParquetFormat::default()),
+            d,
+        )),
     };
     let options = ListingOptions::new(format).with_file_extension(d.format.extension());
     // Parquet strings are read as views: no copy out of the pages for rows a filter drops, and
     // short values (ids, codes) compare and hash inline. Results leave as `Utf8` (see
     // `without_views`).
     let schema = match d.format {
-        FileFormat::Parquet => with_views(&d.schema()),
+        FileFormat::Parquet | FileFormat::Delta => with_views(&d.schema()),
         FileFormat::Ndjson => d.schema(),
     };
+    if d.format == FileFormat::Delta {
+        let lake = datafusion::execution::object_store::ObjectStoreUrl::parse(LAKE_URL)?;
+        return Ok(Arc::new(crate::versions::DeltaVersionTable::new(
+            d.clone(),
+            runtime.object_store(&lake)?,
+            LAKE_URL,
+            options,
+            schema,
+            runtime.cache_manager.get_file_statistic_cache(),
+        )));
+    }
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
         .with_schema(schema);

@@ -98,6 +98,21 @@ impl GovernedTable {
         self
     }
 
+    /// The dataset's own table under the policy.
+    pub(crate) fn raw(&self) -> &Arc<dyn TableProvider> {
+        &self.raw
+    }
+
+    /// The same policy over another table of the same dataset and schema (an earlier
+    /// version). Lookups by pseudonym are not narrowed: their index follows the newest files.
+    pub(crate) fn with_raw(&self, raw: Arc<dyn TableProvider>) -> Self {
+        Self {
+            raw,
+            lookups: None,
+            ..self.clone()
+        }
+    }
+
     pub(crate) fn pseudonymized_len(&self) -> usize {
         self.pseudonymized.len()
     }

@@ -44,6 +44,7 @@ mod subjects;
 mod thresholds;
 mod total;
 mod verify;
+mod versions;
 
 pub use bounded::FUNCTION_OUTPUT_LIMIT;
 pub use budget::MemoryBudget;

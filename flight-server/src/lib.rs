@@ -55,6 +55,9 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
+        // tonic's TLS is built with tls-ring; say so to rustls, which has aws-lc-rs compiled
+        // in as well (an error means a provider is already installed, which is as good).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         builder = builder.tls_config(tls)?;
     }
     // The builder's tcp_nodelay applies only to listeners tonic binds itself: set it on ours,

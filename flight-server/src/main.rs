@@ -69,6 +69,11 @@ struct IngestArgs {
     /// Who ingests, recorded in the dataset's lineage [default: the login name].
     #[arg(long = "as", env = "LAKEGATE_PRINCIPAL")]
     principal: Option<String>,
+    /// An OpenLineage HTTP endpoint that also receives each commit's run event (POSTed as
+    /// JSON; e.g. Marquez's `http://host:5000/api/v1/lineage`). The event is always stored in
+    /// the lake's `lineage/openlineage/` zone.
+    #[arg(long, env = "LAKEGATE_LINEAGE_URL")]
+    lineage_url: Option<String>,
     /// Files to ingest: local paths or URLs of an object store (s3://bucket/key).
     #[arg(required = true)]
     files: Vec<String>,
@@ -150,15 +155,21 @@ struct DemoArgs {
     serve: ServeArgs,
 }
 
+/// Lakegate's own events at info; the Delta kernel's per-snapshot chatter only when it warns.
+const DEFAULT_LOG: &str = "info,buoyant_kernel=warn,buoyant_kernel_engine=warn,deltalake_core=warn";
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // One TLS provider for the whole process (tonic's and reqwest's are ring; rustls also has
+    // aws-lc-rs compiled in, through deltalake's HTTP client, and would not choose).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -419,33 +430,45 @@ async fn catalog_add(lake: &str, contract: &std::path::Path) -> Result<(), AnyEr
         Err(e) => return Err(e.into()),
     };
     let name = dataset.name.clone();
-    if catalog.add_dataset(dataset)? {
-        catalog.save(&lake).await?;
-        println!("declared {name} in {}", lake.url());
-    } else {
+    let declared = dataset.clone();
+    if !catalog.add_dataset(dataset)? {
         println!("{name} is already declared with this contract");
+        return Ok(());
     }
+    // The table first: a catalog that names a dataset always finds it.
+    if !lakegate_catalogs::delta::exists(&lake, &declared).await? {
+        lakegate_catalogs::delta::create(&lake, &declared).await?;
+    }
+    catalog.save(&lake).await?;
+    println!("declared {name} (version 0, no rows) in {}", lake.url());
     Ok(())
 }
 
 async fn catalog_history(lake: &str, dataset: &str) -> Result<(), AnyError> {
     let lake = existing_lake(lake).await?;
-    let catalog = Catalog::load(&lake).await?;
-    if catalog.dataset(dataset).is_none() {
-        return Err(CatalogError::UnknownDataset(dataset.into()).into());
+    let versions = ingest::history(&lake, dataset).await?;
+    if versions.is_empty() {
+        println!("{dataset}: plain files written by `lakegate demo`; no versions");
     }
-    let records = ingest::history(&lake, dataset).await?;
-    if records.is_empty() {
-        println!("{dataset}: no ingests recorded");
-    }
-    for r in records {
-        let at = chrono::DateTime::from_timestamp(r.committed_at as i64, 0)
+    for v in versions {
+        let at = v
+            .timestamp
+            .and_then(chrono::DateTime::from_timestamp_millis)
             .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-            .unwrap_or_default();
-        println!(
-            "{at}  {}  sha256:{}  {} rows, {} accepted, {} quarantined  by {}  raw {}",
-            r.source, r.sha256, r.rows, r.accepted, r.quarantined, r.principal, r.raw
-        );
+            .unwrap_or_else(|| "-".into());
+        let operation = v.operation.unwrap_or_else(|| "-".into());
+        match v.ingest {
+            Some(record) => {
+                println!("v{}  {at}  ingest by {}", v.version, record.principal);
+                for s in record.sources {
+                    println!(
+                        "    {}  sha256:{}  {} rows, {} accepted, {} quarantined  raw {}",
+                        s.source, s.sha256, s.rows, s.accepted, s.quarantined, s.raw
+                    );
+                }
+            }
+            None => println!("v{}  {at}  {operation}", v.version),
+        }
     }
     Ok(())
 }
@@ -494,15 +517,29 @@ async fn ingest(args: IngestArgs) -> Result<(), AnyError> {
                 quarantined,
             } => format!("{rows} rows, {accepted} accepted, {quarantined} quarantined"),
             ingest::FileOutcome::AlreadyIngested => "already ingested (same checksum)".into(),
-            ingest::FileOutcome::Recovered => {
-                "committed by an interrupted ingest; recorded now".into()
-            }
             ingest::FileOutcome::Quarantined { reason } => format!("quarantined: {reason}"),
         };
         println!("{}  sha256:{}  {what}", f.source, &f.sha256[..16]);
     }
     for (rule, n) in &report.by_rule {
         println!("  rule {rule}: {n}");
+    }
+    if let Some(v) = report.version {
+        println!("committed {} version {v}", report.dataset);
+    }
+    if let (Some(url), Some(event)) = (&args.lineage_url, &report.lineage) {
+        let sent = reqwest::Client::new()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(event)?)
+            .timeout(std::time::Duration::from_secs(30))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status());
+        if let Err(e) = sent {
+            // The commit stands and its event is in the lake's lineage zone.
+            eprintln!("lakegate: warning: the lineage event did not reach {url}: {e}");
+        }
     }
     println!("{}", report.summary());
     match report.refused {

@@ -208,3 +208,119 @@ def test_two_servers_on_one_bucket_share_one_intact_trail(s3):
     assert "audit trail intact" in result.stdout
     events = int(result.stdout.split("intact: ")[1].split(" events")[0])
     assert events >= 40, result.stdout  # 20 queries, each decided and completed
+
+
+LABS_CONTRACT = """
+dataset = "clinical.lab_results"
+owner = "lab-informatics"
+
+[[columns]]
+name = "result_id"
+type = "utf8"
+nullable = false
+label = "identifier"
+unique = true
+
+[[columns]]
+name = "patient_id"
+type = "utf8"
+nullable = false
+label = "identifier"
+references = "clinical.patients.patient_id"
+
+[[columns]]
+name = "loinc_code"
+type = "utf8"
+label = "clinical"
+shape = "loinc"
+
+[[columns]]
+name = "value"
+type = "float64"
+label = "clinical"
+min = 0
+"""
+
+
+def test_feeds_are_ingested_into_versions_on_s3_and_served_governed(s3, tmp_path):
+    lake = f"s3://{BUCKET}/ingest"
+    proc, address = start_lakegate(lake, patients=300)
+    try:
+        carol = connect(address, "carol")
+        cur = carol.cursor()
+        cur.execute("SELECT patient_id FROM clinical.patients ORDER BY patient_id LIMIT 3")
+        mine = [r[0] for r in cur.fetchall()]
+        carol.close()
+    finally:
+        stop_lakegate(proc)
+
+    contract = tmp_path / "labs.toml"
+    contract.write_text(LABS_CONTRACT)
+    added = _lakegate("catalog", "add", "--lake", lake, "--contract", str(contract))
+    assert added.returncode == 0, added.stderr
+    assert "version 0" in added.stdout
+    bad_contract = tmp_path / "bad.toml"
+    bad_contract.write_text(LABS_CONTRACT.replace('"clinical"', '"secret"'))
+    refused = _lakegate("catalog", "add", "--lake", lake, "--contract", str(bad_contract))
+    assert refused.returncode == 1 and "unknown label 'secret'" in refused.stderr
+
+    # A local extract with one row of an unknown patient and one bad LOINC code.
+    feed = tmp_path / "labs-1.csv"
+    rows = [f"R{i},{mine[i % 3]},2345-7,{i}.5" for i in range(20)]
+    rows += ["R90,nobody,2345-7,1", f"R91,{mine[0]},E11.9,1"]
+    feed.write_text("result_id,patient_id,loinc_code,value\n" + "\n".join(rows) + "\n")
+    done = _lakegate(
+        "ingest", "--lake", lake, "--dataset", "clinical.lab_results",
+        "--max-reject-ratio", "0.2", "--as", "lab-feed", str(feed),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "22 rows read, 20 accepted, 2 quarantined" in done.stdout
+    assert "committed clinical.lab_results version 1" in done.stdout
+    again = _lakegate("ingest", "--lake", lake, "--dataset", "clinical.lab_results", str(feed))
+    assert again.returncode == 0 and "already ingested" in again.stdout
+
+    # A second feed from the same object store, by URL; then one refused as a whole.
+    s3.put_object(
+        Bucket=BUCKET,
+        Key="incoming/labs-2.csv",
+        Body=f"result_id,patient_id,loinc_code,value\nR100,{mine[1]},4548-4,6.1\n".encode(),
+    )
+    done = _lakegate(
+        "ingest", "--lake", lake, "--dataset", "clinical.lab_results",
+        f"s3://{BUCKET}/incoming/labs-2.csv",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "version 2" in done.stdout
+    worse = tmp_path / "labs-3.csv"
+    worse.write_text("result_id,patient_id,loinc_code,value\nR200,nobody,1-1,1\n")
+    refused = _lakegate("ingest", "--lake", lake, "--dataset", "clinical.lab_results", str(worse))
+    assert refused.returncode == 1
+    assert "feed refused, nothing committed" in refused.stderr
+
+    keys = _keys(s3, "ingest/")
+    assert "ingest/curated/clinical/lab_results/_delta_log/00000000000000000002.json" in keys
+    assert not any("_delta_log/00000000000000000003" in k for k in keys)
+    assert any(k.startswith("ingest/raw/clinical/lab_results/") for k in keys)
+    assert any(k.endswith("/rows.jsonl") for k in keys if k.startswith("ingest/quarantine/"))
+    history = _lakegate("catalog", "history", "--lake", lake, "clinical.lab_results")
+    assert history.returncode == 0, history.stderr
+    assert "v1" in history.stdout and "ingest by lab-feed" in history.stdout
+    assert "labs-1.csv" in history.stdout and "labs-2.csv" in history.stdout
+
+    proc, address = start_lakegate(lake, patients=300)
+    try:
+        carol = connect(address, "carol")
+        cur = carol.cursor()
+        cur.execute("SELECT count(*) FROM clinical.lab_results")
+        assert cur.fetchone()[0] == 21
+        cur.execute('SELECT count(*) FROM clinical."lab_results@v1"')
+        assert cur.fetchone()[0] == 20
+        carol.close()
+        mallory = connect(address, "mallory")
+        cur = mallory.cursor()
+        with pytest.raises(Exception):
+            cur.execute("SELECT count(*) FROM clinical.lab_results")
+            cur.fetchall()
+        mallory.close()
+    finally:
+        stop_lakegate(proc)

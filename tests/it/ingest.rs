@@ -63,9 +63,11 @@ async fn lake_with_labs() -> (tempfile::TempDir, PathBuf, Lake, Vec<String>) {
     let (dir, path) = build_lake(200);
     let lake = Lake::open(path.to_str().unwrap()).unwrap();
     let mut catalog = Catalog::load(&lake).await.unwrap();
-    catalog
-        .add_dataset(parse_contract("labs.toml", LABS).unwrap())
+    let labs = parse_contract("labs.toml", LABS).unwrap();
+    lakegate_catalogs::delta::create(&lake, &labs)
+        .await
         .unwrap();
+    catalog.add_dataset(labs).unwrap();
     catalog.save(&lake).await.unwrap();
     let batches = raw_query_in(
         &path,
@@ -104,6 +106,24 @@ async fn list(lake: &Lake, prefix: &str) -> Vec<String> {
         .unwrap();
     paths.sort();
     paths
+}
+
+/// The Parquet files in the dataset's folder, whether a version names them or not.
+async fn parquet_in_folder(lake: &Lake) -> Vec<String> {
+    list(lake, "curated/clinical/lab_results")
+        .await
+        .into_iter()
+        .filter(|p| p.ends_with(".parquet"))
+        .collect()
+}
+
+async fn versions(lake: &Lake) -> Vec<u64> {
+    ingest::history(lake, "clinical.lab_results")
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.version)
+        .collect()
 }
 
 async fn read_text(lake: &Lake, path: &str) -> String {
@@ -148,6 +168,8 @@ async fn bad_rows_are_quarantined_with_row_column_and_rule_and_good_rows_are_ser
 
     let report = run(&lake, std::slice::from_ref(&file), 0.5).await;
     assert_eq!(report.refused, None);
+    assert_eq!(report.version, Some(1));
+    assert_eq!(report.version, Some(1));
     assert_eq!(
         (report.rows_read, report.accepted, report.quarantined),
         (29, 20, 9),
@@ -209,14 +231,18 @@ async fn bad_rows_are_quarantined_with_row_column_and_rule_and_good_rows_are_ser
     let again = run(&lake, std::slice::from_ref(&file), 0.5).await;
     assert_eq!(again.files[0].outcome, FileOutcome::AlreadyIngested);
     assert_eq!(again.rows_read, 0);
-    assert_eq!(list(&lake, "curated/clinical/lab_results").await.len(), 1);
+    assert_eq!(again.version, None);
     let history = ingest::history(&lake, "clinical.lab_results")
         .await
         .unwrap();
-    assert_eq!(history.len(), 1);
-    assert_eq!(history[0].principal, "lab-feed");
-    assert_eq!((history[0].accepted, history[0].quarantined), (20, 9));
-    assert!(list(&lake, "staging").await.is_empty());
+    assert_eq!(history.len(), 2, "version 0 (declared) and 1 (the feed)");
+    let record = history[1].ingest.clone().unwrap();
+    assert_eq!(record.principal, "lab-feed");
+    assert_eq!(record.sources[0].sha256, *sha);
+    assert_eq!(
+        (record.sources[0].accepted, record.sources[0].quarantined),
+        (20, 9)
+    );
     assert!(list(&lake, "catalog/locks").await.is_empty());
 
     // The governed door serves the new dataset under the same rules as the demo tables:
@@ -272,9 +298,12 @@ async fn a_feed_over_the_reject_ratio_or_with_a_broken_file_commits_nothing() {
         (report.rows_read, report.accepted, report.quarantined),
         (4, 3, 1)
     );
-    assert!(list(&lake, "curated/clinical/lab_results").await.is_empty());
-    assert!(list(&lake, "lineage").await.is_empty());
-    assert!(list(&lake, "staging").await.is_empty());
+    assert_eq!(report.version, None);
+    assert_eq!(versions(&lake).await, vec![0]);
+    assert!(
+        parquet_in_folder(&lake).await.is_empty(),
+        "the refused feed's files are removed"
+    );
 
     // Whole-file problems: wrong columns, an empty file, Parquet under a CSV name, a Parquet
     // file of another schema, an NDJSON file that is not JSON, an unknown extension.
@@ -318,10 +347,8 @@ async fn a_feed_over_the_reject_ratio_or_with_a_broken_file_commits_nothing() {
         };
         assert!(reason.contains(expected), "{file}: {reason}");
         assert!(report.refused.is_some());
-        assert!(
-            list(&lake, "curated/clinical/lab_results").await.is_empty(),
-            "{file}: nothing committed"
-        );
+        assert_eq!(versions(&lake).await, vec![0], "{file}: nothing committed");
+        assert!(parquet_in_folder(&lake).await.is_empty(), "{file}");
         let sha = &report.files[1].sha256;
         let record = read_text(
             &lake,
@@ -335,6 +362,7 @@ async fn a_feed_over_the_reject_ratio_or_with_a_broken_file_commits_nothing() {
     let report = run(&lake, &[good], 0.0).await;
     assert_eq!(report.refused, None);
     assert_eq!(report.accepted, 2);
+    assert_eq!(versions(&lake).await, vec![0, 1]);
 }
 
 #[tokio::test]
@@ -362,7 +390,7 @@ async fn ndjson_and_parquet_feeds_are_held_to_the_same_contract() {
 
     // A Parquet extract: the ingested part itself, with a narrower integer type elsewhere
     // allowed; its keys are now taken, so every row is a duplicate.
-    let part = list(&lake, "curated/clinical/lab_results").await.remove(0);
+    let part = parquet_in_folder(&lake).await.remove(0);
     let copy = write(
         dir.path(),
         "extract.parquet",
@@ -423,44 +451,134 @@ async fn a_second_ingest_into_the_same_dataset_waits_its_turn() {
     let history = ingest::history(&lake, "clinical.lab_results")
         .await
         .unwrap();
-    assert_eq!(history.iter().map(|r| r.accepted).sum::<u64>(), 10_000);
+    let accepted: u64 = history
+        .iter()
+        .filter_map(|v| v.ingest.as_ref())
+        .flat_map(|r| r.sources.iter().map(|s| s.accepted))
+        .sum();
+    assert_eq!(accepted, 10_000);
 }
 
 #[tokio::test]
-async fn an_ingest_stopped_after_its_commit_is_recorded_by_the_next_run() {
-    let (dir, _, lake, ids) = lake_with_labs().await;
+async fn each_feed_is_one_version_and_files_no_version_names_are_never_served() {
+    let (dir, path, lake, ids) = lake_with_labs().await;
     let p0 = &ids[0];
-    let file = write(
+    let header = "result_id,patient_id,loinc_code,value,unit,taken\n";
+    let one = write(
         dir.path(),
         "one.csv",
-        format!("result_id,patient_id,loinc_code,value,unit,taken\nR000001,{p0},2345-7,1,%,2024-01-01\n").as_bytes(),
+        format!("{header}R000001,{p0},2345-7,1,%,2024-01-01\n").as_bytes(),
     );
-    let report = run(&lake, std::slice::from_ref(&file), 0.0).await;
-    let sha = report.files[0].sha256.clone();
-    // Put the lake back where a crash between the curated part and its record leaves it.
-    use object_store::ObjectStoreExt;
-    let store = lake.store();
-    let record =
-        object_store::path::Path::from(format!("lineage/ingests/clinical.lab_results/{sha}.json"));
-    let body = store.get(&record).await.unwrap().bytes().await.unwrap();
-    store
-        .put(
-            &object_store::path::Path::from(format!("staging/clinical/lab_results/{sha}.json")),
-            body.into(),
+    let two = write(
+        dir.path(),
+        "two.ndjson",
+        format!(
+            "{{\"result_id\":\"R000002\",\"patient_id\":\"{p0}\",\"loinc_code\":\"2345-7\",\"taken\":\"2024-01-02\"}}\n\
+             {{\"result_id\":\"R000003\",\"patient_id\":\"{p0}\",\"loinc_code\":\"2345-7\",\"taken\":\"2024-01-03\"}}\n"
         )
-        .await
-        .unwrap();
-    store.delete(&record).await.unwrap();
-
-    let again = run(&lake, std::slice::from_ref(&file), 0.0).await;
-    assert_eq!(again.files[0].outcome, FileOutcome::Recovered);
-    assert_eq!(list(&lake, "curated/clinical/lab_results").await.len(), 1);
+        .as_bytes(),
+    );
+    assert_eq!(run(&lake, &[one], 0.0).await.version, Some(1));
+    assert_eq!(run(&lake, &[two], 0.0).await.version, Some(2));
+    assert_eq!(versions(&lake).await, vec![0, 1, 2]);
+    // Each commit's OpenLineage run event, in the lake's lineage zone.
+    let event: serde_json::Value = serde_json::from_str(
+        &read_text(
+            &lake,
+            "lineage/openlineage/clinical.lab_results/v00000000000000000002.json",
+        )
+        .await,
+    )
+    .unwrap();
+    assert_eq!(event["eventType"], "COMPLETE");
+    assert_eq!(event["job"]["name"], "ingest.clinical.lab_results");
+    assert_eq!(event["outputs"][0]["name"], "clinical.lab_results");
     assert_eq!(
-        ingest::history(&lake, "clinical.lab_results")
-            .await
+        event["outputs"][0]["facets"]["version"]["datasetVersion"],
+        "2"
+    );
+    assert_eq!(
+        event["outputs"][0]["outputFacets"]["outputStatistics"]["rowCount"],
+        2
+    );
+    let input = &event["inputs"][0];
+    assert_eq!(input["facets"]["lakegate_source"]["file"], "two.ndjson");
+    assert!(input["name"]
+        .as_str()
+        .unwrap()
+        .starts_with("raw/clinical/lab_results/"));
+    assert_eq!(
+        input["facets"]["lakegate_source"]["sha256"]
+            .as_str()
             .unwrap()
             .len(),
-        1
+        64
     );
-    assert!(list(&lake, "staging").await.is_empty());
+    let d = Catalog::load(&lake)
+        .await
+        .unwrap()
+        .dataset("clinical.lab_results")
+        .unwrap()
+        .clone();
+    let (v1, files1) = lakegate_catalogs::delta::files(&lake, &d, Some(1))
+        .await
+        .unwrap();
+    let (v2, files2) = lakegate_catalogs::delta::files(&lake, &d, None)
+        .await
+        .unwrap();
+    assert_eq!((v1, files1.len(), v2, files2.len()), (1, 1, 2, 2));
+
+    // A file in the folder that no version names (what an ingest stopped before its commit
+    // leaves) is never read: carol, at the patient's site or not, and the catalog agree.
+    let committed = parquet_in_folder(&lake).await.remove(0);
+    std::fs::copy(
+        path.join(&committed),
+        path.join("curated/clinical/lab_results/part-99999-stray.parquet"),
+    )
+    .unwrap();
+    assert_eq!(parquet_in_folder(&lake).await.len(), 3);
+    assert_eq!(d.file_versions(&lake.store()).await.unwrap().len(), 2);
+    let server = TestServer::start_with(ServerOptions {
+        lake: Some(path.clone()),
+        ..Default::default()
+    })
+    .await;
+    let mut alice = login(&server, "alice").await;
+    let batches = sql(&mut alice, "SELECT count(*) FROM clinical.lab_results")
+        .await
+        .unwrap();
+    let consenting = raw_query_in(
+        &path,
+        &format!(
+            "SELECT count(*) FROM clinical_patients WHERE patient_id = '{p0}' AND research_consent"
+        ),
+    )
+    .await;
+    let per_row = lakegate_tests::scalar_i64(&consenting);
+    assert_eq!(crate::common::first_i64(&batches), 3 * per_row);
+
+    // Earlier versions by name, under the same policy: alice's consent filter and pseudonyms.
+    for (version, rows) in [(0, 0), (1, 1), (2, 3)] {
+        let q = format!("SELECT count(*) FROM clinical.\"lab_results@v{version}\"");
+        let batches = sql(&mut alice, &q).await.unwrap();
+        assert_eq!(crate::common::first_i64(&batches), rows * per_row, "{q}");
+    }
+    let batches = sql(
+        &mut alice,
+        "SELECT patient_id FROM clinical.\"lab_results@v1\"",
+    )
+    .await
+    .unwrap();
+    assert!(crate::common::column_text(&batches, 0)
+        .iter()
+        .all(|p| p != p0));
+    let missing = sql(&mut alice, "SELECT * FROM clinical.\"lab_results@v7\"")
+        .await
+        .unwrap_err();
+    assert!(missing.to_string().contains("not found"), "{missing}");
+    let mut mallory = login(&server, "mallory").await;
+    let denied = sql(&mut mallory, "SELECT * FROM clinical.\"lab_results@v1\"")
+        .await
+        .unwrap_err();
+    assert!(denied.to_string().contains("not found"), "{denied}");
 }

@@ -2,12 +2,14 @@
 //! become curated Parquet, the rest go to `quarantine/` with the rule they broke.
 //!
 //! One ingest runs per dataset at a time (a lock object, created only if absent). Each file
-//! is checksummed first: a file whose checksum was committed before adds nothing. Rows are
-//! decoded, checked and written batch by batch to a staging object, so memory stays bounded
-//! whatever the file's size. Only when every file of the feed is readable and the share of
-//! quarantined rows is within `max_reject_ratio` are the staged parts committed; the commit
-//! record of each (`lineage/ingests/`) is written last and names the source, its checksum,
-//! the counts and the principal, which is the lineage `catalog history` shows.
+//! is checksummed first: a file whose checksum an earlier version committed adds nothing.
+//! Rows are decoded, checked and written batch by batch into new Parquet files of the
+//! dataset's Delta table, so memory stays bounded whatever the file's size. Only when every
+//! file of the feed is readable and the share of quarantined rows is within
+//! `max_reject_ratio` is the feed committed, as one new version of the table whose commit
+//! names each source, its checksum, its counts and the principal: the lineage that
+//! `catalog history` shows. Files written for a feed that is refused or interrupted are
+//! never in a version, so no reader sees them.
 
 mod check;
 pub mod decode;
@@ -21,11 +23,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arrow::array::{BooleanArray, RecordBatch};
 use arrow::compute::filter_record_batch;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::DeltaTable;
 use futures::TryStreamExt;
 use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
@@ -34,6 +38,7 @@ use tokio::io::AsyncWriteExt;
 
 use self::check::Checker;
 use self::decode::{Chunk, FileProblem, SourceFormat};
+use crate::delta::delta_error;
 use crate::{Catalog, CatalogError, Dataset, FileFormat, Lake, Result};
 
 /// A lock older than this is taken to be left by a crashed ingest and is taken over.
@@ -70,11 +75,8 @@ pub enum FileOutcome {
         accepted: u64,
         quarantined: u64,
     },
-    /// This file (same checksum) was committed by an earlier ingest.
+    /// This file (same checksum) was committed by an earlier version.
     AlreadyIngested,
-    /// An earlier ingest committed this file's rows and stopped before its record; the record
-    /// is now written.
-    Recovered,
     /// The file as a whole is not readable as its format or does not have the contract's
     /// columns; it is quarantined with this reason.
     Quarantined { reason: String },
@@ -102,6 +104,11 @@ pub struct IngestReport {
     pub by_rule: BTreeMap<String, u64>,
     /// Why the feed was refused as a whole (nothing committed), if it was.
     pub refused: Option<String>,
+    /// The dataset version the feed committed, if it committed one.
+    pub version: Option<u64>,
+    /// The OpenLineage run event of the commit (also stored in the lake's `lineage/` zone).
+    #[serde(skip)]
+    pub lineage: Option<serde_json::Value>,
 }
 
 impl IngestReport {
@@ -114,47 +121,57 @@ impl IngestReport {
     }
 }
 
-/// The record of one committed file: the lineage of the dataset's contents.
+/// What a version's commit says about one source file: the lineage of the dataset.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct IngestRecord {
-    pub dataset: String,
+pub struct SourceRecord {
     pub source: String,
     pub sha256: String,
     pub bytes: u64,
     pub format: String,
     /// The unchanged copy in the lake's `raw/` zone.
     pub raw: String,
-    /// The curated part the accepted rows went to.
-    pub curated: String,
     pub rows: u64,
     pub accepted: u64,
     pub quarantined: u64,
+}
+
+/// What Lakegate writes into the commit of each version it makes (`commitInfo.lakegate`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommitRecord {
     pub principal: String,
-    /// Seconds since 1970 (UTC) of the commit.
-    pub committed_at: u64,
+    pub sources: Vec<SourceRecord>,
 }
 
-/// Where the commit records of a dataset live.
-fn records_prefix(dataset: &str) -> Path {
-    Path::from(format!("lineage/ingests/{dataset}"))
+/// One version of a dataset as `catalog history` shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryEntry {
+    pub version: u64,
+    /// Milliseconds since 1970 (UTC).
+    pub timestamp: Option<i64>,
+    pub operation: Option<String>,
+    /// Set for versions Lakegate's ingest committed.
+    pub ingest: Option<CommitRecord>,
 }
 
-/// The commit records of a dataset, oldest first.
-pub async fn history(lake: &Lake, dataset: &str) -> Result<Vec<IngestRecord>> {
-    let store = lake.store();
-    let metas: Vec<_> = store
-        .list(Some(&records_prefix(dataset)))
-        .try_collect()
-        .await?;
-    let mut records = Vec::new();
-    for m in metas {
-        let bytes = store.get(&m.location).await?.bytes().await?;
-        let record: IngestRecord = serde_json::from_slice(&bytes)
-            .map_err(|e| CatalogError::Malformed(format!("ingest record {}: {e}", m.location)))?;
-        records.push(record);
+/// Every version of a dataset, oldest first.
+pub async fn history(lake: &Lake, dataset: &str) -> Result<Vec<HistoryEntry>> {
+    let catalog = Catalog::load(lake).await?;
+    let d = catalog
+        .dataset(dataset)
+        .ok_or_else(|| CatalogError::UnknownDataset(dataset.to_string()))?;
+    if d.format != FileFormat::Delta {
+        return Ok(Vec::new());
     }
-    records.sort_by(|a, b| (a.committed_at, &a.sha256).cmp(&(b.committed_at, &b.sha256)));
-    Ok(records)
+    Ok(crate::delta::history(lake, d)
+        .await?
+        .into_iter()
+        .map(|v| HistoryEntry {
+            version: v.version,
+            timestamp: v.timestamp,
+            operation: v.operation,
+            ingest: v.lakegate.and_then(|l| serde_json::from_value(l).ok()),
+        })
+        .collect())
 }
 
 /// Ingest `sources` (local paths or URLs an object store reads) into `dataset`.
@@ -169,10 +186,12 @@ pub async fn ingest(
         .dataset(dataset)
         .ok_or_else(|| CatalogError::UnknownDataset(dataset.to_string()))?
         .clone();
-    if d.zone != "curated" || d.format != FileFormat::Parquet || d.name == crate::AUDIT_DATASET {
+    if d.format != FileFormat::Delta || d.name == crate::AUDIT_DATASET {
         return Err(CatalogError::NotIngestible {
             dataset: d.name,
-            reason: "only curated Parquet datasets take ingests".into(),
+            reason: "ingest writes versioned (Delta) datasets, declared with `lakegate catalog \
+                     add --contract FILE`; this one is plain files"
+                .into(),
         });
     }
     if !(0.0..=1.0).contains(&options.max_reject_ratio) {
@@ -268,19 +287,18 @@ struct Local {
     _download: Option<tempfile::TempPath>,
 }
 
-/// A staged file, waiting for the feed's verdict.
-struct Staged {
-    record: IngestRecord,
-    staging: Path,
-}
-
 struct Feed<'a> {
     store: Arc<dyn ObjectStore>,
+    lake_url: String,
     dataset: &'a Dataset,
     options: &'a IngestOptions,
     checker: Checker,
+    table: DeltaTable,
+    writer: Option<RecordBatchWriter>,
+    /// Checksums of the sources earlier versions committed.
+    committed: std::collections::HashSet<String>,
+    sources: Vec<SourceRecord>,
     report: IngestReport,
-    staged: Vec<Staged>,
 }
 
 impl<'a> Feed<'a> {
@@ -291,17 +309,35 @@ impl<'a> Feed<'a> {
         options: &'a IngestOptions,
     ) -> Result<Self> {
         let store = lake.store();
+        let table = crate::delta::open(lake, dataset, None).await?;
+        let committed = crate::delta::history(lake, dataset)
+            .await?
+            .into_iter()
+            .filter_map(|v| v.lakegate)
+            .filter_map(|l| serde_json::from_value::<CommitRecord>(l).ok())
+            .flat_map(|c| c.sources.into_iter().map(|s| s.sha256))
+            .collect();
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build();
+        let writer = RecordBatchWriter::for_table(&table)
+            .map_err(delta_error(dataset))?
+            .with_writer_properties(props);
         let checker = Checker::new(catalog, dataset, &store).await?;
         Ok(Self {
             store,
+            lake_url: lake.url().to_string(),
             dataset,
             options,
             checker,
+            table,
+            writer: Some(writer),
+            committed,
+            sources: Vec::new(),
             report: IngestReport {
                 dataset: dataset.name.clone(),
                 ..Default::default()
             },
-            staged: Vec::new(),
         })
     }
 
@@ -321,14 +357,8 @@ impl<'a> Feed<'a> {
                 bytes,
                 outcome: FileOutcome::AlreadyIngested,
             };
-            if !seen.insert(sha256.clone()) || self.committed(&sha256).await? {
+            if !seen.insert(sha256.clone()) || self.committed.contains(&sha256) {
                 self.options.progress.fetch_add(bytes, Ordering::Relaxed);
-                self.report.files.push(report);
-                continue;
-            }
-            if self.recover(&sha256).await? {
-                self.options.progress.fetch_add(bytes, Ordering::Relaxed);
-                report.outcome = FileOutcome::Recovered;
                 self.report.files.push(report);
                 continue;
             }
@@ -345,42 +375,6 @@ impl<'a> Feed<'a> {
         Ok(std::mem::take(&mut self.report))
     }
 
-    async fn committed(&self, sha256: &str) -> Result<bool> {
-        let record = Path::from(format!(
-            "{}/{sha256}.json",
-            records_prefix(&self.dataset.name)
-        ));
-        exists(&self.store, &record).await
-    }
-
-    /// Finish a commit that stopped between the curated part and its record.
-    async fn recover(&self, sha256: &str) -> Result<bool> {
-        let part = self.part_path(sha256);
-        let sidecar = self.zone_path("staging", &format!("{sha256}.json"));
-        if !exists(&self.store, &part).await? || !exists(&self.store, &sidecar).await? {
-            return Ok(false);
-        }
-        let bytes = self.store.get(&sidecar).await?.bytes().await?;
-        let record: IngestRecord = serde_json::from_slice(&bytes)
-            .map_err(|e| CatalogError::Malformed(format!("staged record {sidecar}: {e}")))?;
-        self.write_record(&record).await?;
-        self.store.delete(&sidecar).await?;
-        let _ = self
-            .store
-            .delete(&self.zone_path("staging", &format!("{sha256}.parquet")))
-            .await;
-        Ok(true)
-    }
-
-    fn part_path(&self, sha256: &str) -> Path {
-        // Named by the source's checksum: a commit repeated after a crash rewrites the same part.
-        Path::from(format!(
-            "{}part-{}.parquet",
-            self.dataset.location,
-            &sha256[..16]
-        ))
-    }
-
     async fn process(
         &mut self,
         local: &Local,
@@ -392,7 +386,6 @@ impl<'a> Feed<'a> {
             let reason = "not a .csv, .jsonl/.ndjson/.json or .parquet file name".to_string();
             return self.quarantine_file(local, sha256, raw, reason).await;
         };
-        let staging = self.zone_path("staging", &format!("{sha256}.parquet"));
         let rejects = self.zone_path("quarantine", &format!("{sha256}/rows.jsonl"));
         let read = Arc::new(AtomicU64::new(0));
         let mut decoder = match decode::open(format, &local.path, self.dataset, Arc::clone(&read)) {
@@ -401,15 +394,6 @@ impl<'a> Feed<'a> {
                 return self.quarantine_file(local, sha256, raw, reason).await
             }
         };
-        let props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .build();
-        let mut writer = AsyncArrowWriter::try_new(
-            BufWriter::new(Arc::clone(&self.store), staging.clone()),
-            self.dataset.schema(),
-            Some(props),
-        )
-        .map_err(parquet_error(self.dataset))?;
         let mut quarantine = BufWriter::new(Arc::clone(&self.store), rejects.clone());
         let (mut rows, mut accepted, mut quarantined) = (0u64, 0u64, 0u64);
         let base = self.options.progress.load(Ordering::Relaxed);
@@ -425,10 +409,11 @@ impl<'a> Feed<'a> {
             accepted += ok.num_rows() as u64;
             quarantined += chunk.rows.len() as u64 - ok.num_rows() as u64;
             if ok.num_rows() > 0 {
-                writer
-                    .write(&ok)
-                    .await
-                    .map_err(parquet_error(self.dataset))?;
+                let writer = self
+                    .writer
+                    .as_mut()
+                    .expect("the writer lives until the verdict");
+                writer.write(ok).await.map_err(delta_error(self.dataset))?;
             }
             if !lines.is_empty() {
                 quarantine.put(lines.into()).await?;
@@ -437,7 +422,6 @@ impl<'a> Feed<'a> {
                 .progress
                 .store(base + read.load(Ordering::Relaxed), Ordering::Relaxed);
         };
-        writer.close().await.map_err(parquet_error(self.dataset))?;
         quarantine
             .shutdown()
             .await
@@ -450,27 +434,21 @@ impl<'a> Feed<'a> {
         }
         let problem = problem.or_else(|| (rows == 0).then(|| "the file holds no rows".to_string()));
         if let Some(reason) = problem {
-            self.store.delete(&staging).await?;
             return self.quarantine_file(local, sha256, raw, reason).await;
         }
         self.report.rows_read += rows;
         self.report.accepted += accepted;
         self.report.quarantined += quarantined;
-        let record = IngestRecord {
-            dataset: self.dataset.name.clone(),
+        self.sources.push(SourceRecord {
             source: local.name.clone(),
             sha256: sha256.into(),
             bytes,
             format: format!("{format:?}").to_lowercase(),
             raw: raw.to_string(),
-            curated: self.part_path(sha256).to_string(),
             rows,
             accepted,
             quarantined,
-            principal: self.options.principal.clone(),
-            committed_at: 0,
-        };
-        self.staged.push(Staged { record, staging });
+        });
         Ok(FileOutcome::Checked {
             rows,
             accepted,
@@ -533,18 +511,14 @@ impl<'a> Feed<'a> {
             "reason": reason,
             "at": now_secs(),
         });
-        self.store
-            .put(
-                &path,
-                PutPayload::from(serde_json::to_vec_pretty(&body).expect("json")),
-            )
-            .await?;
+        let json = serde_json::to_vec_pretty(&body).expect("json");
+        self.store.put(&path, PutPayload::from(json)).await?;
         *self.report.by_rule.entry("file".into()).or_default() += 1;
         Ok(FileOutcome::Quarantined { reason })
     }
 
-    /// Commit every staged file, or none: a feed with a quarantined file or more rejects than
-    /// allowed is refused as a whole.
+    /// Commit the feed as one version, or nothing: a feed with a quarantined file or more
+    /// rejects than allowed is refused as a whole, and the files written for it are removed.
     async fn decide(&mut self) -> Result<()> {
         let whole = self
             .report
@@ -568,53 +542,39 @@ impl<'a> Feed<'a> {
         } else {
             None
         };
-        let staged = std::mem::take(&mut self.staged);
-        if self.report.refused.is_some() {
-            for s in staged {
-                self.store.delete(&s.staging).await?;
+        let mut writer = self.writer.take().expect("one verdict per feed");
+        if self.report.refused.is_some() || self.sources.is_empty() {
+            // Never in a version, so never read; removed so that they do not linger.
+            let table_root = self.dataset.location.trim_end_matches('/');
+            for add in writer.flush().await.map_err(delta_error(self.dataset))? {
+                let path = Path::from(format!("{table_root}/{}", add.path));
+                self.store.delete(&path).await?;
             }
             return Ok(());
         }
-        for mut s in staged {
-            s.record.committed_at = now_secs();
-            let sidecar = self.zone_path("staging", &format!("{}.json", s.record.sha256));
-            let json = serde_json::to_vec_pretty(&s.record).expect("serializable");
-            self.store.put(&sidecar, PutPayload::from(json)).await?;
-            let part = Path::from(s.record.curated.as_str());
-            self.store.copy(&s.staging, &part).await?;
-            self.write_record(&s.record).await?;
-            self.store.delete(&sidecar).await?;
-            self.store.delete(&s.staging).await?;
-        }
-        Ok(())
-    }
-
-    async fn write_record(&self, record: &IngestRecord) -> Result<()> {
-        let path = Path::from(format!(
-            "{}/{}.json",
-            records_prefix(&self.dataset.name),
-            record.sha256
-        ));
-        let json = serde_json::to_vec_pretty(record).expect("serializable");
-        match self
-            .store
-            .put_opts(
-                &path,
-                PutPayload::from(json),
-                PutOptions::from(PutMode::Create),
-            )
+        let record = CommitRecord {
+            principal: self.options.principal.clone(),
+            sources: std::mem::take(&mut self.sources),
+        };
+        let metadata = serde_json::to_value(&record).expect("serializable");
+        let sources = record.sources.clone();
+        let mut writer = writer.with_commit_properties(
+            CommitProperties::default().with_metadata([("lakegate".to_string(), metadata)]),
+        );
+        let version = writer
+            .flush_and_commit(&mut self.table)
             .await
-        {
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-}
-
-fn parquet_error(dataset: &Dataset) -> impl Fn(parquet::errors::ParquetError) -> CatalogError + '_ {
-    move |e| CatalogError::NotIngestible {
-        dataset: dataset.name.clone(),
-        reason: e.to_string(),
+            .map_err(delta_error(self.dataset))?;
+        self.report.version = Some(version);
+        let event = openlineage_event(&self.lake_url, self.dataset, version, &sources);
+        let path = Path::from(format!(
+            "lineage/openlineage/{}/v{version:020}.json",
+            self.dataset.name
+        ));
+        let json = serde_json::to_vec_pretty(&event).expect("serializable");
+        self.store.put(&path, PutPayload::from(json)).await?;
+        self.report.lineage = Some(event);
+        Ok(())
     }
 }
 
@@ -624,6 +584,93 @@ async fn exists(store: &Arc<dyn ObjectStore>, path: &Path) -> Result<bool> {
         Err(object_store::Error::NotFound { .. }) => Ok(false),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Who produced the lineage events (OpenLineage's `producer`).
+const PRODUCER: &str = concat!(
+    "https://github.com/lakegate/lakegate/tree/v",
+    env!("CARGO_PKG_VERSION")
+);
+
+/// The OpenLineage run event (spec 2-0-2) of one committed version: the raw copies of the
+/// sources as inputs, the dataset at its new version as output.
+fn openlineage_event(
+    lake_url: &str,
+    dataset: &Dataset,
+    version: u64,
+    sources: &[SourceRecord],
+) -> serde_json::Value {
+    use serde_json::json;
+    let facet = |schema: &str| {
+        json!({
+            "_producer": PRODUCER,
+            "_schemaURL": schema,
+        })
+    };
+    let with = |mut base: serde_json::Value, extra: serde_json::Value| {
+        if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        base
+    };
+    let inputs: Vec<_> = sources
+        .iter()
+        .map(|s| {
+            json!({
+                "namespace": lake_url,
+                "name": s.raw,
+                "facets": {
+                    "lakegate_source": with(
+                        facet("https://lakegate.dev/spec/facets/SourceFileFacet.json"),
+                        json!({
+                            "file": s.source,
+                            "sha256": s.sha256,
+                            "bytes": s.bytes,
+                            "format": s.format,
+                            "rows": s.rows,
+                            "accepted": s.accepted,
+                            "quarantined": s.quarantined,
+                        }),
+                    ),
+                },
+            })
+        })
+        .collect();
+    let fields: Vec<_> = dataset
+        .columns
+        .iter()
+        .map(|c| json!({ "name": c.name, "type": c.data_type.name(), "description": c.label }))
+        .collect();
+    let accepted: u64 = sources.iter().map(|s| s.accepted).sum();
+    json!({
+        "eventType": "COMPLETE",
+        "eventTime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "producer": PRODUCER,
+        "schemaURL": "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent",
+        "run": { "runId": uuid::Uuid::new_v4().to_string() },
+        "job": { "namespace": "lakegate", "name": format!("ingest.{}", dataset.name) },
+        "inputs": inputs,
+        "outputs": [{
+            "namespace": lake_url,
+            "name": dataset.name,
+            "facets": {
+                "version": with(
+                    facet("https://openlineage.io/spec/facets/1-0-1/DatasetVersionDatasetFacet.json#/$defs/DatasetVersionDatasetFacet"),
+                    json!({ "datasetVersion": version.to_string() }),
+                ),
+                "schema": with(
+                    facet("https://openlineage.io/spec/facets/1-1-1/SchemaDatasetFacet.json#/$defs/SchemaDatasetFacet"),
+                    json!({ "fields": fields }),
+                ),
+            },
+            "outputFacets": {
+                "outputStatistics": with(
+                    facet("https://openlineage.io/spec/facets/1-0-2/OutputStatisticsOutputDatasetFacet.json#/$defs/OutputStatisticsOutputDatasetFacet"),
+                    json!({ "rowCount": accepted }),
+                ),
+            },
+        }],
+    })
 }
 
 /// A source on the local disk, or downloaded to a temporary file from its object store.
