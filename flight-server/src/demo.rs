@@ -41,6 +41,10 @@ pub const PERSONAS: &[(&str, &[(&str, &str)])] = &[
         ],
     ),
     ("erin", &[("role", "compliance_auditor")]),
+    (
+        "gina",
+        &[("role", "data_engineer"), ("purpose", "data_ingestion")],
+    ),
     ("mallory", &[]),
 ];
 

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lakegate_catalogs::demo::{build_demo_lake, DemoOptions};
 use lakegate_catalogs::describe;
 use lakegate_catalogs::{ingest, Catalog, CatalogError, Lake};
-use lakegate_engine::audit::{public_key_from_pem, verify_trail, AuditKey};
+use lakegate_engine::audit::{public_key_from_pem, verify_trail, AuditEvent, AuditKey};
 use lakegate_engine::{Engine, KeyRing};
 use lakegate_flight_server::audited::open_audit;
 use lakegate_flight_server::config::{ServeArgs, Settings};
@@ -19,7 +19,7 @@ use lakegate_flight_server::demo;
 use lakegate_flight_server::identity::{spawn_users_watcher, JwtVerifier};
 use lakegate_flight_server::reload::{PolicySource, PolicyText};
 use lakegate_flight_server::{Identity, Limiter};
-use lakegate_policies::{PolicySet, UserStore, DEFAULT_MODEL};
+use lakegate_policies::{Action, Decision, PolicySet, RequestContext, UserStore, DEFAULT_MODEL};
 
 // mimalloc, as datafusion-cli uses: under glibc malloc the server's resident memory crept up
 // with traffic while its live heap stayed flat (freed chunks inside arenas stay resident).
@@ -57,18 +57,17 @@ enum Cmd {
 
 #[derive(Args)]
 struct IngestArgs {
-    /// The lake (local path or object store URL).
-    #[arg(long, env = "LAKEGATE_LAKE", default_value = "./demo-lake")]
-    lake: String,
     /// The dataset, as `schema.table`, declared with `lakegate catalog add`.
     #[arg(long)]
     dataset: String,
+    /// Who ingests: a principal whom the policy grants `ingest` on the dataset. With a users
+    /// file (--users or the config's) the password is read from LAKEGATE_PASSWORD; without
+    /// one, the demo personas answer by name.
+    #[arg(long = "as", env = "LAKEGATE_PRINCIPAL")]
+    principal: String,
     /// The largest share of quarantined rows (0 to 1) with which the feed is still committed.
     #[arg(long, env = "LAKEGATE_MAX_REJECT_RATIO", default_value_t = 0.05)]
     max_reject_ratio: f64,
-    /// Who ingests, recorded in the dataset's lineage [default: the login name].
-    #[arg(long = "as", env = "LAKEGATE_PRINCIPAL")]
-    principal: Option<String>,
     /// An OpenLineage HTTP endpoint that also receives each commit's run event (POSTed as
     /// JSON; e.g. Marquez's `http://host:5000/api/v1/lineage`). The event is always stored in
     /// the lake's `lineage/openlineage/` zone.
@@ -77,6 +76,9 @@ struct IngestArgs {
     /// Files to ingest: local paths or URLs of an object store (s3://bucket/key).
     #[arg(required = true)]
     files: Vec<String>,
+    /// The deployment's settings (lake, users, policy, audit key) as `serve` takes them.
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Subcommand)]
@@ -474,13 +476,80 @@ async fn catalog_history(lake: &str, dataset: &str) -> Result<(), AnyError> {
 }
 
 async fn ingest(args: IngestArgs) -> Result<(), AnyError> {
-    let lake = existing_lake(&args.lake).await?;
-    let principal = args
-        .principal
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "unknown".into());
+    let settings = args.serve.resolve("./demo-lake")?;
+    let lake = existing_lake(&settings.lake).await?;
+    let catalog = Catalog::load(&lake).await?;
+    let dataset = catalog
+        .dataset(&args.dataset)
+        .ok_or_else(|| CatalogError::UnknownDataset(args.dataset.clone()))?
+        .clone();
+    let principal = match &settings.users {
+        Some(path) => {
+            let password = std::env::var("LAKEGATE_PASSWORD")
+                .map_err(|_| "set LAKEGATE_PASSWORD to the password of the --as principal")?;
+            let users = load_users(path)?;
+            let name = args.principal.clone();
+            tokio::task::spawn_blocking(move || users.authenticate(&name, &password)).await??
+        }
+        None => {
+            let users = tokio::task::spawn_blocking(demo::demo_users).await??;
+            users
+                .principal(&args.principal)
+                .ok_or_else(|| format!("unknown principal '{}'", args.principal))?
+        }
+    };
+    let (policy_name, policy_text) = match &settings.policy {
+        Some(path) => (path.display().to_string(), read(path)?),
+        None => (
+            "policies/demo/policy.toml".to_string(),
+            demo::DEMO_POLICY.to_string(),
+        ),
+    };
+    let model = match &settings.model {
+        Some(path) => read(path)?,
+        None => DEFAULT_MODEL.to_string(),
+    };
+    let policy = PolicySet::load(&model, &policy_name, &policy_text, &catalog).await?;
+    let audit_key = match &settings.audit.key {
+        Some(path) => load_audit_key(path)?,
+        None => demo_audit_key(&settings.lake)?,
+    };
+    let audit = open_audit(&lake, &catalog, audit_key, &settings.audit).await?;
+    let decision = policy.decide(
+        &principal,
+        &dataset,
+        Action::Ingest,
+        &RequestContext::default(),
+    );
+    let mut event = AuditEvent::new("ingest", "Ingest");
+    event.principal = principal.name.clone();
+    event.attributes = principal
+        .attributes
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    event.purpose = principal.attribute("purpose").unwrap_or("").to_string();
+    event.client = "cli".into();
+    event.datasets = dataset.name.clone();
+    event.policy_version = policy.version().to_string();
+    let rule = match decision {
+        Decision::Allow { rule, .. } => rule,
+        Decision::Deny { rule } => {
+            let rule = rule.unwrap_or_else(|| "no rule allows ingest".into());
+            event.outcome = "refused".into();
+            event.reason = rule.clone();
+            audit.record(event).await?;
+            return Err(format!(
+                "refused: {} may not ingest into {} (rule: {rule})",
+                principal.name, dataset.name
+            )
+            .into());
+        }
+    };
+    event.rules = format!("allow ingest by {rule}");
     let options = ingest::IngestOptions {
-        principal,
+        principal: principal.name.clone(),
         max_reject_ratio: args.max_reject_ratio,
         ..Default::default()
     };
@@ -505,10 +574,35 @@ async fn ingest(args: IngestArgs) -> Result<(), AnyError> {
             }
         })
     };
+    let started = Instant::now();
     let result = ingest::ingest(&lake, &args.dataset, &args.files, &options).await;
     ticker.abort();
     bar.finish_and_clear();
-    let report = result?;
+    event.duration_us = Some(started.elapsed().as_micros() as u64);
+    let report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            event.outcome = "failed".into();
+            event.reason = "the ingest stopped with an error".into();
+            audit.record(event).await?;
+            return Err(e.into());
+        }
+    };
+    event.rows = Some(report.accepted);
+    let sources = report
+        .files
+        .iter()
+        .map(|f| format!("{} sha256:{}", f.source, f.sha256))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (outcome, what) = match (&report.refused, report.version) {
+        (Some(why), _) => ("refused", format!("feed refused: {why}")),
+        (None, Some(v)) => ("completed", format!("committed version {v}")),
+        (None, None) => ("completed", "nothing new to commit".to_string()),
+    };
+    event.outcome = outcome.into();
+    event.reason = format!("{what}; sources: {sources}");
+    audit.record(event).await?;
     for f in &report.files {
         let what = match &f.outcome {
             ingest::FileOutcome::Checked {

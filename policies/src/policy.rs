@@ -35,6 +35,8 @@ pub enum Action {
     RowQuery,
     /// Only aggregates over the dataset leave.
     AggregateQuery,
+    /// New rows are loaded into the dataset (`lakegate ingest`); nothing is read out by it.
+    Ingest,
 }
 
 impl Action {
@@ -42,6 +44,7 @@ impl Action {
         match self {
             Action::RowQuery => "row_query",
             Action::AggregateQuery => "aggregate_query",
+            Action::Ingest => "ingest",
         }
     }
 }

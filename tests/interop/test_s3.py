@@ -271,12 +271,14 @@ def test_feeds_are_ingested_into_versions_on_s3_and_served_governed(s3, tmp_path
     feed.write_text("result_id,patient_id,loinc_code,value\n" + "\n".join(rows) + "\n")
     done = _lakegate(
         "ingest", "--lake", lake, "--dataset", "clinical.lab_results",
-        "--max-reject-ratio", "0.2", "--as", "lab-feed", str(feed),
+        "--max-reject-ratio", "0.2", "--as", "gina", str(feed),
     )
     assert done.returncode == 0, done.stderr
     assert "22 rows read, 20 accepted, 2 quarantined" in done.stdout
     assert "committed clinical.lab_results version 1" in done.stdout
-    again = _lakegate("ingest", "--lake", lake, "--dataset", "clinical.lab_results", str(feed))
+    again = _lakegate(
+        "ingest", "--lake", lake, "--dataset", "clinical.lab_results", "--as", "gina", str(feed)
+    )
     assert again.returncode == 0 and "already ingested" in again.stdout
 
     # A second feed from the same object store, by URL; then one refused as a whole.
@@ -286,16 +288,24 @@ def test_feeds_are_ingested_into_versions_on_s3_and_served_governed(s3, tmp_path
         Body=f"result_id,patient_id,loinc_code,value\nR100,{mine[1]},4548-4,6.1\n".encode(),
     )
     done = _lakegate(
-        "ingest", "--lake", lake, "--dataset", "clinical.lab_results",
+        "ingest", "--lake", lake, "--dataset", "clinical.lab_results", "--as", "gina",
         f"s3://{BUCKET}/incoming/labs-2.csv",
     )
     assert done.returncode == 0, done.stderr
     assert "version 2" in done.stdout
     worse = tmp_path / "labs-3.csv"
     worse.write_text("result_id,patient_id,loinc_code,value\nR200,nobody,1-1,1\n")
-    refused = _lakegate("ingest", "--lake", lake, "--dataset", "clinical.lab_results", str(worse))
+    refused = _lakegate(
+        "ingest", "--lake", lake, "--dataset", "clinical.lab_results", "--as", "gina", str(worse)
+    )
     assert refused.returncode == 1
     assert "feed refused, nothing committed" in refused.stderr
+    # Writing is a grant of its own: alice may read de-identified rows, not load data.
+    denied = _lakegate(
+        "ingest", "--lake", lake, "--dataset", "clinical.lab_results", "--as", "alice", str(worse)
+    )
+    assert denied.returncode == 1
+    assert "refused: alice may not ingest into clinical.lab_results" in denied.stderr
 
     keys = _keys(s3, "ingest/")
     assert "ingest/curated/clinical/lab_results/_delta_log/00000000000000000002.json" in keys
@@ -304,7 +314,7 @@ def test_feeds_are_ingested_into_versions_on_s3_and_served_governed(s3, tmp_path
     assert any(k.endswith("/rows.jsonl") for k in keys if k.startswith("ingest/quarantine/"))
     history = _lakegate("catalog", "history", "--lake", lake, "clinical.lab_results")
     assert history.returncode == 0, history.stderr
-    assert "v1" in history.stdout and "ingest by lab-feed" in history.stdout
+    assert "v1" in history.stdout and "ingest by gina" in history.stdout
     assert "labs-1.csv" in history.stdout and "labs-2.csv" in history.stdout
 
     proc, address = start_lakegate(lake, patients=300)
@@ -316,6 +326,27 @@ def test_feeds_are_ingested_into_versions_on_s3_and_served_governed(s3, tmp_path
         cur.execute('SELECT count(*) FROM clinical."lab_results@v1"')
         assert cur.fetchone()[0] == 20
         carol.close()
+        # Every ingest and every refusal is in the audit trail, which erin reads.
+        erin = connect(address, "erin")
+        cur = erin.cursor()
+        cur.execute(
+            "SELECT principal, outcome FROM audit.events WHERE kind = 'ingest' ORDER BY seq"
+        )
+        assert cur.fetchall() == [
+            ("gina", "completed"),
+            ("gina", "completed"),
+            ("gina", "completed"),
+            ("gina", "refused"),
+            ("alice", "refused"),
+        ]
+        erin.close()
+        # gina's grant is to load, not to read.
+        gina = connect(address, "gina")
+        cur = gina.cursor()
+        with pytest.raises(Exception):
+            cur.execute("SELECT count(*) FROM clinical.lab_results")
+            cur.fetchall()
+        gina.close()
         mallory = connect(address, "mallory")
         cur = mallory.cursor()
         with pytest.raises(Exception):

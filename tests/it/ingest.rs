@@ -582,3 +582,39 @@ async fn each_feed_is_one_version_and_files_no_version_names_are_never_served() 
         .unwrap_err();
     assert!(denied.to_string().contains("not found"), "{denied}");
 }
+
+#[tokio::test]
+async fn loading_data_is_a_grant_of_its_own() {
+    use lakegate_flight_server::demo::DEMO_POLICY;
+    use lakegate_policies::{Action, PolicySet, RequestContext, DEFAULT_MODEL};
+    let (_dir, _, lake, _) = lake_with_labs().await;
+    let catalog = Catalog::load(&lake).await.unwrap();
+    let policy = PolicySet::load(DEFAULT_MODEL, "policy.toml", DEMO_POLICY, &catalog)
+        .await
+        .unwrap();
+    let decide = |who: &str, dataset: &str, action: Action| {
+        policy
+            .decide(
+                &crate::common::persona(who),
+                catalog.dataset(dataset).unwrap(),
+                action,
+                &RequestContext::default(),
+            )
+            .is_allowed()
+    };
+    assert!(decide("gina", "clinical.lab_results", Action::Ingest));
+    assert!(decide("gina", "clinical.encounters", Action::Ingest));
+    assert!(!decide("gina", "omics.variants", Action::Ingest));
+    assert!(!decide("gina", "audit.events", Action::Ingest));
+    for reader in ["alice", "bob", "carol", "dave", "erin", "mallory"] {
+        assert!(
+            !decide(reader, "clinical.lab_results", Action::Ingest),
+            "{reader}"
+        );
+    }
+    // gina loads; she reads nothing.
+    for action in [Action::RowQuery, Action::AggregateQuery] {
+        assert!(!decide("gina", "clinical.lab_results", action));
+        assert!(!decide("gina", "clinical.patients", action));
+    }
+}
