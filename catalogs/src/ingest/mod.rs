@@ -292,7 +292,8 @@ struct Feed<'a> {
     lake_url: String,
     dataset: &'a Dataset,
     options: &'a IngestOptions,
-    checker: Checker,
+    /// Lent to the reading thread while a file is read.
+    checker: Option<Checker>,
     table: DeltaTable,
     writer: Option<RecordBatchWriter>,
     /// Checksums of the sources earlier versions committed.
@@ -329,7 +330,7 @@ impl<'a> Feed<'a> {
             lake_url: lake.url().to_string(),
             dataset,
             options,
-            checker,
+            checker: Some(checker),
             table,
             writer: Some(writer),
             committed,
@@ -388,40 +389,81 @@ impl<'a> Feed<'a> {
         };
         let rejects = self.zone_path("quarantine", &format!("{sha256}/rows.jsonl"));
         let read = Arc::new(AtomicU64::new(0));
-        let mut decoder = match decode::open(format, &local.path, self.dataset, Arc::clone(&read)) {
+        let decoder = match decode::open(format, &local.path, self.dataset, Arc::clone(&read)) {
             Ok(d) => d,
             Err(FileProblem(reason)) => {
                 return self.quarantine_file(local, sha256, raw, reason).await
             }
         };
+        // Two stages on two cores: a blocking thread reads and checks batches while this task
+        // encodes and writes the accepted rows; the bounded channel keeps memory bounded.
+        let (sender, mut batches) = tokio::sync::mpsc::channel(4);
+        let mut checker = self.checker.take().expect("one file at a time");
+        let reading = tokio::task::spawn_blocking(move || {
+            let mut decoder = decoder;
+            loop {
+                let next = match decoder.next_chunk() {
+                    Ok(Some(mut chunk)) => {
+                        checker.check(&mut chunk);
+                        Ok(chunk)
+                    }
+                    Ok(None) => break,
+                    Err(problem) => Err(problem),
+                };
+                let stop = next.is_err();
+                if sender.blocking_send(next).is_err() || stop {
+                    break;
+                }
+            }
+            checker
+        });
         let mut quarantine = BufWriter::new(Arc::clone(&self.store), rejects.clone());
         let (mut rows, mut accepted, mut quarantined) = (0u64, 0u64, 0u64);
         let base = self.options.progress.load(Ordering::Relaxed);
-        let problem = loop {
-            let mut chunk = match decoder.next_chunk() {
-                Ok(Some(c)) => c,
-                Ok(None) => break None,
-                Err(FileProblem(reason)) => break Some(reason),
+        let mut problem = None;
+        let mut failed = None;
+        while let Some(next) = batches.recv().await {
+            let chunk = match next {
+                Ok(chunk) => chunk,
+                Err(FileProblem(reason)) => {
+                    problem = Some(reason);
+                    break;
+                }
             };
-            self.checker.check(&mut chunk);
             rows += chunk.rows.len() as u64;
-            let (ok, lines) = self.split(&chunk, &local.name, raw)?;
-            accepted += ok.num_rows() as u64;
-            quarantined += chunk.rows.len() as u64 - ok.num_rows() as u64;
-            if ok.num_rows() > 0 {
-                let writer = self
-                    .writer
-                    .as_mut()
-                    .expect("the writer lives until the verdict");
-                writer.write(ok).await.map_err(delta_error(self.dataset))?;
+            let written = async {
+                let (ok, lines) = self.split(&chunk, &local.name, raw)?;
+                accepted += ok.num_rows() as u64;
+                quarantined += chunk.rows.len() as u64 - ok.num_rows() as u64;
+                if ok.num_rows() > 0 {
+                    let writer = self
+                        .writer
+                        .as_mut()
+                        .expect("the writer lives until the verdict");
+                    writer.write(ok).await.map_err(delta_error(self.dataset))?;
+                }
+                if !lines.is_empty() {
+                    quarantine.put(lines.into()).await?;
+                }
+                Ok::<_, CatalogError>(())
             }
-            if !lines.is_empty() {
-                quarantine.put(lines.into()).await?;
+            .await;
+            if let Err(e) = written {
+                failed = Some(e);
+                break;
             }
             self.options
                 .progress
                 .store(base + read.load(Ordering::Relaxed), Ordering::Relaxed);
-        };
+        }
+        drop(batches);
+        self.checker = Some(reading.await.map_err(|e| CatalogError::Source {
+            path: local.name.clone(),
+            reason: format!("the reading thread stopped: {e}"),
+        })?);
+        if let Some(e) = failed {
+            return Err(e);
+        }
         quarantine
             .shutdown()
             .await
