@@ -238,21 +238,12 @@ async fn demo(args: DemoArgs) -> Result<(), AnyError> {
         Some(path) => load_users(path)?,
         None => tokio::task::spawn_blocking(demo::demo_users).await??,
     };
-    let policy = match &settings.policy {
-        Some(path) => (path.display().to_string(), read(path)?),
-        None => (
-            "policies/demo/policy.toml".to_string(),
-            demo::DEMO_POLICY.to_string(),
-        ),
-    };
+    let policy = policy_or_demo(&settings)?;
     let keys = match &settings.keys {
         Some(path) => KeyRing::from_toml(&path.display().to_string(), &read(path)?)?,
         None => demo_keys(&settings.lake)?,
     };
-    let audit_key = match &settings.audit.key {
-        Some(path) => load_audit_key(path)?,
-        None => demo_audit_key(&settings.lake)?,
-    };
+    let audit_key = audit_key_or_demo(&settings)?;
     run(settings, lake, users, Some(policy), keys, audit_key, true).await
 }
 
@@ -343,6 +334,25 @@ fn write_audit_key(path: &std::path::Path) -> Result<AuditKey, AnyError> {
     std::fs::write(public_key_path(path), key.public_pem())
         .map_err(|e| format!("{}: {e}", public_key_path(path).display()))?;
     Ok(key)
+}
+
+/// The configured policy (its name and text), or the demo policy.
+fn policy_or_demo(settings: &Settings) -> Result<(String, String), AnyError> {
+    Ok(match &settings.policy {
+        Some(path) => (path.display().to_string(), read(path)?),
+        None => (
+            "policies/demo/policy.toml".to_string(),
+            demo::DEMO_POLICY.to_string(),
+        ),
+    })
+}
+
+/// The configured audit signing key, or the demo's beside the lake (made on first use).
+fn audit_key_or_demo(settings: &Settings) -> Result<AuditKey, AnyError> {
+    match &settings.audit.key {
+        Some(path) => load_audit_key(path),
+        None => demo_audit_key(&settings.lake),
+    }
 }
 
 fn load_audit_key(path: &std::path::Path) -> Result<AuditKey, AnyError> {
@@ -498,22 +508,13 @@ async fn ingest(args: IngestArgs) -> Result<(), AnyError> {
                 .ok_or_else(|| format!("unknown principal '{}'", args.principal))?
         }
     };
-    let (policy_name, policy_text) = match &settings.policy {
-        Some(path) => (path.display().to_string(), read(path)?),
-        None => (
-            "policies/demo/policy.toml".to_string(),
-            demo::DEMO_POLICY.to_string(),
-        ),
-    };
+    let (policy_name, policy_text) = policy_or_demo(&settings)?;
     let model = match &settings.model {
         Some(path) => read(path)?,
         None => DEFAULT_MODEL.to_string(),
     };
     let policy = PolicySet::load(&model, &policy_name, &policy_text, &catalog).await?;
-    let audit_key = match &settings.audit.key {
-        Some(path) => load_audit_key(path)?,
-        None => demo_audit_key(&settings.lake)?,
-    };
+    let audit_key = audit_key_or_demo(&settings)?;
     let audit = open_audit(&lake, &catalog, audit_key, &settings.audit).await?;
     let decision = policy.decide(
         &principal,
