@@ -42,16 +42,45 @@ fn shared() -> &'static Shared {
 
 /// A new demo lake of `patients` in a fresh temporary folder.
 pub fn build_lake(patients: u64) -> (tempfile::TempDir, PathBuf) {
+    build_lake_in(tempfile::tempdir().expect("tempdir"), patients, None)
+}
+
+/// The master keyring of a test folder (`keyring.toml` in it, beside the lake), made on first
+/// use.
+pub fn test_keyring(dir: &std::path::Path) -> lakegate_catalogs::Keyring {
+    lakegate_catalogs::Keyring::load_or_create(&dir.join("keyring.toml")).expect("keyring")
+}
+
+/// A new demo lake of `patients`, encrypted at rest with the folder's [`test_keyring`].
+pub fn build_encrypted_lake(patients: u64) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
+    let ring = test_keyring(dir.path());
+    build_lake_in(dir, patients, Some(ring))
+}
+
+fn build_lake_in(
+    dir: tempfile::TempDir,
+    patients: u64,
+    keyring: Option<lakegate_catalogs::Keyring>,
+) -> (tempfile::TempDir, PathBuf) {
     let lake_path = dir.path().join("lake");
     let lake = Lake::open(lake_path.to_str().expect("utf8 path")).expect("lake");
+    let encrypted = keyring.is_some();
+    let lake = match keyring {
+        Some(ring) => lake.with_keyring(ring),
+        None => lake,
+    };
     // Built on a private runtime: each #[tokio::test] has its own, which may end first.
     std::thread::spawn(move || {
         tokio::runtime::Runtime::new()
             .expect("runtime")
             .block_on(build_demo_lake(
                 &lake,
-                &DemoOptions { patients, seed: 42 },
+                &DemoOptions {
+                    patients,
+                    seed: 42,
+                    encrypted,
+                },
                 |_, _| {},
             ))
             .expect("demo lake")
@@ -112,6 +141,8 @@ pub struct ServerOptions {
     pub limits: Option<lakegate_flight_server::limits::LimitSettings>,
     /// Serve over TLS (and mutual TLS).
     pub tls: Option<lakegate_flight_server::tls::TlsSettings>,
+    /// Master keys for a lake with datasets encrypted at rest.
+    pub keyring: Option<lakegate_catalogs::Keyring>,
 }
 
 /// Audit settings as `lakegate serve` defaults them, with the test key.
@@ -147,6 +178,10 @@ impl TestServer {
             .clone()
             .unwrap_or_else(|| shared.lake_path.clone());
         let lake = Lake::open(path.to_str().expect("utf8")).expect("lake");
+        let lake = match options.keyring.clone() {
+            Some(ring) => lake.with_keyring(ring),
+            None => lake,
+        };
         let catalog = lakegate_catalogs::Catalog::load(&lake)
             .await
             .expect("catalog");

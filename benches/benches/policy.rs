@@ -18,6 +18,7 @@ fn planning(c: &mut Criterion) {
             &DemoOptions {
                 patients: 2_000,
                 seed: 42,
+                encrypted: false,
             },
             |_, _| {},
         )

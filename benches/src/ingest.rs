@@ -135,17 +135,17 @@ async fn scratch_lake(source: &Path, at: &Path) -> Lake {
     let src = Catalog::load(&Lake::open(source.to_str().expect("utf8")).expect("lake"))
         .await
         .expect("source catalog");
-    let lake = Lake::open(at.to_str().expect("utf8")).expect("scratch lake");
+    // The contract leaves `encrypted` at its default: the ingest encrypts, as a user's would.
+    let keyring = at.with_extension("keyring.toml");
+    let lake = Lake::open(at.to_str().expect("utf8"))
+        .expect("scratch lake")
+        .with_keyring(lakegate_catalogs::Keyring::load_or_create(&keyring).expect("keyring"));
     let mut catalog = Catalog {
         version: 1,
         datasets: vec![src.dataset("clinical.patients").expect("patients").clone()],
     };
     let bench = parse_contract("bench contract", CONTRACT).expect("contract");
-    lakegate_catalogs::delta::create(&lake, &bench)
-        .await
-        .expect("delta table");
-    catalog.add_dataset(bench).expect("declare");
-    catalog.save(&lake).await.expect("save");
+    catalog.declare(&lake, bench).await.expect("declare");
     lake
 }
 
@@ -165,6 +165,7 @@ async fn main() {
         let options = lakegate_catalogs::demo::DemoOptions {
             patients: args.patients,
             seed: 42,
+            encrypted: false,
         };
         lakegate_catalogs::demo::build_demo_lake(&source, &options, |_, _| {})
             .await

@@ -21,6 +21,9 @@ struct ContractDoc {
     tags: Vec<String>,
     #[serde(default)]
     retention_days: Option<u32>,
+    /// Encrypted at rest unless the contract says otherwise.
+    #[serde(default = "yes")]
+    encrypted: bool,
     columns: Vec<ColumnDoc>,
 }
 
@@ -89,6 +92,7 @@ pub fn parse_contract(source: &str, text: &str) -> Result<Dataset> {
         description: doc.description,
         format: FileFormat::Delta,
         retention_days: doc.retention_days,
+        encrypted: doc.encrypted,
     };
     dataset.validate()?;
     Ok(dataset)
@@ -124,6 +128,31 @@ impl Catalog {
         }
         self.datasets.push(dataset);
         self.validate()?;
+        Ok(true)
+    }
+
+    /// Declare `dataset` in `lake`: its empty Delta table (version 0), its data keys when it
+    /// is encrypted at rest, then the catalog entry, in that order, so a catalog never names a
+    /// dataset whose table or keys are missing. An interrupted declaration is finished by the
+    /// next one. Returns false when the same contract was already declared.
+    pub async fn declare(&mut self, lake: &crate::Lake, dataset: Dataset) -> Result<bool> {
+        let declared = dataset.clone();
+        if !self.add_dataset(dataset)? {
+            return Ok(false);
+        }
+        if declared.encrypted {
+            match crate::keys::load(lake, &declared.name).await {
+                Ok(_) => {}
+                Err(CatalogError::Keys { reason, .. }) if reason.contains("is missing") => {
+                    crate::keys::create(lake, &declared.name).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !crate::delta::exists(lake, &declared).await? {
+            crate::delta::create(lake, &declared).await?;
+        }
+        self.save(lake).await?;
         Ok(true)
     }
 }

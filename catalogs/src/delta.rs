@@ -9,7 +9,7 @@
 use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
 use deltalake::kernel::StructType;
 use deltalake::operations::create::CreateBuilder;
-use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError, TableProperty};
 use std::sync::Arc;
 
 use futures::TryStreamExt;
@@ -76,6 +76,10 @@ pub async fn create(lake: &Lake, d: &Dataset) -> Result<DeltaTable> {
         .with_table_name(d.name.clone())
         .with_comment(d.description.clone())
         .with_columns(schema.fields().cloned())
+        // No column statistics in the log: the log is plaintext JSON, and the minimum and
+        // maximum of an encrypted (or merely sensitive) column are its values. Lakegate prunes
+        // with Parquet footers, which are encrypted with the data.
+        .with_configuration_property(TableProperty::DataSkippingNumIndexedCols, Some("0"))
         .await
         .map_err(delta_error(d))
 }

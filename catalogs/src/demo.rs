@@ -4,6 +4,7 @@
 //! number of threads, because every part of the lake has its own random stream derived from
 //! (seed, part) and parts are written independently.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -15,6 +16,7 @@ use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
+use parquet::encryption::encrypt::FileEncryptionProperties;
 use parquet::file::properties::WriterProperties;
 use rand::distributions::{Distribution, WeightedIndex};
 use rand::{Rng, SeedableRng};
@@ -27,6 +29,9 @@ use crate::{Catalog, CatalogError, ColumnDef, ColumnType, Dataset, Lake, Result}
 pub struct DemoOptions {
     pub patients: u64,
     pub seed: u64,
+    /// Encrypt every dataset at rest with fresh data keys wrapped by the lake handle's keyring
+    /// (random keys and nonces: the files are then no longer byte-identical between builds).
+    pub encrypted: bool,
 }
 
 /// Patients per Parquet part: big enough for efficient files, small enough that a part's
@@ -366,6 +371,7 @@ pub fn demo_catalog() -> Catalog {
             description: description.into(),
             format: Default::default(),
             retention_days: None,
+            encrypted: false,
         }
     };
     Catalog {
@@ -715,7 +721,11 @@ fn generate_part(catalog: &Catalog, seed: u64, part: u64, first: u64, end: u64) 
     out
 }
 
-fn to_parquet(d: &Dataset, cols: &mut [ColumnBuilder]) -> Result<Vec<u8>> {
+fn to_parquet(
+    d: &Dataset,
+    cols: &mut [ColumnBuilder],
+    encryption: Option<Arc<FileEncryptionProperties>>,
+) -> Result<Vec<u8>> {
     let arrays: Vec<ArrayRef> = cols.iter_mut().map(ColumnBuilder::finish).collect();
     let batch =
         RecordBatch::try_new(d.schema(), arrays).map_err(|e| CatalogError::InvalidEntry {
@@ -725,8 +735,12 @@ fn to_parquet(d: &Dataset, cols: &mut [ColumnBuilder]) -> Result<Vec<u8>> {
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(128 * 1024))
-        .set_created_by("lakegate demo".into())
-        .build();
+        .set_created_by("lakegate demo".into());
+    let props = match encryption {
+        Some(e) => props.with_file_encryption_properties(e),
+        None => props,
+    }
+    .build();
     let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 2);
     let parquet_err = |e: parquet::errors::ParquetError| CatalogError::CorruptFile {
         dataset: d.name.clone(),
@@ -746,7 +760,17 @@ pub async fn build_demo_lake(
     options: &DemoOptions,
     progress: impl Fn(u64, u64) + Send + Sync,
 ) -> Result<Catalog> {
-    let catalog = Arc::new(demo_catalog());
+    let mut catalog = demo_catalog();
+    let mut encryption = HashMap::new();
+    if options.encrypted {
+        for d in &mut catalog.datasets {
+            d.encrypted = true;
+            let keys = crate::keys::create(lake, &d.name).await?;
+            encryption.insert(d.name.clone(), keys.encryption(d)?);
+        }
+    }
+    let catalog = Arc::new(catalog);
+    let encryption = Arc::new(encryption);
     let total = options.patients;
     let parts = total.div_ceil(PATIENTS_PER_PART).max(MIN_PARTS);
     let per_part = total.div_ceil(parts).max(1);
@@ -760,6 +784,7 @@ pub async fn build_demo_lake(
     let mut results = futures::stream::iter(0..parts)
         .map(|part| {
             let catalog = Arc::clone(&catalog);
+            let encryption = Arc::clone(&encryption);
             let store = Arc::clone(&store);
             let seed = options.seed;
             async move {
@@ -777,7 +802,8 @@ pub async fn build_demo_lake(
                     ] {
                         let d = catalog.dataset(name).expect("demo dataset");
                         let path = Path::from(format!("{}part-{part:05}.parquet", d.location));
-                        files.push((path, to_parquet(d, cols)?));
+                        let encryption = encryption.get(name).cloned();
+                        files.push((path, to_parquet(d, cols, encryption)?));
                     }
                     Ok(files)
                 })
@@ -808,6 +834,7 @@ mod tests {
         let opts = DemoOptions {
             patients: 300,
             seed: 7,
+            encrypted: false,
         };
         let a = Lake::in_memory();
         let b = Lake::in_memory();

@@ -206,6 +206,7 @@ mod tests {
         let opts = DemoOptions {
             patients: 60,
             seed: 42,
+            encrypted: false,
         };
         build_demo_lake(&lake, &opts, |_, _| {}).await.unwrap();
         lake

@@ -22,6 +22,8 @@ pub struct CatalogStamp(object_store::ObjectMeta);
 pub struct Lake {
     store: Arc<dyn ObjectStore>,
     url: String,
+    /// Master keys for datasets encrypted at rest: held in memory, never stored in the lake.
+    keyring: Option<Arc<crate::Keyring>>,
 }
 
 impl Lake {
@@ -50,6 +52,7 @@ impl Lake {
             let path = path.canonicalize().map_err(|e| invalid(e.to_string()))?;
             let store = LocalFileSystem::new_with_prefix(&path)?;
             return Ok(Self {
+                keyring: None,
                 store: Arc::new(store),
                 url: Url::from_directory_path(&path)
                     .map(|u| u.to_string())
@@ -67,6 +70,7 @@ impl Lake {
         Ok(Self {
             store,
             url: location.to_string(),
+            keyring: None,
         })
     }
 
@@ -75,6 +79,7 @@ impl Lake {
         Self {
             store,
             url: "lake:///".into(),
+            keyring: None,
         }
     }
 
@@ -83,7 +88,24 @@ impl Lake {
         Self {
             store: Arc::new(object_store::memory::InMemory::new()),
             url: "memory:///".into(),
+            keyring: None,
         }
+    }
+
+    /// The same lake, reading and writing encrypted datasets with `keyring`'s master keys.
+    pub fn with_keyring(mut self, keyring: crate::Keyring) -> Self {
+        self.keyring = Some(Arc::new(keyring));
+        self
+    }
+
+    /// The master keys this lake handle was given, if any.
+    pub fn keyring(&self) -> Option<&crate::Keyring> {
+        self.keyring.as_deref()
+    }
+
+    /// The lake's folder when it is a local one.
+    pub fn local_root(&self) -> Option<std::path::PathBuf> {
+        Url::parse(&self.url).ok()?.to_file_path().ok()
     }
 
     /// The object store rooted at the lake's top folder.

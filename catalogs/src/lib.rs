@@ -10,11 +10,13 @@ mod contract;
 pub mod delta;
 pub mod describe;
 pub mod ingest;
+pub mod keys;
 mod lake;
 mod model;
 mod store;
 
 pub use contract::parse_contract;
+pub use keys::{DataKeys, Keyring};
 pub use lake::{CatalogStamp, Lake};
 pub use model::{
     audit_dataset, Bound, Catalog, ColumnChecks, ColumnDef, ColumnType, Dataset, DatasetName,
@@ -53,6 +55,10 @@ pub enum CatalogError {
     Source { path: String, reason: String },
     #[error("dataset '{dataset}': its Delta table: {reason}")]
     Delta { dataset: String, reason: String },
+    #[error("dataset '{dataset}' cannot be decrypted: {reason}")]
+    Keys { dataset: String, reason: String },
+    #[error("keyring {path}: {reason}")]
+    Keyring { path: String, reason: String },
     #[error("object store error: {0}")]
     Store(#[from] object_store::Error),
 }

@@ -65,11 +65,18 @@ pub(crate) struct ContractFormat {
     expected: SchemaRef,
     /// The version of each path last found to keep the contract.
     checked: Mutex<HashMap<Path, Version>>,
+    /// The data keys of a dataset encrypted at rest, to read its footers.
+    keys: Option<Arc<crate::encrypted::LakeKeys>>,
 }
 
 impl ContractFormat {
-    pub(crate) fn new(inner: Arc<dyn FileFormat>, dataset: &Dataset) -> Self {
+    pub(crate) fn new(
+        inner: Arc<dyn FileFormat>,
+        dataset: &Dataset,
+        keys: Option<Arc<crate::encrypted::LakeKeys>>,
+    ) -> Self {
         Self {
+            keys,
             inner,
             expected: dataset.schema(),
             dataset: dataset.clone(),
@@ -119,7 +126,12 @@ impl ContractFormat {
             Stored::Parquet | Stored::Delta => {
                 // The footer is in the runtime's metadata cache when the listing collected the
                 // file's statistics (it always does here), so this reads nothing new.
+                let decryption = match &self.keys {
+                    Some(keys) => Some(keys.decryption(&self.dataset.name)?),
+                    None => None,
+                };
                 let metadata = DFParquetMetadata::new(store, meta)
+                    .with_decryption_properties(decryption)
                     .with_file_metadata_cache(Some(
                         state.runtime_env().cache_manager.get_file_metadata_cache(),
                     ))

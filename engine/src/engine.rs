@@ -86,6 +86,10 @@ struct Inner {
     policy: std::sync::RwLock<Arc<PolicySet>>,
     keys: KeyRing,
     config: EngineConfig,
+    /// The lake as opened (with its keyring, for datasets encrypted at rest).
+    lake_handle: Lake,
+    /// The data keys of encrypted datasets, which the runtime's Parquet reader asks for.
+    lake_keys: Arc<crate::encrypted::LakeKeys>,
     /// The lake's store, for the file listings that tell when a subject set is stale.
     store: Arc<dyn object_store::ObjectStore>,
     /// The template with no cached file listings, for policy-internal reads (subject sets)
@@ -111,10 +115,14 @@ struct LakeTables {
 }
 
 impl LakeTables {
-    fn new(catalog: Catalog, runtime: &RuntimeEnv) -> Result<Self> {
+    fn new(
+        catalog: Catalog,
+        runtime: &RuntimeEnv,
+        keys: &Arc<crate::encrypted::LakeKeys>,
+    ) -> Result<Self> {
         let mut tables = HashMap::new();
         for d in &catalog.datasets {
-            tables.insert(d.name.clone(), listing_table(d, runtime)?);
+            tables.insert(d.name.clone(), listing_table(d, runtime, keys)?);
         }
         Ok(Self {
             catalog: Arc::new(catalog),
@@ -199,8 +207,14 @@ impl Engine {
             .build_arc()?;
         let lake_url = url::Url::parse(LAKE_URL).expect("static URL");
         runtime.register_object_store(&lake_url, lake.store());
+        let lake_keys = Arc::new(crate::encrypted::LakeKeys::default());
+        lake_keys.refresh(&lake, &catalog).await;
+        runtime.register_parquet_encryption_factory(
+            crate::encrypted::FACTORY_ID,
+            Arc::clone(&lake_keys) as _,
+        );
 
-        let lake_tables = LakeTables::new(catalog, &runtime)?;
+        let lake_tables = LakeTables::new(catalog, &runtime, &lake_keys)?;
 
         let session_config = SessionConfig::new()
             .with_information_schema(false)
@@ -244,6 +258,8 @@ impl Engine {
                 keys,
                 config,
                 store: lake.store(),
+                lake_handle: lake.clone(),
+                lake_keys,
                 pseudonym_indexes: Arc::new(crate::lookup::PseudonymIndexes::new(
                     lake.store(),
                     uncached.clone(),
@@ -301,9 +317,14 @@ impl Engine {
     /// [`Engine::replace_policy`]). The caller has checked the lake's files against `catalog`
     /// ([`Catalog::verify`]); `policy` was loaded against it.
     pub async fn replace_catalog(&self, catalog: Catalog, policy: PolicySet) -> Result<()> {
+        self.inner
+            .lake_keys
+            .refresh(&self.inner.lake_handle, &catalog)
+            .await;
         let lake = Arc::new(LakeTables::new(
             catalog,
             self.inner.template.state.runtime_env(),
+            &self.inner.lake_keys,
         )?);
         let policy = Arc::new(policy);
         {
@@ -675,20 +696,28 @@ impl Engine {
     }
 }
 
-fn listing_table(d: &Dataset, runtime: &RuntimeEnv) -> Result<Arc<dyn TableProvider>> {
+fn listing_table(
+    d: &Dataset,
+    runtime: &RuntimeEnv,
+    keys: &Arc<crate::encrypted::LakeKeys>,
+) -> Result<Arc<dyn TableProvider>> {
     let url = ListingTableUrl::parse(format!("{LAKE_URL}{}", d.location))?;
+    let keys = d.encrypted.then(|| Arc::clone(keys));
+    let parquet = || -> Arc<ParquetFormat> {
+        Arc::new(if d.encrypted {
+            ParquetFormat::default().with_options(crate::encrypted::scan_options(&d.name))
+        } else {
+            ParquetFormat::default()
+        })
+    };
     let format: Arc<dyn datafusion::datasource::file_format::FileFormat> = match d.format {
-        FileFormat::Parquet => Arc::new(crate::contract::ContractFormat::new(
-            Arc::new(ParquetFormat::default()),
-            d,
-        )),
+        FileFormat::Parquet | FileFormat::Delta => {
+            Arc::new(crate::contract::ContractFormat::new(parquet(), d, keys))
+        }
         FileFormat::Ndjson => Arc::new(crate::contract::ContractFormat::new(
             Arc::new(JsonFormat::default()),
             d,
-        )),
-        FileFormat::Delta => Arc::new(crate::contract::ContractFormat::new(
-            Arc::new(ParquetFormat::default()),
-            d,
+            None,
         )),
     };
     let options = ListingOptions::new(format).with_file_extension(d.format.extension());

@@ -4,6 +4,7 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::error::DataFusionError;
 
 use crate::contract::OffContract;
+use crate::encrypted::Undecryptable;
 
 /// Every way a query can fail, by whom it is to be fixed.
 ///
@@ -36,6 +37,11 @@ pub enum EngineError {
     /// know it; the file and the difference are logged server-side.
     #[error("{message}")]
     OffContract { message: String, detail: String },
+    /// A dataset the query reads is encrypted at rest and the server does not hold its data
+    /// keys (a missing or wrong master key). The message names the dataset where the caller
+    /// may know it; which key failed is logged server-side.
+    #[error("{message}")]
+    Undecryptable { message: String, detail: String },
     /// A function or operator refused a value while the query ran (a unit, pattern or format
     /// it does not accept, a string it cannot parse): the caller's mistake, but its detail can
     /// quote the value, so the detail is logged server-side, never sent.
@@ -126,6 +132,22 @@ fn off_contract(e: &OffContract, hidden: bool) -> EngineError {
     }
 }
 
+fn undecryptable(e: &Undecryptable, hidden: bool) -> EngineError {
+    let what = if hidden {
+        "a dataset of the lake".to_string()
+    } else {
+        e.dataset.clone()
+    };
+    EngineError::Undecryptable {
+        message: format!(
+            "{what} is encrypted at rest and the server cannot unwrap its data keys, so it cannot \
+             be read now; the lake's operator must fix the server's keyring (other datasets are \
+             served as usual)"
+        ),
+        detail: e.to_string(),
+    }
+}
+
 pub(crate) fn classify(e: &DataFusionError) -> EngineError {
     classify_in(e, false)
 }
@@ -146,6 +168,9 @@ fn classify_in(e: &DataFusionError, hidden: bool) -> EngineError {
             .unwrap_or_else(|| EngineError::Internal("empty error collection".into())),
         DataFusionError::External(x) if x.downcast_ref::<OffContract>().is_some() => {
             off_contract(x.downcast_ref().expect("checked"), hidden)
+        }
+        DataFusionError::External(x) if x.downcast_ref::<Undecryptable>().is_some() => {
+            undecryptable(x.downcast_ref().expect("checked"), hidden)
         }
         DataFusionError::SQL(p, _) => EngineError::InvalidQuery(format!("SQL error: {p}")),
         DataFusionError::Plan(m) => {

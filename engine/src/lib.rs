@@ -31,6 +31,7 @@ mod contract;
 mod counted;
 mod depth;
 mod digests;
+mod encrypted;
 mod engine;
 mod error;
 mod governed;

@@ -620,6 +620,7 @@ fn failures_as_suppressed(
                     let kind = match crate::error::classify(&e) {
                         EngineError::Unreadable { .. }
                         | EngineError::OffContract { .. }
+                        | EngineError::Undecryptable { .. }
                         | EngineError::ResourceExhausted(_)
                         | EngineError::Catalog(_) => {
                             return vec![Err(e)];

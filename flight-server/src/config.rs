@@ -43,6 +43,11 @@ pub struct ServeArgs {
     /// Key file: per-project secrets for pseudonyms and date shifts (TOML `[projects]`).
     #[arg(long, env = "LAKEGATE_KEYS")]
     pub keys: Option<PathBuf>,
+    /// Keyring file (TOML) of the master keys that wrap the data keys of datasets encrypted at
+    /// rest. Keep it outside the lake. [default: LAKE.keyring.toml beside a local lake, when
+    /// that file exists].
+    #[arg(long, env = "LAKEGATE_KEYRING")]
+    pub keyring: Option<PathBuf>,
     /// Memory all queries may use together, in MiB; beyond it operators spill to disk
     /// [default: 2048].
     #[arg(long, env = "LAKEGATE_MEMORY_LIMIT_MB")]
@@ -163,6 +168,7 @@ struct FileConfig {
     policy: Option<PathBuf>,
     model: Option<PathBuf>,
     keys: Option<PathBuf>,
+    keyring: Option<PathBuf>,
     memory_limit_mb: Option<u64>,
     max_sql_bytes: Option<usize>,
     explain_roles: Option<Vec<String>>,
@@ -189,6 +195,7 @@ pub struct Settings {
     pub policy: Option<PathBuf>,
     pub model: Option<PathBuf>,
     pub keys: Option<PathBuf>,
+    pub keyring: Option<PathBuf>,
     pub engine: EngineConfig,
     pub lifetimes: Lifetimes,
     pub allow_plaintext: bool,
@@ -305,6 +312,7 @@ impl ServeArgs {
             policy: self.policy.clone().or(file.policy.map(&rel)),
             model: self.model.clone().or(file.model.map(&rel)),
             keys: self.keys.clone().or(file.keys.map(&rel)),
+            keyring: self.keyring.clone().or(file.keyring.map(&rel)),
             engine: EngineConfig {
                 memory_limit: self
                     .memory_limit_mb

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lakegate_catalogs::demo::{build_demo_lake, DemoOptions};
 use lakegate_catalogs::describe;
-use lakegate_catalogs::{ingest, Catalog, CatalogError, Lake};
+use lakegate_catalogs::{ingest, Catalog, CatalogError, Keyring, Lake};
 use lakegate_engine::audit::{public_key_from_pem, verify_trail, AuditEvent, AuditKey};
 use lakegate_engine::{Engine, KeyRing};
 use lakegate_flight_server::audited::open_audit;
@@ -53,6 +53,30 @@ enum Cmd {
     /// Load CSV, NDJSON or Parquet files into a dataset: each file lands in raw/, rows that
     /// keep the dataset's contract are committed to curated/, the rest go to quarantine/.
     Ingest(IngestArgs),
+    /// Encryption at rest: master keys and the data keys they wrap.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Add a new master key to the keyring, make it the active one and re-wrap every
+    /// encrypted dataset's data keys with it (no data file is rewritten).
+    Rotate {
+        /// The lake (local path or object store URL).
+        #[arg(long, env = "LAKEGATE_LAKE", default_value = "./demo-lake")]
+        lake: String,
+        /// The keyring file [default: LAKE.keyring.toml beside a local lake].
+        #[arg(long, env = "LAKEGATE_KEYRING")]
+        keyring: Option<std::path::PathBuf>,
+        /// Re-wrap under the keyring's active key without adding a new one (to finish an
+        /// interrupted rotation, or after putting a new key in the file by hand).
+        #[arg(long)]
+        no_new_key: bool,
+        /// Then remove every other master key from the keyring.
+        #[arg(long)]
+        retire_old: bool,
+    },
 }
 
 #[derive(Args)]
@@ -105,6 +129,10 @@ enum CatalogCmd {
         /// The contract file.
         #[arg(long)]
         contract: std::path::PathBuf,
+        /// The keyring that wraps the new dataset's data keys, unless its contract says
+        /// `encrypted = false` [default: LAKE.keyring.toml beside a local lake].
+        #[arg(long, env = "LAKEGATE_KEYRING")]
+        keyring: Option<std::path::PathBuf>,
     },
     /// Where a dataset's contents came from: each committed file with its checksum, counts,
     /// principal and time.
@@ -153,8 +181,19 @@ struct DemoArgs {
     /// Build the lake and exit without serving.
     #[arg(long)]
     build_only: bool,
+    /// Encrypt the demo lake at rest (`off` leaves its files readable by any Parquet reader,
+    /// and byte-identical for a seed). The keyring is --keyring, or LAKE.keyring.toml beside
+    /// the lake, made on first use.
+    #[arg(long, env = "LAKEGATE_DEMO_ENCRYPTION", value_enum, default_value_t = Switch::On)]
+    encryption: Switch,
     #[command(flatten)]
     serve: ServeArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 /// Lakegate's own events at info; the Delta kernel's per-snapshot chatter only when it warns.
@@ -190,11 +229,21 @@ fn main() -> ExitCode {
             Cmd::Audit(AuditCmd::Keygen { out }) => keygen(&out),
             Cmd::Catalog(CatalogCmd::List { lake }) => catalog_list(&lake).await,
             Cmd::Catalog(CatalogCmd::Show { lake, dataset }) => catalog_show(&lake, &dataset).await,
-            Cmd::Catalog(CatalogCmd::Add { lake, contract }) => catalog_add(&lake, &contract).await,
+            Cmd::Catalog(CatalogCmd::Add {
+                lake,
+                contract,
+                keyring,
+            }) => catalog_add(&lake, &contract, keyring).await,
             Cmd::Catalog(CatalogCmd::History { lake, dataset }) => {
                 catalog_history(&lake, &dataset).await
             }
             Cmd::Ingest(args) => ingest(args).await,
+            Cmd::Keys(KeysCmd::Rotate {
+                lake,
+                keyring,
+                no_new_key,
+                retire_old,
+            }) => keys_rotate(&lake, keyring, no_new_key, retire_old).await,
         }
     });
     match result {
@@ -223,14 +272,22 @@ async fn demo(args: DemoArgs) -> Result<(), AnyError> {
         }
     }
     let lake = Lake::open(&settings.lake)?;
-    if lake.has_catalog().await? {
+    let lake = if lake.has_catalog().await? {
         eprintln!(
             "lakegate: reusing the lake at {} (delete it to build a new one)",
             lake.url()
         );
+        open_lake(&settings.lake, settings.keyring.clone())?
     } else {
-        build_lake(&lake, args.patients, args.seed).await?;
-    }
+        let encrypted = args.encryption == Switch::On;
+        let lake = if encrypted {
+            with_new_or_existing_keyring(lake, &settings.lake, settings.keyring.clone())?
+        } else {
+            lake
+        };
+        build_lake(&lake, args.patients, args.seed, encrypted).await?;
+        lake
+    };
     if args.build_only {
         return Ok(());
     }
@@ -247,7 +304,12 @@ async fn demo(args: DemoArgs) -> Result<(), AnyError> {
     run(settings, lake, users, Some(policy), keys, audit_key, true).await
 }
 
-async fn build_lake(lake: &Lake, patients: u64, seed: u64) -> Result<(), AnyError> {
+async fn build_lake(
+    lake: &Lake,
+    patients: u64,
+    seed: u64,
+    encrypted: bool,
+) -> Result<(), AnyError> {
     let bar = ProgressBar::new(patients);
     bar.set_style(
         ProgressStyle::with_template(
@@ -257,16 +319,23 @@ async fn build_lake(lake: &Lake, patients: u64, seed: u64) -> Result<(), AnyErro
         .progress_chars("=> "),
     );
     let started = Instant::now();
-    let catalog = build_demo_lake(lake, &DemoOptions { patients, seed }, |done, _| {
-        bar.set_position(done)
-    })
-    .await?;
+    let options = DemoOptions {
+        patients,
+        seed,
+        encrypted,
+    };
+    let catalog = build_demo_lake(lake, &options, |done, _| bar.set_position(done)).await?;
     bar.finish_and_clear();
     eprintln!(
-        "lakegate: built {} datasets for {patients} patients (seed {seed}) in {:.1} s at {}",
+        "lakegate: built {} datasets for {patients} patients (seed {seed}) in {:.1} s at {}, {}",
         catalog.datasets.len(),
         started.elapsed().as_secs_f64(),
-        lake.url()
+        lake.url(),
+        if encrypted {
+            "encrypted at rest"
+        } else {
+            "NOT encrypted at rest (--encryption off)"
+        }
     );
     Ok(())
 }
@@ -407,13 +476,136 @@ async fn verify(
     Ok(())
 }
 
-/// Opens a lake that must already hold a catalog.
+/// Opens a lake that must already hold a catalog, with its keyring when there is one.
 async fn existing_lake(url: &str) -> Result<Lake, AnyError> {
-    let lake = Lake::open(url)?;
+    existing_lake_with(url, None).await
+}
+
+async fn existing_lake_with(
+    url: &str,
+    keyring: Option<std::path::PathBuf>,
+) -> Result<Lake, AnyError> {
+    let lake = open_lake(url, keyring)?;
     if !lake.has_catalog().await? {
         return Err(format!("no lake at {} (it has no catalog)", lake.url()).into());
     }
     Ok(lake)
+}
+
+const KEYRING_SUFFIX: &str = "keyring.toml";
+
+/// The keyring to use: the configured file, else `LAKE.keyring.toml` beside the lake when it
+/// exists (where `lakegate demo` makes it).
+fn keyring_path(lake: &str, configured: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
+    configured
+        .or_else(|| std::env::var_os("LAKEGATE_KEYRING").map(Into::into))
+        .or_else(|| {
+            let beside = beside_lake(lake, KEYRING_SUFFIX);
+            beside.exists().then_some(beside)
+        })
+}
+
+/// Master keys kept in the lake would protect nothing: whoever copies the files copies them.
+fn check_outside_lake(lake: &Lake, keyring: &std::path::Path) -> Result<(), AnyError> {
+    let Some(root) = lake.local_root() else {
+        return Ok(());
+    };
+    let absolute = match keyring.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir
+            .canonicalize()
+            .unwrap_or_else(|_| dir.to_path_buf())
+            .join(keyring.file_name().unwrap_or_default()),
+        _ => std::env::current_dir()?.join(keyring),
+    };
+    if absolute.starts_with(&root) {
+        return Err(format!(
+            "the keyring {} is inside the lake; keep master keys outside it",
+            keyring.display()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// `lake` with the keyring that encrypts new datasets: the configured one, else the one
+/// beside the lake; either is made, with one fresh master key, when it does not exist yet.
+fn with_new_or_existing_keyring(
+    lake: Lake,
+    url: &str,
+    configured: Option<std::path::PathBuf>,
+) -> Result<Lake, AnyError> {
+    let path = keyring_path(url, configured).unwrap_or_else(|| beside_lake(url, KEYRING_SUFFIX));
+    check_outside_lake(&lake, &path)?;
+    let created = !path.exists();
+    let ring = Keyring::load_or_create(&path)?;
+    if created {
+        eprintln!("lakegate: wrote a new master keyring to {}", path.display());
+    }
+    Ok(lake.with_keyring(ring))
+}
+
+/// Open the lake at `url` with the keyring (configured, or the demo's beside it).
+fn open_lake(url: &str, keyring: Option<std::path::PathBuf>) -> Result<Lake, AnyError> {
+    let lake = Lake::open(url)?;
+    match keyring_path(url, keyring) {
+        Some(path) => {
+            check_outside_lake(&lake, &path)?;
+            Ok(lake.with_keyring(Keyring::load(&path)?))
+        }
+        None => Ok(lake),
+    }
+}
+
+async fn keys_rotate(
+    lake_url: &str,
+    keyring: Option<std::path::PathBuf>,
+    no_new_key: bool,
+    retire_old: bool,
+) -> Result<(), AnyError> {
+    let path = keyring_path(lake_url, keyring)
+        .ok_or("no keyring: pass --keyring (or LAKEGATE_KEYRING)")?;
+    let lake = existing_lake_with(lake_url, Some(path.clone())).await?;
+    let mut ring = Keyring::load(&path)?;
+    if !no_new_key {
+        let name = ring.add_active_key();
+        // The new key is saved before anything is wrapped with it: a crash in between leaves
+        // a keyring that still holds every key in use.
+        ring.save()?;
+        println!("added master key {name} to {} (now active)", path.display());
+    }
+    let lake = lake.with_keyring(ring.clone());
+    let catalog = Catalog::load(&lake).await?;
+    let mut total = 0;
+    for d in catalog.datasets.iter().filter(|d| d.encrypted) {
+        let n = lakegate_catalogs::keys::rewrap(&lake, &d.name).await?;
+        total += n;
+        println!("{}: {n} data keys re-wrapped", d.name);
+    }
+    println!(
+        "{total} data keys now wrapped by {}; no data file was rewritten",
+        ring.active()
+    );
+    if retire_old {
+        // Only keys no dataset uses any more may go.
+        for d in catalog.datasets.iter().filter(|d| d.encrypted) {
+            let used = lakegate_catalogs::keys::master_keys_in_use(&lake, &d.name).await?;
+            if used.iter().any(|k| k != ring.active()) {
+                return Err(format!(
+                    "{} still has data keys wrapped by an older master key; old keys kept",
+                    d.name
+                )
+                .into());
+            }
+        }
+        let retired = ring.retire_inactive();
+        ring.save()?;
+        println!(
+            "retired {} old master key(s): {}",
+            retired.len(),
+            retired.join(", ")
+        );
+    }
+    Ok(())
 }
 
 async fn catalog_list(lake: &str) -> Result<(), AnyError> {
@@ -429,10 +621,18 @@ async fn catalog_show(lake: &str, dataset: &str) -> Result<(), AnyError> {
     Ok(())
 }
 
-async fn catalog_add(lake: &str, contract: &std::path::Path) -> Result<(), AnyError> {
+async fn catalog_add(
+    lake: &str,
+    contract: &std::path::Path,
+    keyring: Option<std::path::PathBuf>,
+) -> Result<(), AnyError> {
     let text = read(contract)?;
     let dataset = lakegate_catalogs::parse_contract(&contract.display().to_string(), &text)?;
-    let lake = Lake::open(lake)?;
+    let lake = if dataset.encrypted {
+        with_new_or_existing_keyring(Lake::open(lake)?, lake, keyring)?
+    } else {
+        open_lake(lake, keyring)?
+    };
     let mut catalog = match Catalog::load(&lake).await {
         Ok(c) => c,
         Err(CatalogError::NoCatalog) => Catalog {
@@ -442,17 +642,20 @@ async fn catalog_add(lake: &str, contract: &std::path::Path) -> Result<(), AnyEr
         Err(e) => return Err(e.into()),
     };
     let name = dataset.name.clone();
-    let declared = dataset.clone();
-    if !catalog.add_dataset(dataset)? {
+    let encrypted = dataset.encrypted;
+    if !catalog.declare(&lake, dataset).await? {
         println!("{name} is already declared with this contract");
         return Ok(());
     }
-    // The table first: a catalog that names a dataset always finds it.
-    if !lakegate_catalogs::delta::exists(&lake, &declared).await? {
-        lakegate_catalogs::delta::create(&lake, &declared).await?;
-    }
-    catalog.save(&lake).await?;
-    println!("declared {name} (version 0, no rows) in {}", lake.url());
+    let at_rest = if encrypted {
+        "encrypted at rest"
+    } else {
+        "NOT encrypted at rest"
+    };
+    println!(
+        "declared {name} (version 0, no rows, {at_rest}) in {}",
+        lake.url()
+    );
     Ok(())
 }
 
@@ -487,7 +690,7 @@ async fn catalog_history(lake: &str, dataset: &str) -> Result<(), AnyError> {
 
 async fn ingest(args: IngestArgs) -> Result<(), AnyError> {
     let settings = args.serve.resolve("./demo-lake")?;
-    let lake = existing_lake(&settings.lake).await?;
+    let lake = existing_lake_with(&settings.lake, settings.keyring.clone()).await?;
     let catalog = Catalog::load(&lake).await?;
     let dataset = catalog
         .dataset(&args.dataset)
@@ -671,7 +874,7 @@ fn load_users(path: &std::path::Path) -> Result<UserStore, AnyError> {
 
 async fn serve(args: ServeArgs) -> Result<(), AnyError> {
     let settings = args.resolve("./demo-lake")?;
-    let lake = Lake::open(&settings.lake)?;
+    let lake = open_lake(&settings.lake, settings.keyring.clone())?;
     let users = match &settings.users {
         Some(path) => load_users(path)?,
         None => {

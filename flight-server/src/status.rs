@@ -33,6 +33,10 @@ pub fn query_status(e: EngineError, query_id: &str) -> Status {
             tracing::error!(%detail, query_id, "{message}");
             Status::data_loss(cite(&message))
         }
+        EngineError::Undecryptable { message, detail } => {
+            tracing::error!(%detail, query_id, "{message}");
+            Status::unavailable(cite(&message))
+        }
         EngineError::OffContract { message, detail } => {
             tracing::error!(%detail, query_id, "{message}");
             Status::failed_precondition(cite(&message))

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use lakegate_catalogs::ingest::{self, FileOutcome, IngestOptions, IngestReport};
 use lakegate_catalogs::{parse_contract, Catalog, CatalogError, Lake};
-use lakegate_tests::{build_lake, raw_query_in, ServerOptions, TestServer};
+use lakegate_tests::{build_lake, raw_query_in, test_keyring, ServerOptions, TestServer};
 
 use crate::common::{login, rows, sql};
 
@@ -61,14 +61,13 @@ min = "2000-01-01"
 /// three patient ids.
 async fn lake_with_labs() -> (tempfile::TempDir, PathBuf, Lake, Vec<String>) {
     let (dir, path) = build_lake(200);
-    let lake = Lake::open(path.to_str().unwrap()).unwrap();
+    // The contract leaves `encrypted` at its default: the labs are encrypted at rest.
+    let lake = Lake::open(path.to_str().unwrap())
+        .unwrap()
+        .with_keyring(test_keyring(dir.path()));
     let mut catalog = Catalog::load(&lake).await.unwrap();
     let labs = parse_contract("labs.toml", LABS).unwrap();
-    lakegate_catalogs::delta::create(&lake, &labs)
-        .await
-        .unwrap();
-    catalog.add_dataset(labs).unwrap();
-    catalog.save(&lake).await.unwrap();
+    catalog.declare(&lake, labs).await.unwrap();
     let batches = raw_query_in(
         &path,
         "SELECT patient_id FROM clinical_patients ORDER BY patient_id LIMIT 3",
@@ -249,6 +248,7 @@ async fn bad_rows_are_quarantined_with_row_column_and_rule_and_good_rows_are_ser
     // carol sees her site's patients only, alice consenting patients under pseudonyms.
     let server = TestServer::start_with(ServerOptions {
         lake: Some(path.clone()),
+        keyring: lake.keyring().cloned(),
         ..Default::default()
     })
     .await;
@@ -388,14 +388,44 @@ async fn ndjson_and_parquet_feeds_are_held_to_the_same_contract() {
     assert_eq!(report.by_rule.get("unknown_column"), Some(&1));
     assert_eq!(report.by_rule.get("json"), Some(&1));
 
-    // A Parquet extract: the ingested part itself, with a narrower integer type elsewhere
-    // allowed; its keys are now taken, so every row is a duplicate.
+    // The curated part as it lies in the lake is encrypted: fed back in, it is not a Parquet
+    // file the ingest can read, and the whole file is quarantined saying so.
     let part = parquet_in_folder(&lake).await.remove(0);
-    let copy = write(
-        dir.path(),
-        "extract.parquet",
-        &std::fs::read(path.join(&part)).unwrap(),
+    let sealed = std::fs::read(path.join(&part)).unwrap();
+    let copy = write(dir.path(), "sealed.parquet", &sealed);
+    let report = run(&lake, &[copy], 1.0).await;
+    assert_eq!((report.rows_read, report.accepted), (0, 0), "{report:?}");
+    assert_eq!(report.files.len(), 1);
+    assert!(
+        matches!(&report.files[0].outcome, FileOutcome::Quarantined { reason } if reason.contains("ncrypt")),
+        "{:?}",
+        report.files[0]
     );
+
+    // A Parquet extract: the same part decrypted with the dataset's keys and written plain;
+    // its keys are now taken, so every row is a duplicate.
+    let keys = lakegate_catalogs::keys::load(&lake, "clinical.lab_results")
+        .await
+        .unwrap();
+    let options = parquet::arrow::arrow_reader::ArrowReaderOptions::new()
+        .with_file_decryption_properties(keys.decryption());
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new_with_options(
+            bytes::Bytes::from(sealed),
+            options,
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+    let batches: Vec<_> = reader.map(Result::unwrap).collect();
+    let mut plain = Vec::new();
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(&mut plain, batches[0].schema(), None).unwrap();
+    for b in &batches {
+        writer.write(b).unwrap();
+    }
+    writer.close().unwrap();
+    let copy = write(dir.path(), "extract.parquet", &plain);
     let report = run(&lake, &[copy], 1.0).await;
     assert_eq!((report.rows_read, report.quarantined), (2, 2));
     assert_eq!(report.by_rule.get("unique"), Some(&2));
@@ -540,6 +570,7 @@ async fn each_feed_is_one_version_and_files_no_version_names_are_never_served() 
     assert_eq!(d.file_versions(&lake.store()).await.unwrap().len(), 2);
     let server = TestServer::start_with(ServerOptions {
         lake: Some(path.clone()),
+        keyring: lake.keyring().cloned(),
         ..Default::default()
     })
     .await;

@@ -5,6 +5,7 @@ mod audit;
 mod common;
 mod counted;
 mod differential;
+mod encryption;
 mod flight_sql;
 mod identity;
 mod ingest;

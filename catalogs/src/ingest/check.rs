@@ -7,7 +7,7 @@ use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::{
     DataType, Date32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType,
 };
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::ObjectStoreExt;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 use regex::Regex;
@@ -150,11 +150,7 @@ pub(super) struct Checker {
 impl Checker {
     /// Compile the rules and read the keys that `unique` and `references` compare with from
     /// the lake (the dataset's own files and the referenced datasets').
-    pub async fn new(
-        catalog: &Catalog,
-        dataset: &Dataset,
-        store: &Arc<dyn ObjectStore>,
-    ) -> Result<Self> {
+    pub async fn new(catalog: &Catalog, dataset: &Dataset, lake: &crate::Lake) -> Result<Self> {
         let mut rules = Vec::new();
         for (index, c) in dataset.columns.iter().enumerate() {
             let k = &c.checks;
@@ -178,7 +174,7 @@ impl Checker {
             };
             let unique = if k.unique {
                 let mut keys = KeySet::for_column(c);
-                load_keys(store, dataset, &c.name, &mut keys).await?;
+                load_keys(lake, dataset, &c.name, &mut keys).await?;
                 Some(keys)
             } else {
                 None
@@ -197,7 +193,7 @@ impl Checker {
                                 ),
                             })?;
                     let mut keys = KeySet::for_column(c);
-                    load_keys(store, referenced, column, &mut keys).await?;
+                    load_keys(lake, referenced, column, &mut keys).await?;
                     Some((target.clone(), keys))
                 }
                 None => None,
@@ -343,11 +339,17 @@ fn shape_name(s: Shape) -> &'static str {
 
 /// Read one column of a dataset's Parquet files into `keys`.
 async fn load_keys(
-    store: &Arc<dyn ObjectStore>,
+    lake: &crate::Lake,
     dataset: &Dataset,
     column: &str,
     keys: &mut KeySet,
 ) -> Result<()> {
+    let store = &lake.store();
+    let decryption = if dataset.encrypted {
+        Some(crate::keys::load(lake, &dataset.name).await?.decryption())
+    } else {
+        None
+    };
     let corrupt = |reason: String| CatalogError::CorruptFile {
         dataset: dataset.name.clone(),
         reason,
@@ -356,7 +358,12 @@ async fn load_keys(
         // One file at a time, whole: curated parts are written in bounded sizes.
         let bytes = store.get(&path).await?.bytes().await?;
         let unreadable = |e: parquet::errors::ParquetError| corrupt(format!("{path}: {e}"));
-        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(unreadable)?;
+        let mut options = parquet::arrow::arrow_reader::ArrowReaderOptions::new();
+        if let Some(d) = &decryption {
+            options = options.with_file_decryption_properties(Arc::clone(d));
+        }
+        let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, options)
+            .map_err(unreadable)?;
         let mask = ProjectionMask::columns(builder.parquet_schema(), [column]);
         for batch in builder.with_projection(mask).build().map_err(unreadable)? {
             let batch = batch.map_err(|e| corrupt(format!("{path}: {e}")))?;

@@ -318,13 +318,16 @@ impl<'a> Feed<'a> {
             .filter_map(|l| serde_json::from_value::<CommitRecord>(l).ok())
             .flat_map(|c| c.sources.into_iter().map(|s| s.sha256))
             .collect();
-        let props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .build();
+        let mut props = WriterProperties::builder().set_compression(Compression::SNAPPY);
+        if dataset.encrypted {
+            let keys = crate::keys::load(lake, &dataset.name).await?;
+            props = props.with_file_encryption_properties(keys.encryption(dataset)?);
+        }
+        let props = props.build();
         let writer = RecordBatchWriter::for_table(&table)
             .map_err(delta_error(dataset))?
             .with_writer_properties(props);
-        let checker = Checker::new(catalog, dataset, &store).await?;
+        let checker = Checker::new(catalog, dataset, lake).await?;
         Ok(Self {
             store,
             lake_url: lake.url().to_string(),
