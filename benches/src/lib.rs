@@ -40,7 +40,16 @@ pub fn persona(name: &str) -> Principal {
 
 /// Lakegate's engine over `lake` with the demo policy and fixed benchmark keys.
 pub async fn governed(lake: &str) -> Engine {
+    governed_with_keyring(lake, None).await
+}
+
+/// [`governed`] over a lake encrypted at rest, with the keyring that opens it.
+pub async fn governed_with_keyring(lake: &str, keyring: Option<&std::path::Path>) -> Engine {
     let lake = Lake::open(lake).expect("lake");
+    let lake = match keyring {
+        Some(path) => lake.with_keyring(lakegate_catalogs::Keyring::load(path).expect("keyring")),
+        None => lake,
+    };
     let catalog = Catalog::load(&lake).await.expect("catalog");
     let policy = PolicySet::load(DEFAULT_MODEL, "policy.toml", DEMO_POLICY, &catalog)
         .await

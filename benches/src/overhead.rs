@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures::TryStreamExt;
-use lakegate_benches::{governed, persona, plain, QUERIES};
+use lakegate_benches::{governed, governed_with_keyring, persona, plain, QUERIES};
 use lakegate_catalogs::Lake;
 use lakegate_engine::audit::{fingerprint, AuditConfig, AuditEvent, AuditKey, AuditLog};
 use lakegate_engine::Engine;
@@ -54,6 +54,13 @@ struct Args {
     /// Lakegate's, from the server as a role in `--explain-roles`).
     #[arg(long)]
     explain: bool,
+    /// The same lake built encrypted at rest (`lakegate demo --build-only` with the same
+    /// `--patients` and seed): Lakegate over it is timed beside Lakegate over `--lake`.
+    #[arg(long, requires = "keyring")]
+    encrypted_lake: Option<String>,
+    /// The keyring of `--encrypted-lake`.
+    #[arg(long)]
+    keyring: Option<std::path::PathBuf>,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -66,7 +73,11 @@ async fn main() {
     let args = Args::parse();
     let engine = governed(&args.lake).await;
     if !args.audit_only {
-        per_query(&args, &engine).await;
+        let encrypted = match &args.encrypted_lake {
+            Some(lake) => Some(governed_with_keyring(lake, args.keyring.as_deref()).await),
+            None => None,
+        };
+        per_query(&args, &engine, encrypted.as_ref()).await;
     }
     if args.audit_clients > 0 {
         audit_throughput(&args, &engine).await;
@@ -190,12 +201,31 @@ async fn audit_throughput(args: &Args, engine: &Engine) {
     );
 }
 
-async fn per_query(args: &Args, engine: &Engine) {
+/// Run `sql` as `who` through the engine, consuming every row; the number of rows.
+async fn run_governed(
+    engine: &Engine,
+    who: &Principal,
+    sql: &str,
+) -> Result<usize, lakegate_engine::EngineError> {
+    let s = engine.session(who).await?;
+    let stream = s.plan(sql).await?.execute(None).await?;
+    let batches: Vec<_> = stream
+        .try_collect()
+        .await
+        .map_err(lakegate_engine::EngineError::from)?;
+    Ok(batches.iter().map(|b| b.num_rows()).sum())
+}
+
+async fn per_query(args: &Args, engine: &Engine, encrypted: Option<&Engine>) {
     let ctx = plain(&args.lake, !args.plain_utf8).await;
-    println!(
+    print!(
         "{:<8} {:<16} {:>12} {:>12} {:>12} {:>12} {:>7}",
         "persona", "query", "lakegate_ms", "plain_ms", "rows_gov", "rows_plain", "ratio"
     );
+    if encrypted.is_some() {
+        print!(" {:>13} {:>8}", "encrypted_ms", "enc/gov");
+    }
+    println!();
     for who in &args.personas {
         let p = persona(who);
         for (name, sql) in QUERIES
@@ -204,23 +234,12 @@ async fn per_query(args: &Args, engine: &Engine) {
         {
             let mut gov = Vec::new();
             let mut raw = Vec::new();
+            let mut enc = Vec::new();
             let (mut rows_gov, mut rows_plain) = (0usize, 0usize);
             let mut refused = None;
             for i in 0..=args.iterations {
                 let t = Instant::now();
-                let result = async {
-                    let s = engine.session(&p).await?;
-                    let stream = s.plan(sql).await?.execute(None).await?;
-                    let batches: Vec<_> = stream
-                        .try_collect()
-                        .await
-                        .map_err(lakegate_engine::EngineError::from)?;
-                    Ok::<usize, lakegate_engine::EngineError>(
-                        batches.iter().map(|b| b.num_rows()).sum(),
-                    )
-                }
-                .await;
-                match result {
+                match run_governed(engine, &p, sql).await {
                     Ok(n) => rows_gov = n,
                     Err(e) => {
                         refused = Some(e.to_string());
@@ -238,6 +257,14 @@ async fn per_query(args: &Args, engine: &Engine) {
                     .expect("plain run");
                 rows_plain = batches.iter().map(|b| b.num_rows()).sum();
                 let r = t.elapsed();
+                if let Some(encrypted) = encrypted {
+                    let t = Instant::now();
+                    let n = run_governed(encrypted, &p, sql).await.expect("encrypted");
+                    assert_eq!(n, rows_gov, "the encrypted lake answers the same rows");
+                    if i > 0 {
+                        enc.push(t.elapsed());
+                    }
+                }
                 if i > 0 {
                     gov.push(g);
                     raw.push(r);
@@ -261,7 +288,7 @@ async fn per_query(args: &Args, engine: &Engine) {
                 );
             }
             let (g, r) = (median(gov), median(raw));
-            println!(
+            print!(
                 "{who:<8} {name:<16} {:>12.1} {:>12.1} {:>12} {:>12} {:>7.2}",
                 g.as_secs_f64() * 1e3,
                 r.as_secs_f64() * 1e3,
@@ -269,6 +296,15 @@ async fn per_query(args: &Args, engine: &Engine) {
                 rows_plain,
                 g.as_secs_f64() / r.as_secs_f64()
             );
+            if !enc.is_empty() {
+                let e = median(enc);
+                print!(
+                    " {:>13.1} {:>8.2}",
+                    e.as_secs_f64() * 1e3,
+                    e.as_secs_f64() / g.as_secs_f64()
+                );
+            }
+            println!();
         }
     }
 }
