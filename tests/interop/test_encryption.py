@@ -1,11 +1,12 @@
 """Encryption at rest, as an operator meets it: `lakegate demo` encrypts by default, a copied
-curated file opens in no Parquet reader, `--encryption off` leaves plain files, and
+curated file opens in neither pyarrow nor DuckDB, `--encryption off` leaves plain files, and
 `lakegate keys rotate` re-wraps the data keys without touching a data file."""
 
 import hashlib
 import subprocess
 from pathlib import Path
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 
@@ -52,6 +53,8 @@ def test_the_demo_lake_is_encrypted_and_rotation_rewrites_no_data_file(tmp_path)
         with pytest.raises(Exception) as refused:
             pq.read_table(lake / name)
         assert "encrypt" in str(refused.value).lower(), (name, refused.value)
+        with pytest.raises(duckdb.Error):
+            duckdb.sql(f"SELECT count(*) FROM read_parquet('{lake / name}')").fetchall()
 
     proc, address = start_lakegate(lake, patients=PATIENTS)
     try:
@@ -104,5 +107,8 @@ def test_encryption_off_leaves_plain_parquet(tmp_path):
     assert built.returncode == 0, built.stderr
     assert "NOT encrypted at rest" in built.stderr
     assert not (tmp_path / "lake.keyring.toml").exists()
-    table = pq.read_table(next((lake / "curated" / "clinical" / "patients").glob("*.parquet")))
+    part = next((lake / "curated" / "clinical" / "patients").glob("*.parquet"))
+    table = pq.read_table(part)
     assert table.num_rows > 0
+    ((count,),) = duckdb.sql(f"SELECT count(*) FROM read_parquet('{part}')").fetchall()
+    assert count == table.num_rows
