@@ -91,10 +91,26 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
+/// A keyring "path" of the form `env:NAME` names an environment variable holding the keyring's
+/// text instead of a file (a secret injected by the platform).
+const FROM_ENV: &str = "env:";
+
+fn env_name(path: &FsPath) -> Option<&str> {
+    path.to_str()?.strip_prefix(FROM_ENV)
+}
+
 impl Keyring {
-    /// Read a keyring file (TOML: `active = "NAME"` and a `[keys]` table of base64 keys).
+    /// Read a keyring file (TOML: `active = "NAME"` and a `[keys]` table of base64 keys), or,
+    /// for `env:NAME`, the same text from the environment variable NAME.
     pub fn load(path: &FsPath) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| keyring_error(path, e.to_string()))?;
+        let text = match env_name(path) {
+            Some(var) => std::env::var(var).map_err(|_| {
+                keyring_error(path, format!("environment variable {var} is not set"))
+            })?,
+            None => {
+                std::fs::read_to_string(path).map_err(|e| keyring_error(path, e.to_string()))?
+            }
+        };
         let file: KeyringFile =
             toml::from_str(&text).map_err(|e| keyring_error(path, e.message().to_string()))?;
         let mut keys = BTreeMap::new();
@@ -120,9 +136,10 @@ impl Keyring {
         })
     }
 
-    /// Read the keyring at `path`, or create it with one fresh master key if there is none.
+    /// Read the keyring at `path`, or create it with one fresh master key if there is none
+    /// (never for one from the environment).
     pub fn load_or_create(path: &FsPath) -> Result<Self> {
-        if path.exists() {
+        if path.exists() || env_name(path).is_some() {
             return Self::load(path);
         }
         let mut ring = Self {
@@ -171,8 +188,22 @@ impl Keyring {
         retired
     }
 
+    /// Whether the keyring comes from an environment variable (and cannot be saved).
+    pub fn from_environment(&self) -> bool {
+        env_name(&self.path).is_some()
+    }
+
     /// Write the keyring back to its file, readable by its owner only, replacing it whole.
     pub fn save(&self) -> Result<()> {
+        if let Some(var) = env_name(&self.path) {
+            return Err(keyring_error(
+                &self.path,
+                format!(
+                    "it comes from the environment variable {var}: put new keys in the secret \
+                     that sets it, then re-wrap with `lakegate keys rotate --no-new-key`"
+                ),
+            ));
+        }
         let file = KeyringFile {
             active: self.active.clone(),
             keys: self
@@ -613,6 +644,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("does not unwrap"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_keyring_from_the_environment_unwraps_what_its_file_twin_wrapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = ring_in(dir.path());
+        let lake = Lake::open(dir.path().join("lake").to_str().unwrap())
+            .unwrap()
+            .with_keyring(ring.clone());
+        let created = create(&lake, "clinical.patients").await.unwrap();
+        let var = "LAKEGATE_TEST_KEYRING_FROM_ENV";
+        let env = FsPath::new("env:LAKEGATE_TEST_KEYRING_FROM_ENV");
+        assert!(Keyring::load(env)
+            .unwrap_err()
+            .to_string()
+            .contains("is not set"));
+        // This test alone sets the variable, and reads it back before it returns.
+        std::env::set_var(var, std::fs::read_to_string(ring.path()).unwrap());
+        let from_env = Keyring::load_or_create(env).unwrap();
+        assert!(from_env.from_environment());
+        assert!(from_env.save().unwrap_err().to_string().contains(var));
+        let lake = lake.with_keyring(from_env);
+        assert_eq!(
+            load(&lake, "clinical.patients").await.unwrap().by_class,
+            created.by_class
+        );
+        std::env::remove_var(var);
     }
 
     #[test]

@@ -44,8 +44,8 @@ pub struct ServeArgs {
     #[arg(long, env = "LAKEGATE_KEYS")]
     pub keys: Option<PathBuf>,
     /// Keyring file (TOML) of the master keys that wrap the data keys of datasets encrypted at
-    /// rest. Keep it outside the lake. [default: LAKE.keyring.toml beside a local lake, when
-    /// that file exists].
+    /// rest, or `env:NAME` for the same text in environment variable NAME. Keep it outside the
+    /// lake. [default: LAKE.keyring.toml beside a local lake, when that file exists].
     #[arg(long, env = "LAKEGATE_KEYRING")]
     pub keyring: Option<PathBuf>,
     /// Memory all queries may use together, in MiB; beyond it operators spill to disk
@@ -312,7 +312,14 @@ impl ServeArgs {
             policy: self.policy.clone().or(file.policy.map(&rel)),
             model: self.model.clone().or(file.model.map(&rel)),
             keys: self.keys.clone().or(file.keys.map(&rel)),
-            keyring: self.keyring.clone().or(file.keyring.map(&rel)),
+            keyring: self.keyring.clone().or(file.keyring.map(|k| {
+                // `env:NAME` names an environment variable, not a path.
+                if k.to_str().is_some_and(|k| k.starts_with("env:")) {
+                    k
+                } else {
+                    rel(k)
+                }
+            })),
             engine: EngineConfig {
                 memory_limit: self
                     .memory_limit_mb

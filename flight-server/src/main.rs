@@ -510,6 +510,9 @@ fn check_outside_lake(lake: &Lake, keyring: &std::path::Path) -> Result<(), AnyE
     let Some(root) = lake.local_root() else {
         return Ok(());
     };
+    if keyring.to_str().is_some_and(|k| k.starts_with("env:")) {
+        return Ok(());
+    }
     let absolute = match keyring.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir
             .canonicalize()
@@ -538,7 +541,7 @@ fn with_new_or_existing_keyring(
     check_outside_lake(&lake, &path)?;
     let created = !path.exists();
     let ring = Keyring::load_or_create(&path)?;
-    if created {
+    if created && !ring.from_environment() {
         eprintln!("lakegate: wrote a new master keyring to {}", path.display());
     }
     Ok(lake.with_keyring(ring))
@@ -566,6 +569,14 @@ async fn keys_rotate(
         .ok_or("no keyring: pass --keyring (or LAKEGATE_KEYRING)")?;
     let lake = existing_lake_with(lake_url, Some(path.clone())).await?;
     let mut ring = Keyring::load(&path)?;
+    if !no_new_key && ring.from_environment() {
+        return Err(format!(
+            "the keyring {} comes from the environment, where lakegate cannot add a key: add the \
+             new key to that secret, make it `active`, then run `lakegate keys rotate --no-new-key`",
+            path.display()
+        )
+        .into());
+    }
     if !no_new_key {
         let name = ring.add_active_key();
         // The new key is saved before anything is wrapped with it: a crash in between leaves

@@ -3,6 +3,7 @@ curated file opens in neither pyarrow nor DuckDB, `--encryption off` leaves plai
 `lakegate keys rotate` re-wraps the data keys without touching a data file."""
 
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -97,6 +98,24 @@ def test_without_its_keyring_the_lake_is_refused_by_name(tmp_path):
         assert "clinical.encounters" in text and "encrypted at rest" in text, text
     finally:
         stop_lakegate(proc)
+
+    # The keyring as a secret in the environment (`env:NAME`) serves the lake the same.
+    os.environ["LAKEGATE_TEST_SECRET"] = (tmp_path / "elsewhere.toml").read_text()
+    os.environ["LAKEGATE_KEYRING"] = "env:LAKEGATE_TEST_SECRET"
+    try:
+        proc, address = start_lakegate(lake, patients=100)
+        try:
+            assert _count(address, "bob") > 0
+        finally:
+            stop_lakegate(proc)
+        refused = _lakegate("keys", "rotate", "--lake", str(lake))
+        assert refused.returncode != 0 and "comes from the environment" in refused.stderr
+        rewrapped = _lakegate("keys", "rotate", "--lake", str(lake), "--no-new-key")
+        assert rewrapped.returncode == 0, rewrapped.stderr
+        assert "0 data keys now wrapped" in rewrapped.stdout
+    finally:
+        del os.environ["LAKEGATE_TEST_SECRET"]
+        del os.environ["LAKEGATE_KEYRING"]
 
 
 def test_encryption_off_leaves_plain_parquet(tmp_path):
