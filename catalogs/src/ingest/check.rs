@@ -17,16 +17,20 @@ use crate::model::{ColumnDef, Dataset, Shape};
 use crate::{Catalog, CatalogError, Result};
 
 /// The values a key column holds (for `unique` and `references`).
+/// Keys hash with foldhash (randomly seeded per set): SipHash was the ingest's largest single
+/// cost, and a set seeded at random gives a feed no collisions to aim for.
+type Keys<K> = HashSet<K, foldhash::fast::RandomState>;
+
 enum KeySet {
-    Text(HashSet<Box<str>>),
-    Number(HashSet<i64>),
+    Text(Keys<Box<str>>),
+    Number(Keys<i64>),
 }
 
 impl KeySet {
     fn for_column(c: &ColumnDef) -> Self {
         match c.data_type.to_arrow() {
-            DataType::Utf8 => KeySet::Text(HashSet::new()),
-            _ => KeySet::Number(HashSet::new()),
+            DataType::Utf8 => KeySet::Text(Keys::default()),
+            _ => KeySet::Number(Keys::default()),
         }
     }
 
