@@ -141,12 +141,11 @@ impl Catalog {
             return Ok(false);
         }
         if declared.encrypted {
-            match crate::keys::load(lake, &declared.name).await {
-                Ok(_) => {}
-                Err(CatalogError::Keys { reason, .. }) if reason.contains("is missing") => {
-                    crate::keys::create(lake, &declared.name).await?;
-                }
-                Err(e) => return Err(e),
+            if crate::keys::exists(lake, &declared.name).await? {
+                // Left by an interrupted declaration: kept only if this keyring unwraps them.
+                crate::keys::load(lake, &declared.name).await?;
+            } else {
+                crate::keys::create(lake, &declared.name).await?;
             }
         }
         if !crate::delta::exists(lake, &declared).await? {

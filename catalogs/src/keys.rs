@@ -484,6 +484,15 @@ async fn read_key_file(lake: &Lake, dataset: &str) -> Result<(KeyFile, UpdateVer
     Ok((file, version))
 }
 
+/// Whether the lake holds a key file for `dataset`.
+pub async fn exists(lake: &Lake, dataset: &str) -> Result<bool> {
+    match lake.store().head(&key_file(dataset)).await {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Read and unwrap a dataset's data keys with the lake's keyring.
 pub async fn load(lake: &Lake, dataset: &str) -> Result<DataKeys> {
     let ring = keyring(lake, dataset)?;
@@ -578,13 +587,19 @@ mod tests {
         Keyring::load_or_create(&dir.join("keyring.toml")).unwrap()
     }
 
+    /// A keyring in `dir` and a lake beside it opened with it.
+    fn keyed_lake(dir: &FsPath) -> (Keyring, Lake) {
+        let ring = ring_in(dir);
+        let lake = Lake::open(dir.join("lake").to_str().unwrap())
+            .unwrap()
+            .with_keyring(ring.clone());
+        (ring, lake)
+    }
+
     #[tokio::test]
     async fn data_keys_unwrap_only_with_their_master_key_and_survive_rotation() {
         let dir = tempfile::tempdir().unwrap();
-        let ring = ring_in(dir.path());
-        let lake = Lake::open(dir.path().join("lake").to_str().unwrap())
-            .unwrap()
-            .with_keyring(ring.clone());
+        let (ring, lake) = keyed_lake(dir.path());
         let created = create(&lake, "clinical.patients").await.unwrap();
         let loaded = load(&lake, "clinical.patients").await.unwrap();
         assert_eq!(created.by_class, loaded.by_class);
@@ -623,9 +638,7 @@ mod tests {
     #[tokio::test]
     async fn a_wrapped_key_moved_to_another_class_does_not_unwrap() {
         let dir = tempfile::tempdir().unwrap();
-        let lake = Lake::open(dir.path().join("lake").to_str().unwrap())
-            .unwrap()
-            .with_keyring(ring_in(dir.path()));
+        let (_, lake) = keyed_lake(dir.path());
         create(&lake, "clinical.patients").await.unwrap();
         let (mut file, _) = read_key_file(&lake, "clinical.patients").await.unwrap();
         let direct = file.keys.iter().position(|w| w.class == DIRECT).unwrap();
@@ -649,10 +662,7 @@ mod tests {
     #[tokio::test]
     async fn a_keyring_from_the_environment_unwraps_what_its_file_twin_wrapped() {
         let dir = tempfile::tempdir().unwrap();
-        let ring = ring_in(dir.path());
-        let lake = Lake::open(dir.path().join("lake").to_str().unwrap())
-            .unwrap()
-            .with_keyring(ring.clone());
+        let (ring, lake) = keyed_lake(dir.path());
         let created = create(&lake, "clinical.patients").await.unwrap();
         let var = "LAKEGATE_TEST_KEYRING_FROM_ENV";
         let env = FsPath::new("env:LAKEGATE_TEST_KEYRING_FROM_ENV");

@@ -476,16 +476,14 @@ async fn verify(
     Ok(())
 }
 
-/// Opens a lake that must already hold a catalog, with its keyring when there is one.
+/// Opens a lake that must already hold a catalog, without a keyring: for commands that open
+/// no data file (catalog listings, history, audit verification).
 async fn existing_lake(url: &str) -> Result<Lake, AnyError> {
-    existing_lake_with(url, None).await
+    with_catalog(Lake::open(url)?).await
 }
 
-async fn existing_lake_with(
-    url: &str,
-    keyring: Option<std::path::PathBuf>,
-) -> Result<Lake, AnyError> {
-    let lake = open_lake(url, keyring)?;
+/// `lake`, if it holds a catalog.
+async fn with_catalog(lake: Lake) -> Result<Lake, AnyError> {
     if !lake.has_catalog().await? {
         return Err(format!("no lake at {} (it has no catalog)", lake.url()).into());
     }
@@ -497,12 +495,10 @@ const KEYRING_SUFFIX: &str = "keyring.toml";
 /// The keyring to use: the configured file, else `LAKE.keyring.toml` beside the lake when it
 /// exists (where `lakegate demo` makes it).
 fn keyring_path(lake: &str, configured: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
-    configured
-        .or_else(|| std::env::var_os("LAKEGATE_KEYRING").map(Into::into))
-        .or_else(|| {
-            let beside = beside_lake(lake, KEYRING_SUFFIX);
-            beside.exists().then_some(beside)
-        })
+    configured.or_else(|| {
+        let beside = beside_lake(lake, KEYRING_SUFFIX);
+        beside.exists().then_some(beside)
+    })
 }
 
 /// Master keys kept in the lake would protect nothing: whoever copies the files copies them.
@@ -567,7 +563,8 @@ async fn keys_rotate(
 ) -> Result<(), AnyError> {
     let path = keyring_path(lake_url, keyring)
         .ok_or("no keyring: pass --keyring (or LAKEGATE_KEYRING)")?;
-    let lake = existing_lake_with(lake_url, Some(path.clone())).await?;
+    let lake = existing_lake(lake_url).await?;
+    check_outside_lake(&lake, &path)?;
     let mut ring = Keyring::load(&path)?;
     if !no_new_key && ring.from_environment() {
         return Err(format!(
@@ -701,7 +698,7 @@ async fn catalog_history(lake: &str, dataset: &str) -> Result<(), AnyError> {
 
 async fn ingest(args: IngestArgs) -> Result<(), AnyError> {
     let settings = args.serve.resolve("./demo-lake")?;
-    let lake = existing_lake_with(&settings.lake, settings.keyring.clone()).await?;
+    let lake = with_catalog(open_lake(&settings.lake, settings.keyring.clone())?).await?;
     let catalog = Catalog::load(&lake).await?;
     let dataset = catalog
         .dataset(&args.dataset)
