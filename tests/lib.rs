@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use lakegate_catalogs::demo::{build_demo_lake, DemoOptions};
+use lakegate_catalogs::demo::{build_demo_lake, DemoLayout, DemoOptions};
 use lakegate_catalogs::Lake;
 use lakegate_engine::audit::{AuditKey, AuditLog};
 use lakegate_engine::{Engine, EngineConfig, KeyRing};
@@ -41,8 +41,26 @@ fn shared() -> &'static Shared {
 }
 
 /// A new demo lake of `patients` in a fresh temporary folder.
+/// A new demo lake of `patients` in a fresh temporary folder, built as `lakegate demo` builds
+/// it: through the ingest path, into Delta tables.
 pub fn build_lake(patients: u64) -> (tempfile::TempDir, PathBuf) {
-    build_lake_in(tempfile::tempdir().expect("tempdir"), patients, None)
+    build_lake_in(
+        tempfile::tempdir().expect("tempdir"),
+        patients,
+        None,
+        DemoLayout::Ingested,
+    )
+}
+
+/// A new demo lake of `patients` as plain Parquet folders (a lake an outside pipeline writes),
+/// for tests that add, damage or replace its files while the server runs.
+pub fn build_folder_lake(patients: u64) -> (tempfile::TempDir, PathBuf) {
+    build_lake_in(
+        tempfile::tempdir().expect("tempdir"),
+        patients,
+        None,
+        DemoLayout::Folders,
+    )
 }
 
 /// The master keyring of a test folder (`keyring.toml` in it, beside the lake), made on first
@@ -55,13 +73,14 @@ pub fn test_keyring(dir: &std::path::Path) -> lakegate_catalogs::Keyring {
 pub fn build_encrypted_lake(patients: u64) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let ring = test_keyring(dir.path());
-    build_lake_in(dir, patients, Some(ring))
+    build_lake_in(dir, patients, Some(ring), DemoLayout::Ingested)
 }
 
 fn build_lake_in(
     dir: tempfile::TempDir,
     patients: u64,
     keyring: Option<lakegate_catalogs::Keyring>,
+    layout: DemoLayout,
 ) -> (tempfile::TempDir, PathBuf) {
     let lake_path = dir.path().join("lake");
     let lake = Lake::open(lake_path.to_str().expect("utf8 path")).expect("lake");
@@ -80,6 +99,7 @@ fn build_lake_in(
                     patients,
                     seed: 42,
                     encrypted,
+                    layout,
                 },
                 |_, _| {},
             ))
@@ -90,10 +110,11 @@ fn build_lake_in(
     (dir, lake_path)
 }
 
-/// A server over a new demo lake of `patients` of its own (for tests that change the lake):
-/// the folder (kept while it lives), the lake's path and the server.
+/// A server over a new demo lake of `patients` of its own, as plain Parquet folders (for tests
+/// that change the lake's files): the folder (kept while it lives), the lake's path and the
+/// server.
 pub async fn start_on_own_lake(patients: u64) -> (tempfile::TempDir, PathBuf, TestServer) {
-    let (dir, lake) = build_lake(patients);
+    let (dir, lake) = build_folder_lake(patients);
     let server = TestServer::start_with(ServerOptions {
         lake: Some(lake.clone()),
         ..Default::default()

@@ -19,6 +19,7 @@ fn planning(c: &mut Criterion) {
                 patients: 2_000,
                 seed: 42,
                 encrypted: false,
+                layout: lakegate_catalogs::demo::DemoLayout::Folders,
             },
             |_, _| {},
         )

@@ -166,6 +166,7 @@ async fn main() {
             patients: args.patients,
             seed: 42,
             encrypted: false,
+            layout: lakegate_catalogs::demo::DemoLayout::Folders,
         };
         lakegate_catalogs::demo::build_demo_lake(&source, &options, |_, _| {})
             .await

@@ -4,7 +4,8 @@
 //! number of threads, because every part of the lake has its own random stream derived from
 //! (seed, part) and parts are written independently.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arrow::array::{
@@ -22,7 +23,8 @@ use rand::distributions::{Distribution, WeightedIndex};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::{Catalog, CatalogError, ColumnDef, ColumnType, Dataset, Lake, Result};
+use crate::ingest::{ingest, IngestOptions};
+use crate::{Catalog, CatalogError, ColumnType, Dataset, FileFormat, Lake, Result};
 
 /// Options of the demo generator.
 #[derive(Clone, Debug)]
@@ -32,7 +34,30 @@ pub struct DemoOptions {
     /// Encrypt every dataset at rest with fresh data keys wrapped by the lake handle's keyring
     /// (random keys and nonces: the files are then no longer byte-identical between builds).
     pub encrypted: bool,
+    /// How the lake is built.
+    pub layout: DemoLayout,
 }
+
+/// How the demo lake is built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DemoLayout {
+    /// Through the ingest path, as a hospital fills its lake: each dataset declared by its
+    /// contract (`catalogs/contracts/demo/`), the generated extracts fed to `ingest` in
+    /// [`FEEDS`] feeds, each landing in `raw/`, checked row by row and committed as one
+    /// version of the dataset's Delta table. What `lakegate demo` builds.
+    #[default]
+    Ingested,
+    /// Plain Parquet folders written straight into `curated/` (the shape of a lake that an
+    /// outside pipeline writes and a hand-written catalog describes), for tests of that shape.
+    Folders,
+}
+
+/// Feeds per demo dataset: each a quarter of the patients, so every table has several
+/// versions and several files.
+pub const FEEDS: u64 = 4;
+
+/// Who `lakegate demo`'s feeds are recorded as (in each version's lineage).
+pub const DEMO_PRINCIPAL: &str = "lakegate-demo";
 
 /// Patients per Parquet part: big enough for efficient files, small enough that a part's
 /// observations (about 20 per patient) stay a few tens of MB in memory while generated.
@@ -346,120 +371,45 @@ fn lab(rng: &mut ChaCha8Rng) -> (String, String, &'static str, f64, f64) {
     }
 }
 
-fn col(name: &str, t: ColumnType, nullable: bool, label: &str) -> ColumnDef {
-    ColumnDef {
-        name: name.into(),
-        data_type: t,
-        nullable,
-        label: label.into(),
-        checks: Default::default(),
-    }
-}
+/// The demo datasets' contracts (in `catalogs/contracts/demo/`), in the order their datasets
+/// are declared and fed: a dataset's `references` name only datasets before it.
+pub const DEMO_CONTRACTS: &[(&str, &str)] = &[
+    (
+        "clinical.patients.toml",
+        include_str!("../contracts/demo/clinical.patients.toml"),
+    ),
+    (
+        "clinical.encounters.toml",
+        include_str!("../contracts/demo/clinical.encounters.toml"),
+    ),
+    (
+        "clinical.conditions.toml",
+        include_str!("../contracts/demo/clinical.conditions.toml"),
+    ),
+    (
+        "clinical.observations.toml",
+        include_str!("../contracts/demo/clinical.observations.toml"),
+    ),
+    (
+        "omics.variants.toml",
+        include_str!("../contracts/demo/omics.variants.toml"),
+    ),
+];
 
-/// The catalog of the demo lake: the datasets, schemas and labels of `shared/SCENARIO.md`.
+/// The catalog of the demo lake: the datasets, schemas and labels of `shared/SCENARIO.md`, as
+/// its contracts declare them (Delta tables, encrypted at rest).
 pub fn demo_catalog() -> Catalog {
-    use ColumnType::*;
-    let ds = |name: &str, columns: Vec<ColumnDef>, tags: &[&str], description: &str| {
-        let (schema, table) = name.split_once('.').expect("qualified name");
-        Dataset {
-            name: name.into(),
-            zone: "curated".into(),
-            location: format!("curated/{schema}/{table}/"),
-            columns,
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-            owner: "demo-data-steward".into(),
-            description: description.into(),
-            format: Default::default(),
-            retention_days: None,
-            encrypted: false,
-        }
-    };
-    Catalog {
+    let mut catalog = Catalog {
         version: 1,
-        datasets: vec![
-            ds(
-                "clinical.patients",
-                vec![
-                    col("patient_id", Utf8, false, "identifier"),
-                    col("mrn", Utf8, false, "phi.direct"),
-                    col("first_name", Utf8, false, "phi.direct"),
-                    col("last_name", Utf8, false, "phi.direct"),
-                    col("ssn", Utf8, false, "phi.direct"),
-                    col("birth_date", Date32, false, "phi.quasi"),
-                    col("death_date", Date32, true, "phi.quasi"),
-                    col("sex", Utf8, false, "phi.quasi"),
-                    col("race", Utf8, false, "phi.quasi"),
-                    col("ethnicity", Utf8, false, "phi.quasi"),
-                    col("address", Utf8, false, "phi.direct"),
-                    col("city", Utf8, false, "phi.quasi"),
-                    col("state", Utf8, false, "clinical"),
-                    col("zip", Utf8, false, "phi.quasi"),
-                    col("phone", Utf8, true, "phi.direct"),
-                    col("email", Utf8, true, "phi.direct"),
-                    col("site_id", Utf8, false, "clinical"),
-                    col("research_consent", Bool, false, "clinical"),
-                ],
-                &["phi"],
-                "One row per patient: demographics and identifiers.",
-            ),
-            ds(
-                "clinical.encounters",
-                vec![
-                    col("encounter_id", Utf8, false, "identifier"),
-                    col("patient_id", Utf8, false, "identifier"),
-                    col("site_id", Utf8, false, "clinical"),
-                    col("start_time", TimestampUtc, false, "phi.quasi"),
-                    col("stop_time", TimestampUtc, false, "phi.quasi"),
-                    col("encounter_class", Utf8, false, "clinical"),
-                    col("provider_id", Utf8, false, "clinical"),
-                    col("payer", Utf8, true, "clinical"),
-                    col("total_cost", Float64, false, "clinical"),
-                    col("reason_code", Utf8, true, "clinical"),
-                    col("readmitted_30d", Bool, false, "clinical"),
-                ],
-                &["phi"],
-                "Visits: inpatient, outpatient, emergency and others.",
-            ),
-            ds(
-                "clinical.conditions",
-                vec![
-                    col("patient_id", Utf8, false, "identifier"),
-                    col("encounter_id", Utf8, false, "identifier"),
-                    col("onset_date", Date32, false, "phi.quasi"),
-                    col("code", Utf8, false, "clinical"),
-                    col("description", Utf8, false, "clinical"),
-                ],
-                &["phi"],
-                "Diagnoses (ICD-10) with onset dates.",
-            ),
-            ds(
-                "clinical.observations",
-                vec![
-                    col("observation_id", Utf8, false, "identifier"),
-                    col("patient_id", Utf8, false, "identifier"),
-                    col("encounter_id", Utf8, false, "identifier"),
-                    col("obs_time", TimestampUtc, false, "phi.quasi"),
-                    col("loinc_code", Utf8, false, "clinical"),
-                    col("description", Utf8, false, "clinical"),
-                    col("value", Float64, true, "clinical"),
-                    col("unit", Utf8, false, "clinical"),
-                ],
-                &["phi"],
-                "Vital signs and lab results (LOINC).",
-            ),
-            ds(
-                "omics.variants",
-                vec![
-                    col("patient_id", Utf8, false, "identifier"),
-                    col("gene", Utf8, false, "clinical"),
-                    col("variant", Utf8, false, "clinical"),
-                    col("zygosity", Utf8, false, "clinical"),
-                ],
-                &["omics", "phi"],
-                "Germline variants from sequencing.",
-            ),
-        ],
+        datasets: Vec::new(),
+    };
+    for (file, text) in DEMO_CONTRACTS {
+        let dataset = crate::parse_contract(file, text).expect("the demo contracts parse");
+        catalog
+            .add_dataset(dataset)
+            .expect("the demo contracts fit together");
     }
+    catalog
 }
 
 /// Builders for one part of every table.
@@ -725,7 +675,7 @@ fn to_parquet(
     d: &Dataset,
     cols: &mut [ColumnBuilder],
     encryption: Option<Arc<FileEncryptionProperties>>,
-) -> Result<Vec<u8>> {
+) -> Result<(usize, Vec<u8>)> {
     let arrays: Vec<ArrayRef> = cols.iter_mut().map(ColumnBuilder::finish).collect();
     let batch =
         RecordBatch::try_new(d.schema(), arrays).map_err(|e| CatalogError::InvalidEntry {
@@ -746,51 +696,101 @@ fn to_parquet(
         dataset: d.name.clone(),
         reason: e.to_string(),
     };
+    let batch_rows = batch.num_rows();
     let mut writer =
         ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).map_err(parquet_err)?;
     writer.write(&batch).map_err(parquet_err)?;
     writer.close().map_err(parquet_err)?;
-    Ok(buf)
+    Ok((batch_rows, buf))
 }
 
-/// Build the demo lake: Parquet files in `curated/`, then the catalog (written last, so a lake
-/// with a catalog is a complete lake). `progress(done, total)` counts patients.
+/// Build the demo lake, or finish one that an interrupted build left (see [`unfinished`]).
+/// `progress(done, total)` counts work in steps of one patient generated, then one patient's
+/// rows ingested.
 pub async fn build_demo_lake(
     lake: &Lake,
     options: &DemoOptions,
     progress: impl Fn(u64, u64) + Send + Sync,
 ) -> Result<Catalog> {
-    let mut catalog = demo_catalog();
-    let mut encryption = HashMap::new();
-    if options.encrypted {
-        for d in &mut catalog.datasets {
-            d.encrypted = true;
-            let keys = crate::keys::create(lake, &d.name).await?;
-            encryption.insert(d.name.clone(), keys.encryption(d)?);
-        }
+    match options.layout {
+        DemoLayout::Ingested => build_ingested(lake, options, progress).await,
+        DemoLayout::Folders => build_folders(lake, options, progress).await,
     }
-    let catalog = Arc::new(catalog);
-    let encryption = Arc::new(encryption);
-    let total = options.patients;
-    let parts = total.div_ceil(PATIENTS_PER_PART).max(MIN_PARTS);
-    let per_part = total.div_ceil(parts).max(1);
+}
+
+/// Written when an ingested demo build has committed every feed.
+const BUILT_MARKER: &str = "catalog/demo-built.json";
+
+/// Whether `lake`'s catalog declares a demo dataset as a Delta table but the build that
+/// declared it never finished (it was interrupted): `lakegate demo` then finishes it.
+pub async fn unfinished(lake: &Lake) -> Result<bool> {
+    let catalog = Catalog::load(lake).await?;
+    let demo = demo_catalog();
+    let declared = catalog.datasets.iter().any(|d| {
+        d.format == FileFormat::Delta
+            && demo
+                .dataset(&d.name)
+                .is_some_and(|x| x.columns == d.columns)
+    });
+    if !declared {
+        return Ok(false);
+    }
+    match lake.store().head(&Path::from(BUILT_MARKER)).await {
+        Ok(_) => Ok(false),
+        Err(object_store::Error::NotFound { .. }) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The names of the source files that the versions of `dataset` committed.
+async fn committed_sources(lake: &Lake, dataset: &str) -> Result<HashSet<String>> {
+    Ok(crate::ingest::history(lake, dataset)
+        .await?
+        .into_iter()
+        .filter_map(|v| v.ingest)
+        .flat_map(|c| c.sources.into_iter().map(|s| s.source))
+        .collect())
+}
+
+/// One generated part of one dataset, as a Parquet file.
+struct Extract {
+    dataset: &'static str,
+    part: u64,
+    rows: usize,
+    bytes: Vec<u8>,
+}
+
+/// The generated parts of the lake, in parallel, each handed to `sink` as one Parquet file per
+/// dataset (name, part number, bytes). Returns after every part is generated.
+async fn generate<F, Fut>(
+    catalog: &Arc<Catalog>,
+    options: &DemoOptions,
+    encryption: &Arc<HashMap<String, Arc<FileEncryptionProperties>>>,
+    sink: F,
+    progress: &(impl Fn(u64, u64) + Send + Sync),
+    total: u64,
+) -> Result<u64>
+where
+    F: Fn(Vec<Extract>) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let patients = options.patients;
+    let parts = patients.div_ceil(PATIENTS_PER_PART).max(MIN_PARTS);
+    let per_part = patients.div_ceil(parts).max(1);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
-    let store = lake.store();
-    let done = std::sync::atomic::AtomicU64::new(0);
+    let mut done = 0;
     progress(0, total);
-
     let mut results = futures::stream::iter(0..parts)
         .map(|part| {
-            let catalog = Arc::clone(&catalog);
-            let encryption = Arc::clone(&encryption);
-            let store = Arc::clone(&store);
+            let catalog = Arc::clone(catalog);
+            let encryption = Arc::clone(encryption);
             let seed = options.seed;
+            let first = (part * per_part).min(patients);
+            let end = ((part + 1) * per_part).min(patients);
             async move {
-                let first = (part * per_part).min(total);
-                let end = ((part + 1) * per_part).min(total);
-                let files = tokio::task::spawn_blocking(move || -> Result<Vec<(Path, Vec<u8>)>> {
+                let files = tokio::task::spawn_blocking(move || -> Result<_> {
                     let mut b = generate_part(&catalog, seed, part, first, end);
                     let mut files = Vec::new();
                     for (name, cols) in [
@@ -801,26 +801,220 @@ pub async fn build_demo_lake(
                         ("omics.variants", &mut b.variants),
                     ] {
                         let d = catalog.dataset(name).expect("demo dataset");
-                        let path = Path::from(format!("{}part-{part:05}.parquet", d.location));
                         let encryption = encryption.get(name).cloned();
-                        files.push((path, to_parquet(d, cols, encryption)?));
+                        let (rows, bytes) = to_parquet(d, cols, encryption)?;
+                        files.push(Extract {
+                            dataset: name,
+                            part,
+                            rows,
+                            bytes,
+                        });
                     }
                     Ok(files)
                 })
                 .await
                 .map_err(|e| CatalogError::Malformed(format!("generator task failed: {e}")))??;
-                for (path, bytes) in files {
-                    store.put(&path, PutPayload::from(bytes)).await?;
-                }
-                Ok::<u64, CatalogError>(end - first)
+                Ok::<_, CatalogError>((files, end - first))
             }
         })
         .buffer_unordered(threads);
     while let Some(r) = results.next().await {
-        let n = r?;
-        let now = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
-        progress(now, total);
+        let (files, n) = r?;
+        sink(files).await?;
+        done += n;
+        progress(done, total);
     }
+    Ok(parts)
+}
+
+/// The demo lake through the ingest path: contracts declared, extracts generated into a
+/// scratch folder (sealed with the dataset's own data keys when the lake is encrypted, so the
+/// `raw/` zone never holds them in the clear), then fed.
+async fn build_ingested(
+    lake: &Lake,
+    options: &DemoOptions,
+    progress: impl Fn(u64, u64) + Send + Sync,
+) -> Result<Catalog> {
+    let mut catalog = match Catalog::load(lake).await {
+        Ok(c) => c,
+        Err(CatalogError::NoCatalog) => Catalog {
+            version: 1,
+            datasets: Vec::new(),
+        },
+        Err(e) => return Err(e),
+    };
+    let mut encryption = HashMap::new();
+    for mut d in demo_catalog().datasets {
+        d.encrypted = options.encrypted;
+        let name = d.name.clone();
+        catalog.declare(lake, d).await?;
+        let d = catalog.dataset(&name).expect("declared");
+        if d.encrypted {
+            let keys = crate::keys::load(lake, &name).await?;
+            encryption.insert(name, keys.encryption(d)?);
+        }
+    }
+    let catalog = Arc::new(catalog);
+    let encryption = Arc::new(encryption);
+    let scratch = tempfile::tempdir().map_err(|e| CatalogError::Source {
+        path: "a scratch folder for the demo's extracts".into(),
+        reason: e.to_string(),
+    })?;
+    let root = scratch.path().to_path_buf();
+    let total = 2 * options.patients;
+    let write = |files: Vec<Extract>| {
+        let root = root.clone();
+        async move {
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                for Extract {
+                    dataset: name,
+                    part,
+                    rows,
+                    bytes,
+                } in files
+                {
+                    // An empty extract is refused by ingest as a whole: a part without rows
+                    // of a table (a few patients, none sequenced) is simply not delivered.
+                    if rows == 0 {
+                        continue;
+                    }
+                    let dir = root.join(name);
+                    let path = dir.join(format!("part-{part:05}.parquet"));
+                    std::fs::create_dir_all(&dir)
+                        .and_then(|_| std::fs::write(&path, bytes))
+                        .map_err(|e| CatalogError::Source {
+                            path: path.display().to_string(),
+                            reason: e.to_string(),
+                        })?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| CatalogError::Malformed(format!("writer task failed: {e}")))?
+        }
+    };
+    let parts = generate(&catalog, options, &encryption, write, &progress, total).await?;
+
+    // Each dataset in FEEDS feeds of consecutive parts; patients first, then encounters (the
+    // others reference them), then the other three at once.
+    let done = AtomicU64::new(options.patients);
+    let feed_all = |name: &'static str| {
+        let root = &root;
+        let done = &done;
+        let progress = &progress;
+        async move {
+            let committed = committed_sources(lake, name).await?;
+            for feed in 0..FEEDS {
+                let sources: Vec<String> = (feed * parts / FEEDS..(feed + 1) * parts / FEEDS)
+                    .map(|part| format!("part-{part:05}.parquet"))
+                    .filter(|file| !committed.contains(file))
+                    .map(|file| root.join(name).join(file))
+                    .filter(|path| path.exists())
+                    .map(|path| path.display().to_string())
+                    .collect();
+                if !sources.is_empty() {
+                    feed_demo(lake, name, &sources).await?;
+                }
+                let step = options.patients / FEEDS / 5;
+                let now = done.fetch_add(step, Ordering::Relaxed) + step;
+                progress(now.min(total), total);
+            }
+            Ok::<(), CatalogError>(())
+        }
+    };
+    feed_all("clinical.patients").await?;
+    feed_all("clinical.encounters").await?;
+    futures::try_join!(
+        feed_all("clinical.conditions"),
+        feed_all("clinical.observations"),
+        feed_all("omics.variants"),
+    )?;
+    let marker = serde_json::json!({
+        "patients": options.patients,
+        "seed": options.seed,
+        "encrypted": options.encrypted,
+    });
+    lake.store()
+        .put(
+            &Path::from(BUILT_MARKER),
+            PutPayload::from(marker.to_string()),
+        )
+        .await?;
+    progress(total, total);
+    let mut catalog = Catalog::load(lake).await?;
+    catalog.datasets.retain(|d| d.name != crate::AUDIT_DATASET);
+    Ok(catalog)
+}
+
+/// One feed of generated extracts: every row must keep the contract (the generator is
+/// checked by the same contracts a hospital's feeds are).
+async fn feed_demo(lake: &Lake, dataset: &str, sources: &[String]) -> Result<()> {
+    let options = IngestOptions {
+        principal: DEMO_PRINCIPAL.into(),
+        max_reject_ratio: 0.0,
+        ..Default::default()
+    };
+    let report = ingest(lake, dataset, sources, &options).await?;
+    if report.refused.is_some() || report.quarantined > 0 {
+        return Err(CatalogError::NotIngestible {
+            dataset: dataset.into(),
+            reason: format!(
+                "the demo generator's rows broke the dataset's contract ({}; rules {:?})",
+                report.summary(),
+                report.by_rule
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The demo lake as plain Parquet folders in `curated/`, then the catalog (written last, so a
+/// lake with a catalog is a complete lake).
+async fn build_folders(
+    lake: &Lake,
+    options: &DemoOptions,
+    progress: impl Fn(u64, u64) + Send + Sync,
+) -> Result<Catalog> {
+    let mut catalog = demo_catalog();
+    let mut encryption = HashMap::new();
+    for d in &mut catalog.datasets {
+        d.format = FileFormat::Parquet;
+        d.encrypted = options.encrypted;
+        if options.encrypted {
+            let keys = crate::keys::create(lake, &d.name).await?;
+            encryption.insert(d.name.clone(), keys.encryption(d)?);
+        }
+    }
+    let catalog = Arc::new(catalog);
+    let encryption = Arc::new(encryption);
+    let store = lake.store();
+    let write = |files: Vec<Extract>| {
+        let store = Arc::clone(&store);
+        let catalog = Arc::clone(&catalog);
+        async move {
+            for Extract {
+                dataset: name,
+                part,
+                bytes,
+                ..
+            } in files
+            {
+                let d = catalog.dataset(name).expect("demo dataset");
+                let path = Path::from(format!("{}part-{part:05}.parquet", d.location));
+                store.put(&path, PutPayload::from(bytes)).await?;
+            }
+            Ok(())
+        }
+    };
+    generate(
+        &catalog,
+        options,
+        &encryption,
+        write,
+        &progress,
+        options.patients,
+    )
+    .await?;
     catalog.save(lake).await?;
     Ok((*catalog).clone())
 }
@@ -829,13 +1023,18 @@ pub async fn build_demo_lake(
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn demo_lake_is_deterministic_and_verifies() {
-        let opts = DemoOptions {
+    fn options(layout: DemoLayout) -> DemoOptions {
+        DemoOptions {
             patients: 300,
             seed: 7,
             encrypted: false,
-        };
+            layout,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_folder_lake_is_deterministic_and_verifies() {
+        let opts = options(DemoLayout::Folders);
         let a = Lake::in_memory();
         let b = Lake::in_memory();
         let catalog = build_demo_lake(&a, &opts, |_, _| {}).await.unwrap();
@@ -850,6 +1049,68 @@ mod tests {
                 assert!(x == y, "{f} differs between two runs with the same seed");
             }
         }
+    }
+
+    /// The SHA-256 of every data file of the newest version of each demo dataset, sorted.
+    async fn contents(lake: &Lake, catalog: &Catalog) -> Vec<(String, Vec<String>)> {
+        use sha2::{Digest, Sha256};
+        let mut out = Vec::new();
+        for d in &catalog.datasets {
+            let (_, files) = crate::delta::files(lake, d, None).await.unwrap();
+            let mut sums = Vec::new();
+            for f in files {
+                let bytes = lake.store().get(&f.location).await.unwrap().bytes().await;
+                sums.push(format!("{:x}", Sha256::digest(bytes.unwrap())));
+            }
+            sums.sort();
+            out.push((d.name.clone(), sums));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn the_ingested_lake_is_deterministic_versioned_and_resumable() {
+        let opts = options(DemoLayout::Ingested);
+        let a = Lake::in_memory();
+        let b = Lake::in_memory();
+        let catalog = build_demo_lake(&a, &opts, |_, _| {}).await.unwrap();
+        assert_eq!(catalog.datasets.len(), 5);
+        build_demo_lake(&b, &opts, |_, _| {}).await.unwrap();
+        let (x, y) = (contents(&a, &catalog).await, contents(&b, &catalog).await);
+        assert_eq!(x, y, "two builds with the same seed hold the same files");
+        for (name, files) in &x {
+            assert!(files.len() as u64 >= FEEDS, "{name}: {} files", files.len());
+            let history = crate::ingest::history(&a, name).await.unwrap();
+            // Version 0 (declared, empty), then one version per feed, each with its lineage.
+            assert_eq!(history.len() as u64, FEEDS + 1, "{name}");
+            for v in &history[1..] {
+                let record = v.ingest.as_ref().expect("lineage");
+                assert_eq!(record.principal, DEMO_PRINCIPAL);
+                assert!(record.sources.iter().all(|s| s.quarantined == 0));
+            }
+        }
+        assert!(!unfinished(&a).await.unwrap());
+
+        // An interrupted build: the newest feed of one dataset never committed. Building again
+        // commits only what is missing.
+        let c = Lake::in_memory();
+        let full = build_demo_lake(&c, &opts, |_, _| {}).await.unwrap();
+        let variants = full.dataset("omics.variants").unwrap();
+        let log = Path::from(format!(
+            "{}_delta_log/{:020}.json",
+            variants.location, FEEDS
+        ));
+        c.store().delete(&log).await.unwrap();
+        c.store().delete(&Path::from(BUILT_MARKER)).await.unwrap();
+        assert!(unfinished(&c).await.unwrap());
+        build_demo_lake(&c, &opts, |_, _| {}).await.unwrap();
+        assert!(!unfinished(&c).await.unwrap());
+        let history = crate::ingest::history(&c, "omics.variants").await.unwrap();
+        assert_eq!(history.len() as u64, FEEDS + 1);
+        let patients = crate::ingest::history(&c, "clinical.patients")
+            .await
+            .unwrap();
+        assert_eq!(patients.len() as u64, FEEDS + 1, "no feed committed twice");
     }
 
     /// The columns of one generated part's table, as text, by column name.

@@ -207,6 +207,7 @@ mod tests {
             patients: 60,
             seed: 42,
             encrypted: false,
+            layout: crate::demo::DemoLayout::Folders,
         };
         build_demo_lake(&lake, &opts, |_, _| {}).await.unwrap();
         lake

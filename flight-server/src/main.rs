@@ -272,14 +272,23 @@ async fn demo(args: DemoArgs) -> Result<(), AnyError> {
         }
     }
     let lake = Lake::open(&settings.lake)?;
+    let encrypted = args.encryption == Switch::On;
     let lake = if lake.has_catalog().await? {
-        eprintln!(
-            "lakegate: reusing the lake at {} (delete it to build a new one)",
-            lake.url()
-        );
-        open_lake(&settings.lake, settings.keyring.clone())?
+        let lake = open_lake(&settings.lake, settings.keyring.clone())?;
+        if lakegate_catalogs::demo::unfinished(&lake).await? {
+            eprintln!(
+                "lakegate: finishing the demo lake at {} that an earlier build left unfinished",
+                lake.url()
+            );
+            build_lake(&lake, args.patients, args.seed, encrypted).await?;
+        } else {
+            eprintln!(
+                "lakegate: reusing the lake at {} (delete it to build a new one)",
+                lake.url()
+            );
+        }
+        lake
     } else {
-        let encrypted = args.encryption == Switch::On;
         let lake = if encrypted {
             with_new_or_existing_keyring(lake, &settings.lake, settings.keyring.clone())?
         } else {
@@ -313,7 +322,7 @@ async fn build_lake(
     let bar = ProgressBar::new(patients);
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} building demo lake [{bar:40}] {pos}/{len} patients ({eta} left)",
+            "{spinner} building demo lake: generating, then ingesting [{bar:40}] {percent}% ({eta} left)",
         )
         .expect("static template")
         .progress_chars("=> "),
@@ -323,12 +332,19 @@ async fn build_lake(
         patients,
         seed,
         encrypted,
+        layout: Default::default(),
     };
-    let catalog = build_demo_lake(lake, &options, |done, _| bar.set_position(done)).await?;
+    let catalog = build_demo_lake(lake, &options, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })
+    .await?;
     bar.finish_and_clear();
     eprintln!(
-        "lakegate: built {} datasets for {patients} patients (seed {seed}) in {:.1} s at {}, {}",
+        "lakegate: built {} datasets for {patients} patients (seed {seed}) through the ingest \
+         path ({} contract-checked feeds each) in {:.1} s at {}, {}",
         catalog.datasets.len(),
+        lakegate_catalogs::demo::FEEDS,
         started.elapsed().as_secs_f64(),
         lake.url(),
         if encrypted {

@@ -24,9 +24,11 @@ def _lakegate(*args):
 
 
 def _curated(lake: Path) -> dict:
+    """Every Parquet file of the lake: the curated tables and the extracts in raw/."""
     return {
         str(p.relative_to(lake)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted((lake / "curated").rglob("*.parquet"))
+        for zone in ("curated", "raw")
+        for p in sorted((lake / zone).rglob("*.parquet"))
     }
 
 
@@ -50,6 +52,7 @@ def test_the_demo_lake_is_encrypted_and_rotation_rewrites_no_data_file(tmp_path)
 
     files = _curated(lake)
     assert len(files) >= 5
+    assert any(name.startswith("raw/") for name in files), files
     for name in files:
         with pytest.raises(Exception) as refused:
             pq.read_table(lake / name)

@@ -23,8 +23,9 @@ async fn serve(lake: &Path, keyring: Option<Keyring>) -> TestServer {
     .await
 }
 
-/// Every curated Parquet file of the lake, by path below it, with its bytes.
-fn curated_files(lake: &Path) -> BTreeMap<String, Vec<u8>> {
+/// Every Parquet file of the lake (the curated tables and the extracts in `raw/`), by path
+/// below it, with its bytes.
+fn parquet_files(lake: &Path) -> BTreeMap<String, Vec<u8>> {
     fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
@@ -38,6 +39,9 @@ fn curated_files(lake: &Path) -> BTreeMap<String, Vec<u8>> {
     }
     let mut out = BTreeMap::new();
     walk(&lake.join("curated"), lake, &mut out);
+    if lake.join("raw").exists() {
+        walk(&lake.join("raw"), lake, &mut out);
+    }
     out
 }
 
@@ -83,8 +87,13 @@ async fn an_encrypted_lake_answers_as_the_plain_one_and_its_files_open_for_no_re
 
     // A copied-out file: footer and columns are encrypted, so a Parquet reader without the
     // data keys opens nothing, and no SSN or name appears in the bytes.
-    let files = curated_files(&encrypted);
+    let files = parquet_files(&encrypted);
     assert!(files.len() >= 5, "{:?}", files.keys());
+    assert!(
+        files.keys().any(|n| n.starts_with("raw/")),
+        "the demo's extracts land in raw/: {:?}",
+        files.keys()
+    );
     let batches = lakegate_tests::raw_query_in(
         &plain,
         "SELECT ssn, last_name FROM clinical_patients ORDER BY patient_id LIMIT 20",
@@ -106,7 +115,7 @@ async fn an_encrypted_lake_answers_as_the_plain_one_and_its_files_open_for_no_re
         }
     }
     // The plain lake's patients file does hold them: the check above can fail.
-    let plain_files = curated_files(&plain);
+    let plain_files = parquet_files(&plain);
     let patients_plain = plain_files
         .iter()
         .filter(|(n, _)| n.contains("patients"))
@@ -186,7 +195,7 @@ async fn a_dataset_whose_keys_do_not_unwrap_is_refused_by_name_while_the_rest_se
 #[tokio::test]
 async fn rotating_the_master_key_rewraps_data_keys_and_rewrites_no_data_file() {
     let (dir, lake_path) = build_encrypted_lake(100);
-    let before = curated_files(&lake_path);
+    let before = parquet_files(&lake_path);
     let query = "SELECT count(*), count(DISTINCT patient_id) FROM clinical.encounters";
     let expected = answer(
         &serve(&lake_path, Some(test_keyring(dir.path()))).await,
@@ -213,7 +222,7 @@ async fn rotating_the_master_key_rewraps_data_keys_and_rewrites_no_data_file() {
     ring.retire_inactive();
     ring.save().unwrap();
 
-    assert_eq!(curated_files(&lake_path), before, "no data file changed");
+    assert_eq!(parquet_files(&lake_path), before, "no data file changed");
     let rotated = serve(&lake_path, Some(Keyring::load(ring.path()).unwrap())).await;
     assert_eq!(answer(&rotated, "carol", query).await, expected);
     // The retired key alone no longer opens the lake.

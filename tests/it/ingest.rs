@@ -314,7 +314,11 @@ async fn a_feed_over_the_reject_ratio_or_with_a_broken_file_commits_nothing() {
     );
     let empty = write(dir.path(), "empty.csv", b"");
     let header_only = write(dir.path(), "header.csv", header.as_bytes());
-    let patients_file = list(&lake, "curated/clinical/patients").await.remove(0);
+    let patients_file = list(&lake, "curated/clinical/patients")
+        .await
+        .into_iter()
+        .find(|p| p.ends_with(".parquet"))
+        .unwrap();
     let other_schema = path.join(&patients_file);
     let as_csv = write(
         dir.path(),
@@ -388,22 +392,15 @@ async fn ndjson_and_parquet_feeds_are_held_to_the_same_contract() {
     assert_eq!(report.by_rule.get("unknown_column"), Some(&1));
     assert_eq!(report.by_rule.get("json"), Some(&1));
 
-    // The curated part as it lies in the lake is encrypted: fed back in, it is not a Parquet
-    // file the ingest can read, and the whole file is quarantined saying so.
+    // The curated part as it lies in the lake is sealed with the dataset's own data keys: fed
+    // back in, the ingest reads it with them (so a sealed extract lands in `raw/` sealed), and
+    // its keys are taken, so every row is a duplicate.
     let part = parquet_in_folder(&lake).await.remove(0);
     let sealed = std::fs::read(path.join(&part)).unwrap();
     let copy = write(dir.path(), "sealed.parquet", &sealed);
     let report = run(&lake, &[copy], 1.0).await;
-    assert_eq!((report.rows_read, report.accepted), (0, 0), "{report:?}");
-    assert_eq!(report.files.len(), 1);
-    assert!(
-        matches!(&report.files[0].outcome, FileOutcome::Quarantined { reason } if reason.contains("ncrypt")),
-        "{:?}",
-        report.files[0]
-    );
-
-    // A Parquet extract: the same part decrypted with the dataset's keys and written plain;
-    // its keys are now taken, so every row is a duplicate.
+    assert_eq!((report.rows_read, report.quarantined), (2, 2), "{report:?}");
+    assert_eq!(report.by_rule.get("unique"), Some(&2));
     let keys = lakegate_catalogs::keys::load(&lake, "clinical.lab_results")
         .await
         .unwrap();
@@ -429,6 +426,34 @@ async fn ndjson_and_parquet_feeds_are_held_to_the_same_contract() {
     let report = run(&lake, &[copy], 1.0).await;
     assert_eq!((report.rows_read, report.quarantined), (2, 2));
     assert_eq!(report.by_rule.get("unique"), Some(&2));
+
+    // The same rows sealed with another lake's keys: not readable here, so the whole file is
+    // quarantined saying it is encrypted.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Lake::in_memory().with_keyring(test_keyring(other_dir.path()));
+    let foreign = lakegate_catalogs::keys::create(&other, "clinical.lab_results")
+        .await
+        .unwrap();
+    let catalog = Catalog::load(&lake).await.unwrap();
+    let labs = catalog.dataset("clinical.lab_results").unwrap();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .with_file_encryption_properties(foreign.encryption(labs).unwrap())
+        .build();
+    let mut alien = Vec::new();
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(&mut alien, batches[0].schema(), Some(props)).unwrap();
+    for b in &batches {
+        writer.write(b).unwrap();
+    }
+    writer.close().unwrap();
+    let copy = write(dir.path(), "alien.parquet", &alien);
+    let report = run(&lake, &[copy], 1.0).await;
+    assert_eq!((report.rows_read, report.accepted), (0, 0), "{report:?}");
+    assert!(
+        matches!(&report.files[0].outcome, FileOutcome::Quarantined { reason } if reason.contains("ncrypt") || reason.contains("ecrypt")),
+        "{:?}",
+        report.files[0]
+    );
 }
 
 #[tokio::test]
@@ -648,4 +673,51 @@ async fn loading_data_is_a_grant_of_its_own() {
         assert!(!decide("gina", "clinical.lab_results", action));
         assert!(!decide("gina", "clinical.patients", action));
     }
+}
+
+/// `lakegate demo`'s lake is filled through the ingest path: each demo dataset has one version
+/// per feed, committed by the demo's principal with no rejected row and its extracts in `raw/`,
+/// and its earlier versions are served under the caller's policy like the newest.
+#[tokio::test]
+async fn the_demo_lake_is_built_through_ingest_in_versions() {
+    use lakegate_catalogs::demo::{demo_catalog, DEMO_PRINCIPAL, FEEDS};
+    let path = lakegate_tests::lake_path();
+    let lake = Lake::open(path.to_str().unwrap()).unwrap();
+    for d in demo_catalog().datasets {
+        let history = ingest::history(&lake, &d.name).await.unwrap();
+        assert_eq!(history.len() as u64, FEEDS + 1, "{}", d.name);
+        for v in &history[1..] {
+            let record = v.ingest.as_ref().expect("lineage");
+            assert_eq!(record.principal, DEMO_PRINCIPAL);
+            assert!(!record.sources.is_empty());
+            for s in &record.sources {
+                assert_eq!(s.quarantined, 0, "{}", s.source);
+                assert!(path.join(&s.raw).is_file(), "{}", s.raw);
+            }
+        }
+    }
+    let server = TestServer::start().await;
+    let mut carol = login(&server, "carol").await;
+    let count = |version: &str| format!("SELECT count(*) FROM clinical.\"encounters{version}\"");
+    let mut seen = Vec::new();
+    for v in 1..=FEEDS {
+        let batches = sql(&mut carol, &count(&format!("@v{v}"))).await.unwrap();
+        seen.push(crate::common::first_i64(&batches));
+    }
+    let now = crate::common::first_i64(&sql(&mut carol, &count("")).await.unwrap());
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert_eq!(*seen.last().unwrap(), now);
+    // carol's site filter holds on an old version: only her site's rows.
+    let sites = sql(
+        &mut carol,
+        "SELECT DISTINCT site_id FROM clinical.\"encounters@v1\"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(crate::common::column_text(&sites, 0), vec!["SITE_A"]);
+    // bob's threshold holds there too: row-level reads are refused.
+    let mut bob = login(&server, "bob").await;
+    assert!(sql(&mut bob, "SELECT * FROM clinical.\"patients@v2\"")
+        .await
+        .is_err());
 }

@@ -16,7 +16,10 @@ use arrow::compute::kernels::cast_utils::Parser;
 use arrow::datatypes::{
     DataType, Date32Type, Field, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
 };
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder,
+};
+use parquet::encryption::decrypt::FileDecryptionProperties;
 use serde_json::Value;
 
 use crate::model::{ColumnType, Dataset};
@@ -86,11 +89,14 @@ pub trait Decoder: Send {
     fn next_chunk(&mut self) -> Result<Option<Chunk>, FileProblem>;
 }
 
-/// Open `path` as `format` for `dataset`; `read` counts the bytes consumed (progress).
+/// Open `path` as `format` for `dataset`; `read` counts the bytes consumed (progress). A
+/// Parquet file sealed with `keys` (the dataset's own data keys, when it is encrypted at rest)
+/// is read with them.
 pub fn open(
     format: SourceFormat,
     path: &FsPath,
     dataset: &Dataset,
+    keys: Option<Arc<FileDecryptionProperties>>,
     read: Arc<AtomicU64>,
 ) -> Result<Box<dyn Decoder>, FileProblem> {
     let file = File::open(path).map_err(|e| FileProblem(format!("cannot open: {e}")))?;
@@ -104,7 +110,7 @@ pub fn open(
         SourceFormat::Parquet => {
             let file = File::open(path).map_err(|e| FileProblem(format!("cannot open: {e}")))?;
             let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-            Box::new(ParquetDecoder::new(file, size, dataset, read)?)
+            Box::new(ParquetDecoder::new(file, size, dataset, keys, read)?)
         }
     })
 }
@@ -599,9 +605,14 @@ impl ParquetDecoder {
         file: File,
         size: u64,
         dataset: &Dataset,
+        keys: Option<Arc<FileDecryptionProperties>>,
         read: Arc<AtomicU64>,
     ) -> Result<Self, FileProblem> {
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        let mut options = ArrowReaderOptions::new();
+        if let Some(keys) = keys {
+            options = options.with_file_decryption_properties(keys);
+        }
+        let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
             .map_err(|e| FileProblem(format!("not a Parquet file: {e}")))?;
         let file_schema = Arc::clone(builder.schema());
         let total_rows = builder.metadata().file_metadata().num_rows().max(0) as u64;

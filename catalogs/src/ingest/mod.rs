@@ -296,6 +296,9 @@ struct Feed<'a> {
     checker: Option<Checker>,
     table: DeltaTable,
     writer: Option<RecordBatchWriter>,
+    /// The dataset's data keys, when it is encrypted at rest: a Parquet extract sealed with
+    /// them (so that it lands in `raw/` sealed) is read with them.
+    decryption: Option<Arc<parquet::encryption::decrypt::FileDecryptionProperties>>,
     /// Checksums of the sources earlier versions committed.
     committed: std::collections::HashSet<String>,
     sources: Vec<SourceRecord>,
@@ -319,9 +322,11 @@ impl<'a> Feed<'a> {
             .flat_map(|c| c.sources.into_iter().map(|s| s.sha256))
             .collect();
         let mut props = WriterProperties::builder().set_compression(Compression::SNAPPY);
+        let mut decryption = None;
         if dataset.encrypted {
             let keys = crate::keys::load(lake, &dataset.name).await?;
             props = props.with_file_encryption_properties(keys.encryption(dataset)?);
+            decryption = Some(keys.decryption());
         }
         let props = props.build();
         let writer = RecordBatchWriter::for_table(&table)
@@ -336,6 +341,7 @@ impl<'a> Feed<'a> {
             checker: Some(checker),
             table,
             writer: Some(writer),
+            decryption,
             committed,
             sources: Vec::new(),
             report: IngestReport {
@@ -392,7 +398,9 @@ impl<'a> Feed<'a> {
         };
         let rejects = self.zone_path("quarantine", &format!("{sha256}/rows.jsonl"));
         let read = Arc::new(AtomicU64::new(0));
-        let decoder = match decode::open(format, &local.path, self.dataset, Arc::clone(&read)) {
+        let keys = self.decryption.clone();
+        let decoder = match decode::open(format, &local.path, self.dataset, keys, Arc::clone(&read))
+        {
             Ok(d) => d,
             Err(FileProblem(reason)) => {
                 return self.quarantine_file(local, sha256, raw, reason).await
@@ -420,7 +428,8 @@ impl<'a> Feed<'a> {
             }
             checker
         });
-        let mut quarantine = BufWriter::new(Arc::clone(&self.store), rejects.clone());
+        // Opened at the first rejected row: a clean file leaves no trace in `quarantine/`.
+        let mut quarantine: Option<BufWriter> = None;
         let (mut rows, mut accepted, mut quarantined) = (0u64, 0u64, 0u64);
         let base = self.options.progress.load(Ordering::Relaxed);
         let mut problem = None;
@@ -446,7 +455,12 @@ impl<'a> Feed<'a> {
                     writer.write(ok).await.map_err(delta_error(self.dataset))?;
                 }
                 if !lines.is_empty() {
-                    quarantine.put(lines.into()).await?;
+                    quarantine
+                        .get_or_insert_with(|| {
+                            BufWriter::new(Arc::clone(&self.store), rejects.clone())
+                        })
+                        .put(lines.into())
+                        .await?;
                 }
                 Ok::<_, CatalogError>(())
             }
@@ -467,15 +481,14 @@ impl<'a> Feed<'a> {
         if let Some(e) = failed {
             return Err(e);
         }
-        quarantine
-            .shutdown()
-            .await
-            .map_err(|e| CatalogError::Source {
-                path: rejects.to_string(),
-                reason: e.to_string(),
-            })?;
-        if quarantined == 0 {
-            self.store.delete(&rejects).await?;
+        if let Some(mut quarantine) = quarantine {
+            quarantine
+                .shutdown()
+                .await
+                .map_err(|e| CatalogError::Source {
+                    path: rejects.to_string(),
+                    reason: e.to_string(),
+                })?;
         }
         let problem = problem.or_else(|| (rows == 0).then(|| "the file holds no rows".to_string()));
         if let Some(reason) = problem {
