@@ -23,7 +23,7 @@ use rand::distributions::{Distribution, WeightedIndex};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::ingest::{ingest, IngestOptions};
+use crate::ingest::{ingest, IngestOptions, KeyCache};
 use crate::{Catalog, CatalogError, ColumnType, Dataset, FileFormat, Lake, Result};
 
 /// Options of the demo generator.
@@ -898,8 +898,12 @@ async fn build_ingested(
     // Each dataset in FEEDS feeds of consecutive parts; patients first, then encounters (the
     // others reference them), then the other three at once.
     let done = AtomicU64::new(options.patients);
+    // Every feed after the first of each dataset checks its references against the same
+    // files: read once.
+    let cache = Arc::new(KeyCache::default());
     let feed_all = |name: &'static str| {
         let root = &root;
+        let cache = &cache;
         let done = &done;
         let progress = &progress;
         async move {
@@ -913,7 +917,7 @@ async fn build_ingested(
                     .map(|path| path.display().to_string())
                     .collect();
                 if !sources.is_empty() {
-                    feed_demo(lake, name, &sources).await?;
+                    feed_demo(lake, name, &sources, cache).await?;
                 }
                 let step = options.patients / FEEDS / 5;
                 let now = done.fetch_add(step, Ordering::Relaxed) + step;
@@ -948,10 +952,16 @@ async fn build_ingested(
 
 /// One feed of generated extracts: every row must keep the contract (the generator is
 /// checked by the same contracts a hospital's feeds are).
-async fn feed_demo(lake: &Lake, dataset: &str, sources: &[String]) -> Result<()> {
+async fn feed_demo(
+    lake: &Lake,
+    dataset: &str,
+    sources: &[String],
+    cache: &Arc<KeyCache>,
+) -> Result<()> {
     let options = IngestOptions {
         principal: DEMO_PRINCIPAL.into(),
         max_reject_ratio: 0.0,
+        key_cache: Some(Arc::clone(cache)),
         ..Default::default()
     };
     let report = ingest(lake, dataset, sources, &options).await?;

@@ -721,3 +721,79 @@ async fn the_demo_lake_is_built_through_ingest_in_versions() {
         .await
         .is_err());
 }
+
+/// Feeds of one process that share a key cache (as the demo's do) check `unique` and
+/// `references` exactly as feeds that read the lake afresh: a later feed's duplicate of a
+/// committed key is refused, and a key of a refused feed (never committed) is not taken.
+#[tokio::test]
+async fn feeds_sharing_a_key_cache_check_as_fresh_ones_do() {
+    let (dir, _, lake, ids) = lake_with_labs().await;
+    let cache = std::sync::Arc::new(ingest::KeyCache::default());
+    let feed = |ratio: f64| IngestOptions {
+        principal: "lab-feed".into(),
+        max_reject_ratio: ratio,
+        key_cache: Some(std::sync::Arc::clone(&cache)),
+        ..Default::default()
+    };
+    let header = "result_id,patient_id,loinc_code,value,unit,taken\n";
+    let csv = |rows: &[(&str, &str)]| {
+        let mut s = header.to_string();
+        for (id, patient) in rows {
+            s += &format!("{id},{patient},2345-7,1,%,2024-01-01\n");
+        }
+        s
+    };
+    let go = |name: &str, body: String, ratio: f64| {
+        let path = write(dir.path(), name, body.as_bytes());
+        let options = feed(ratio);
+        let lake = &lake;
+        async move {
+            ingest::ingest(lake, "clinical.lab_results", &[path], &options)
+                .await
+                .unwrap()
+        }
+    };
+    let first = go(
+        "a.csv",
+        csv(&[("R000001", &ids[0]), ("R000002", &ids[1])]),
+        0.0,
+    )
+    .await;
+    assert_eq!((first.accepted, first.version), (2, Some(1)), "{first:?}");
+    // R000003 is accepted row by row but the feed is refused (an unknown patient): nothing of
+    // it is committed, so its key stays free.
+    let refused = go(
+        "b.csv",
+        csv(&[("R000003", &ids[2]), ("R000004", "nobody")]),
+        0.0,
+    )
+    .await;
+    assert!(refused.refused.is_some(), "{refused:?}");
+    assert_eq!(refused.by_rule.get("references"), Some(&1));
+    let second = go(
+        "c.csv",
+        csv(&[
+            ("R000001", &ids[2]),
+            ("R000003", &ids[2]),
+            ("R000005", "nobody"),
+        ]),
+        1.0,
+    )
+    .await;
+    assert_eq!(second.version, Some(2), "{second:?}");
+    assert_eq!(second.accepted, 1, "only R000003: {second:?}");
+    assert_eq!(second.by_rule.get("unique"), Some(&1));
+    assert_eq!(second.by_rule.get("references"), Some(&1));
+    // A feed without the cache reads the lake and agrees.
+    let fresh = run(
+        &lake,
+        &[write(
+            dir.path(),
+            "d.csv",
+            csv(&[("R000003", &ids[0])]).as_bytes(),
+        )],
+        1.0,
+    )
+    .await;
+    assert_eq!(fresh.by_rule.get("unique"), Some(&1), "{fresh:?}");
+}

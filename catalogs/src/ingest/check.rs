@@ -21,6 +21,7 @@ use crate::{Catalog, CatalogError, Result};
 /// cost, and a set seeded at random gives a feed no collisions to aim for.
 type Keys<K> = HashSet<K, foldhash::fast::RandomState>;
 
+#[derive(Clone)]
 enum KeySet {
     Text(Keys<Box<str>>),
     Number(Keys<i64>),
@@ -50,6 +51,13 @@ impl KeySet {
             (KeySet::Number(s), Value::Number { key, .. }) => s.insert(*key),
             (KeySet::Number(s), Value::Bool(b)) => s.insert(i64::from(*b)),
             _ => true,
+        }
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        match self {
+            KeySet::Text(s) => s.reserve(additional),
+            KeySet::Number(s) => s.reserve(additional),
         }
     }
 
@@ -143,7 +151,66 @@ struct Rules {
     regex: Option<Regex>,
     shape: Option<(Shape, Regex)>,
     unique: Option<KeySet>,
-    references: Option<(String, KeySet)>,
+    references: Option<(String, Arc<KeySet>)>,
+}
+
+/// Key sets read from (or, after a commit, known to equal) a column of a dataset's files,
+/// shared by the feeds of one process: `references` checks of later feeds that name the same
+/// column of the same files, and the `unique` keys of the next feed into the same dataset (the
+/// demo's feeds). Dropped with the last feed that holds it.
+#[derive(Default)]
+pub struct KeyCache {
+    sets: std::sync::Mutex<std::collections::HashMap<String, Arc<KeySet>>>,
+}
+
+impl KeyCache {
+    fn get(&self, id: &str) -> Option<Arc<KeySet>> {
+        self.sets.lock().ok()?.get(id).cloned()
+    }
+
+    fn put(&self, id: String, keys: &Arc<KeySet>) {
+        if let Ok(mut sets) = self.sets.lock() {
+            sets.insert(id, Arc::clone(keys));
+        }
+    }
+
+    /// Take a set to extend it (copied if a reader still holds it).
+    fn take(&self, id: &str) -> Option<KeySet> {
+        let keys = self.sets.lock().ok()?.remove(id)?;
+        Some(Arc::try_unwrap(keys).unwrap_or_else(|shared| (*shared).clone()))
+    }
+}
+
+/// What identifies the contents of `column` of `dataset` as it is now: its data files.
+async fn contents_id(lake: &crate::Lake, dataset: &Dataset, column: &str) -> Result<String> {
+    // Equal file lists (path, size, entity tag) mean equal contents.
+    let files = dataset.file_versions(&lake.store()).await?;
+    let mut id = format!("{}\n{column}", dataset.name);
+    for f in &files {
+        id.push_str(&format!("\n{}:{}:{:?}", f.location, f.size, f.e_tag));
+    }
+    Ok(id)
+}
+
+/// The keys of `column` in `referenced`'s files, from `cache` when it read the same files.
+async fn referenced_keys(
+    lake: &crate::Lake,
+    referenced: &Dataset,
+    column: &str,
+    c: &ColumnDef,
+    cache: Option<&KeyCache>,
+) -> Result<Arc<KeySet>> {
+    let id = contents_id(lake, referenced, column).await?;
+    if let Some(keys) = cache.and_then(|c| c.get(&id)) {
+        return Ok(keys);
+    }
+    let mut keys = KeySet::for_column(c);
+    load_keys(lake, referenced, column, &mut keys).await?;
+    let keys = Arc::new(keys);
+    if let Some(cache) = cache {
+        cache.put(id, &keys);
+    }
+    Ok(keys)
 }
 
 /// Every rule of one dataset's contract, with the keys it already holds.
@@ -154,7 +221,12 @@ pub(super) struct Checker {
 impl Checker {
     /// Compile the rules and read the keys that `unique` and `references` compare with from
     /// the lake (the dataset's own files and the referenced datasets').
-    pub async fn new(catalog: &Catalog, dataset: &Dataset, lake: &crate::Lake) -> Result<Self> {
+    pub async fn new(
+        catalog: &Catalog,
+        dataset: &Dataset,
+        lake: &crate::Lake,
+        cache: Option<&KeyCache>,
+    ) -> Result<Self> {
         let mut rules = Vec::new();
         for (index, c) in dataset.columns.iter().enumerate() {
             let k = &c.checks;
@@ -177,9 +249,15 @@ impl Checker {
                 })
             };
             let unique = if k.unique {
-                let mut keys = KeySet::for_column(c);
-                load_keys(lake, dataset, &c.name, &mut keys).await?;
-                Some(keys)
+                let id = contents_id(lake, dataset, &c.name).await?;
+                match cache.and_then(|cache| cache.take(&id)) {
+                    Some(keys) => Some(keys),
+                    None => {
+                        let mut keys = KeySet::for_column(c);
+                        load_keys(lake, dataset, &c.name, &mut keys).await?;
+                        Some(keys)
+                    }
+                }
             } else {
                 None
             };
@@ -196,8 +274,7 @@ impl Checker {
                                     c.name
                                 ),
                             })?;
-                    let mut keys = KeySet::for_column(c);
-                    load_keys(lake, referenced, column, &mut keys).await?;
+                    let keys = referenced_keys(lake, referenced, column, c, cache).await?;
                     Some((target.clone(), keys))
                 }
                 None => None,
@@ -222,6 +299,24 @@ impl Checker {
             });
         }
         Ok(Self { rules })
+    }
+
+    /// After the feed that this checker checked was committed: its `unique` key sets hold
+    /// exactly the keys of the dataset's new version, for the next feed of this process.
+    pub async fn keep_unique_keys(
+        self,
+        lake: &crate::Lake,
+        dataset: &Dataset,
+        cache: &KeyCache,
+    ) -> Result<()> {
+        for r in self.rules {
+            if let Some(keys) = r.unique {
+                let column = &dataset.columns[r.index].name;
+                let id = contents_id(lake, dataset, column).await?;
+                cache.put(id, &Arc::new(keys));
+            }
+        }
+        Ok(())
     }
 
     /// Add to `chunk.failures` what each row breaks. A row that keeps every other rule claims
@@ -368,6 +463,7 @@ async fn load_keys(
         }
         let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, options)
             .map_err(unreadable)?;
+        keys.reserve(builder.metadata().file_metadata().num_rows().max(0) as usize);
         let mask = ProjectionMask::columns(builder.parquet_schema(), [column]);
         for batch in builder.with_projection(mask).build().map_err(unreadable)? {
             let batch = batch.map_err(|e| corrupt(format!("{path}: {e}")))?;

@@ -37,6 +37,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use self::check::Checker;
+pub use self::check::KeyCache;
 use self::decode::{Chunk, FileProblem, SourceFormat};
 use crate::delta::delta_error;
 use crate::{Catalog, CatalogError, Dataset, FileFormat, Lake, Result};
@@ -53,6 +54,8 @@ pub struct IngestOptions {
     pub max_reject_ratio: f64,
     /// Bytes read so far across the feed (for a progress bar).
     pub progress: Arc<AtomicU64>,
+    /// Key sets of referenced datasets to share with other feeds of this process.
+    pub key_cache: Option<Arc<KeyCache>>,
 }
 
 impl Default for IngestOptions {
@@ -61,6 +64,7 @@ impl Default for IngestOptions {
             principal: "unknown".into(),
             max_reject_ratio: 0.05,
             progress: Arc::default(),
+            key_cache: None,
         }
     }
 }
@@ -288,6 +292,7 @@ struct Local {
 }
 
 struct Feed<'a> {
+    lake: &'a Lake,
     store: Arc<dyn ObjectStore>,
     lake_url: String,
     dataset: &'a Dataset,
@@ -332,8 +337,9 @@ impl<'a> Feed<'a> {
         let writer = RecordBatchWriter::for_table(&table)
             .map_err(delta_error(dataset))?
             .with_writer_properties(props);
-        let checker = Checker::new(catalog, dataset, lake).await?;
+        let checker = Checker::new(catalog, dataset, lake, options.key_cache.as_deref()).await?;
         Ok(Self {
+            lake,
             store,
             lake_url: lake.url().to_string(),
             dataset,
@@ -624,6 +630,11 @@ impl<'a> Feed<'a> {
             .await
             .map_err(delta_error(self.dataset))?;
         self.report.version = Some(version);
+        if let (Some(cache), Some(checker)) = (&self.options.key_cache, self.checker.take()) {
+            checker
+                .keep_unique_keys(self.lake, self.dataset, cache)
+                .await?;
+        }
         let event = openlineage_event(&self.lake_url, self.dataset, version, &sources);
         let path = Path::from(format!(
             "lineage/openlineage/{}/v{version:020}.json",
