@@ -200,8 +200,8 @@ async fn main() {
 
     println!("CSV: {} ({:.0} MB)", csv.display(), csv_bytes as f64 / 1e6);
     println!(
-        "{:<34} {:>10} {:>12} {:>10} {:>10}",
-        "side", "seconds", "rows", "Mrows/s", "out MB"
+        "{:<34} {:>10} {:>10} {:>12} {:>10} {:>10}",
+        "side", "seconds", "CPU s", "rows", "Mrows/s", "out MB"
     );
     let mut plain_best = f64::MAX;
     let mut ingest_best = f64::MAX;
@@ -219,6 +219,7 @@ async fn main() {
             .await
             .expect("register csv");
         let started = Instant::now();
+        let cpu = cpu_seconds();
         let done = plain
             .sql(&format!(
                 "COPY (SELECT * FROM src) TO '{}/' STORED AS PARQUET",
@@ -230,12 +231,14 @@ async fn main() {
             .await
             .expect("copy");
         let secs = started.elapsed().as_secs_f64();
+        let cpu = cpu_seconds() - cpu;
         let rows = copied_rows(&done);
         plain_best = plain_best.min(secs);
         println!(
-            "{:<34} {:>10.2} {:>12} {:>10.2} {:>10.0}",
+            "{:<34} {:>10.2} {:>10.2} {:>12} {:>10.2} {:>10.0}",
             "DataFusion COPY csv -> parquet",
             secs,
+            cpu,
             rows,
             rows as f64 / secs / 1e6,
             folder_bytes(&out) as f64 / 1e6
@@ -249,6 +252,7 @@ async fn main() {
             ..Default::default()
         };
         let started = Instant::now();
+        let cpu = cpu_seconds();
         let report = ingest(
             &lake,
             "bench.encounters",
@@ -258,12 +262,14 @@ async fn main() {
         .await
         .expect("ingest");
         let secs = started.elapsed().as_secs_f64();
+        let cpu = cpu_seconds() - cpu;
         assert_eq!(report.refused, None, "{:?}", report.by_rule);
         ingest_best = ingest_best.min(secs);
         println!(
-            "{:<34} {:>10.2} {:>12} {:>10.2} {:>10.0}",
+            "{:<34} {:>10.2} {:>10.2} {:>12} {:>10.2} {:>10.0}",
             "lakegate ingest (contract checks)",
             secs,
+            cpu,
             report.accepted,
             report.rows_read as f64 / secs / 1e6,
             folder_bytes(&scratch.join("curated/bench/encounters")) as f64 / 1e6
@@ -274,6 +280,24 @@ async fn main() {
         args.iterations,
         ingest_best / plain_best
     );
+}
+
+/// CPU time this process has used (user and system), from `/proc/self/stat`; 0 elsewhere.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// The row count a `COPY` reports.

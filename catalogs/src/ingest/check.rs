@@ -16,28 +16,95 @@ use super::decode::{Chunk, Failure};
 use crate::model::{ColumnDef, Dataset, Shape};
 use crate::{Catalog, CatalogError, Result};
 
-/// The values a key column holds (for `unique` and `references`).
 /// Keys hash with foldhash (randomly seeded per set): SipHash was the ingest's largest single
 /// cost, and a set seeded at random gives a feed no collisions to aim for.
 type Keys<K> = HashSet<K, foldhash::fast::RandomState>;
 
+/// A set of strings kept in one growing buffer: the table holds each key's hash and place,
+/// so inserting allocates nothing per key and growing the table rehashes nothing. Exact: a
+/// hash match is confirmed by comparing the bytes.
+#[derive(Clone, Default)]
+struct TextKeys {
+    hasher: foldhash::fast::RandomState,
+    table: hashbrown::HashTable<Slot>,
+    bytes: Vec<u8>,
+}
+
+/// A key's hash, and its start (high 40 bits) and length (low 24 bits) in the buffer.
+#[derive(Clone, Copy)]
+struct Slot {
+    hash: u64,
+    place: u64,
+}
+
+const LEN_BITS: u32 = 24;
+
+impl Slot {
+    fn range(self) -> std::ops::Range<usize> {
+        let start = (self.place >> LEN_BITS) as usize;
+        start..start + (self.place & ((1 << LEN_BITS) - 1)) as usize
+    }
+}
+
+impl TextKeys {
+    fn hash(&self, key: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key.as_bytes())
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        let hash = self.hash(key);
+        self.table
+            .find(hash, |s| {
+                s.hash == hash && &self.bytes[s.range()] == key.as_bytes()
+            })
+            .is_some()
+    }
+
+    /// Add a key; false when it was there already.
+    fn insert(&mut self, key: &str) -> bool {
+        let hash = self.hash(key);
+        let bytes = &self.bytes;
+        match self.table.entry(
+            hash,
+            |s| s.hash == hash && &bytes[s.range()] == key.as_bytes(),
+            |s| s.hash,
+        ) {
+            hashbrown::hash_table::Entry::Occupied(_) => false,
+            hashbrown::hash_table::Entry::Vacant(slot) => {
+                // Keys are identifiers: far below 16 MiB each, and 1 TiB of them in all.
+                assert!(key.len() < 1 << LEN_BITS, "a key longer than 16 MiB");
+                let place = ((self.bytes.len() as u64) << LEN_BITS) | key.len() as u64;
+                slot.insert(Slot { hash, place });
+                self.bytes.extend_from_slice(key.as_bytes());
+                true
+            }
+        }
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        self.table.reserve(additional, |s| s.hash);
+    }
+}
+
+/// The values a key column holds (for `unique` and `references`).
 #[derive(Clone)]
 enum KeySet {
-    Text(Keys<Box<str>>),
+    Text(TextKeys),
     Number(Keys<i64>),
 }
 
 impl KeySet {
     fn for_column(c: &ColumnDef) -> Self {
         match c.data_type.to_arrow() {
-            DataType::Utf8 => KeySet::Text(Keys::default()),
+            DataType::Utf8 => KeySet::Text(TextKeys::default()),
             _ => KeySet::Number(Keys::default()),
         }
     }
 
     fn contains(&self, v: &Value) -> bool {
         match (self, v) {
-            (KeySet::Text(s), Value::Text(t)) => s.contains(*t),
+            (KeySet::Text(s), Value::Text(t)) => s.contains(t),
             (KeySet::Number(s), Value::Number { key, .. }) => s.contains(key),
             (KeySet::Number(s), Value::Bool(b)) => s.contains(&i64::from(*b)),
             _ => false,
@@ -47,7 +114,7 @@ impl KeySet {
     /// Add a value; false when it was there already.
     fn insert(&mut self, v: &Value) -> bool {
         match (self, v) {
-            (KeySet::Text(s), Value::Text(t)) => s.insert((*t).into()),
+            (KeySet::Text(s), Value::Text(t)) => s.insert(t),
             (KeySet::Number(s), Value::Number { key, .. }) => s.insert(*key),
             (KeySet::Number(s), Value::Bool(b)) => s.insert(i64::from(*b)),
             _ => true,
@@ -145,7 +212,7 @@ impl<'a> View<'a> {
 struct Rules {
     index: usize,
     nullable: bool,
-    allowed: Option<HashSet<String>>,
+    allowed: Option<Keys<String>>,
     min: Option<(f64, String)>,
     max: Option<(f64, String)>,
     regex: Option<Regex>,
@@ -319,6 +386,13 @@ impl Checker {
         Ok(())
     }
 
+    /// Make room in the `unique` key sets for about `rows` more keys.
+    pub fn expect_rows(&mut self, rows: usize) {
+        for keys in self.rules.iter_mut().filter_map(|r| r.unique.as_mut()) {
+            keys.reserve(rows);
+        }
+    }
+
     /// Add to `chunk.failures` what each row breaks. A row that keeps every other rule claims
     /// its unique keys, so the first of two duplicates is accepted and the second is not.
     pub fn check(&mut self, chunk: &mut Chunk) {
@@ -406,6 +480,20 @@ impl Checker {
             if !failures.is_empty() {
                 continue;
             }
+            if let [(k, view)] = unique.as_slice() {
+                // One key column: claiming the key is the check.
+                let r = &mut self.rules[*k];
+                let v = view.get(i);
+                let keys = r.unique.as_mut().expect("unique rule");
+                if !matches!(v, Value::Null) && !keys.insert(&v) {
+                    failures.push(Failure {
+                        column: Some(r.index),
+                        rule: "unique",
+                        reason: "a key the dataset or this feed already holds".into(),
+                    });
+                }
+                continue;
+            }
             for (k, view) in &unique {
                 let r = &self.rules[*k];
                 let v = view.get(i);
@@ -473,4 +561,35 @@ async fn load_keys(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_keys_are_exact_through_growth() {
+        let mut keys = TextKeys::default();
+        let all: Vec<String> = (0..100_000).map(|i| format!("P{i:08}")).collect();
+        for k in &all {
+            assert!(keys.insert(k), "{k} is new");
+        }
+        // Regrown many times without rehashing a string: every key still found, once.
+        for k in &all {
+            assert!(keys.contains(k));
+            assert!(!keys.insert(k), "{k} is a duplicate");
+        }
+        for absent in ["", "P", "P0000000", "P000000000", "P00100000", "p00000001"] {
+            assert!(!keys.contains(absent), "{absent}");
+        }
+        // Empty and multi-byte keys, and keys that are prefixes of others.
+        for k in ["", "é", "éé", "P0000000"] {
+            assert!(keys.insert(k));
+            assert!(keys.contains(k));
+        }
+        assert_eq!(keys.table.len(), 100_004);
+        let mut sized = TextKeys::default();
+        sized.reserve(1000);
+        assert!(sized.insert("a") && !sized.insert("a") && sized.contains("a"));
+    }
 }

@@ -182,12 +182,13 @@ impl Column {
     /// Append a text value parsed as the column's type; on failure append null and say what
     /// was expected.
     fn push_text(&mut self, s: &str) -> Result<(), &'static str> {
+        if let Column::Utf8(b) = self {
+            b.append_value(s);
+            return Ok(());
+        }
         let t = s.trim();
         let ok = match self {
-            Column::Utf8(b) => {
-                b.append_value(s);
-                true
-            }
+            Column::Utf8(_) => unreachable!("text is appended as it is"),
             Column::Bool(b) => {
                 let v = match t.to_ascii_lowercase().as_str() {
                     "true" | "t" | "1" => Some(true),
@@ -257,7 +258,13 @@ impl Column {
 
     fn finish(&mut self) -> ArrayRef {
         match self {
-            Column::Utf8(b) => Arc::new(b.finish()),
+            Column::Utf8(b) => {
+                // The next chunk starts with room for as much text as this one held.
+                let bytes = b.values_slice().len();
+                let array = b.finish();
+                *b = StringBuilder::with_capacity(BATCH_ROWS, bytes + bytes / 8);
+                Arc::new(array)
+            }
             Column::Bool(b) => Arc::new(b.finish()),
             Column::Int32(b) => Arc::new(b.finish()),
             Column::Int64(b) => Arc::new(b.finish()),
@@ -424,6 +431,9 @@ impl Decoder for CsvDecoder {
                         continue;
                     }
                     let mut failures = Vec::new();
+                    // UTF-8 checked once per row; a field is text when the row is and the
+                    // field starts and ends on character boundaries.
+                    let whole = std::str::from_utf8(self.record.as_slice()).ok();
                     for (j, &f) in self.fields.iter().enumerate() {
                         let column = &mut self.rows.columns[j];
                         let bytes = &self.record[f];
@@ -431,7 +441,15 @@ impl Decoder for CsvDecoder {
                             column.push_null();
                             continue;
                         }
-                        let Ok(text) = std::str::from_utf8(bytes) else {
+                        let text = match (whole, self.record.range(f)) {
+                            (Some(all), Some(r))
+                                if all.is_char_boundary(r.start) && all.is_char_boundary(r.end) =>
+                            {
+                                Ok(&all[r])
+                            }
+                            _ => std::str::from_utf8(bytes),
+                        };
+                        let Ok(text) = text else {
                             column.push_null();
                             failures.push(Failure {
                                 column: Some(j),
@@ -695,5 +713,58 @@ impl Decoder for ParquetDecoder {
             batch,
             rows,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::AsArray;
+
+    fn two_text_columns() -> Dataset {
+        crate::parse_contract(
+            "test",
+            r#"
+dataset = "t.t"
+[[columns]]
+name = "a"
+type = "utf8"
+label = "clinical"
+[[columns]]
+name = "b"
+type = "utf8"
+label = "clinical"
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_character_split_across_two_fields_is_not_text_in_either() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
+        // Row 1: "é" (C3 A9) cut by the delimiter; the row's bytes without the delimiter
+        // would be valid UTF-8, its fields are not. Row 2: the same letter whole.
+        std::fs::write(&path, b"a,b\nx\xC3,\xA9y\nok,\xC3\xA9\n").unwrap();
+        let dataset = two_text_columns();
+        let mut decoder = open(
+            SourceFormat::Csv,
+            &path,
+            &dataset,
+            None,
+            Arc::new(AtomicU64::new(0)),
+        )
+        .unwrap();
+        let chunk = decoder.next_chunk().unwrap().unwrap();
+        assert_eq!(chunk.rows, vec![1, 2]);
+        let rules: Vec<_> = chunk.failures[0]
+            .iter()
+            .map(|f| (f.column, f.rule))
+            .collect();
+        assert_eq!(rules, vec![(Some(0), "utf8"), (Some(1), "utf8")]);
+        assert!(chunk.failures[1].is_empty());
+        let b = chunk.batch.column(1).as_string::<i32>();
+        assert_eq!(b.value(1), "é");
+        assert!(decoder.next_chunk().unwrap().is_none());
     }
 }

@@ -379,9 +379,22 @@ impl<'a> Feed<'a> {
                 continue;
             }
             let raw = self.zone_path("raw", &format!("{sha256}/{}", local.name));
-            upload(&self.store, &local.path, &raw).await?;
+            // The raw copy runs beside the checks; the file counts as landed (and the feed can
+            // commit) only once both are done.
+            let copying = tokio::spawn(upload(
+                self.store.clone(),
+                self.lake.local_root(),
+                local.path.clone(),
+                raw.clone(),
+            ));
             let before = self.options.progress.load(Ordering::Relaxed);
-            report.outcome = self.process(&local, &sha256, bytes, &raw).await?;
+            let outcome = self.process(&local, &sha256, bytes, &raw).await;
+            let copied = copying.await.map_err(|e| CatalogError::Source {
+                path: local.name.clone(),
+                reason: format!("the copy into raw/ stopped: {e}"),
+            })?;
+            report.outcome = outcome?;
+            copied?;
             self.options
                 .progress
                 .store(before + bytes, Ordering::Relaxed);
@@ -412,21 +425,42 @@ impl<'a> Feed<'a> {
                 return self.quarantine_file(local, sha256, raw, reason).await
             }
         };
-        // Two stages on two cores: a blocking thread reads and checks batches while this task
-        // encodes and writes the accepted rows; the bounded channel keeps memory bounded.
-        let (sender, mut batches) = tokio::sync::mpsc::channel(4);
-        let mut checker = self.checker.take().expect("one file at a time");
-        let reading = tokio::task::spawn_blocking(move || {
+        // Three stages, each on its own thread: one decodes, one checks (in file order, so
+        // the first of two duplicates is the one kept), and this task encodes and writes the
+        // accepted rows. The bounded channels keep memory bounded.
+        let (decoded, to_check) = std::sync::mpsc::sync_channel(2);
+        let (sender, mut batches) = tokio::sync::mpsc::channel(2);
+        let decoding = tokio::task::spawn_blocking(move || {
             let mut decoder = decoder;
             loop {
-                let next = match decoder.next_chunk() {
-                    Ok(Some(mut chunk)) => {
-                        checker.check(&mut chunk);
-                        Ok(chunk)
+                let next = decoder.next_chunk().transpose();
+                let stop = !matches!(next, Some(Ok(_)));
+                if let Some(next) = next {
+                    if decoded.send(next).is_err() {
+                        break;
                     }
-                    Ok(None) => break,
-                    Err(problem) => Err(problem),
-                };
+                }
+                if stop {
+                    break;
+                }
+            }
+        });
+        let mut checker = self.checker.take().expect("one file at a time");
+        let decoded_bytes = Arc::clone(&read);
+        let reading = tokio::task::spawn_blocking(move || {
+            let mut first = true;
+            while let Ok(next) = to_check.recv() {
+                let next = next.map(|mut chunk: Chunk| {
+                    if std::mem::take(&mut first) {
+                        // Key sets sized once for the whole file, from the first chunk's
+                        // bytes per row, rather than regrown as it is read.
+                        let done = decoded_bytes.load(Ordering::Relaxed).max(1);
+                        let rows = u128::from(bytes) * chunk.rows.len() as u128 / u128::from(done);
+                        checker.expect_rows(rows.min(u128::from(bytes / 2)) as usize);
+                    }
+                    checker.check(&mut chunk);
+                    chunk
+                });
                 let stop = next.is_err();
                 if sender.blocking_send(next).is_err() || stop {
                     break;
@@ -480,10 +514,12 @@ impl<'a> Feed<'a> {
                 .store(base + read.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         drop(batches);
-        self.checker = Some(reading.await.map_err(|e| CatalogError::Source {
+        let stopped = |e: tokio::task::JoinError| CatalogError::Source {
             path: local.name.clone(),
             reason: format!("the reading thread stopped: {e}"),
-        })?);
+        };
+        self.checker = Some(reading.await.map_err(stopped)?);
+        decoding.await.map_err(stopped)?;
         if let Some(e) = failed {
             return Err(e);
         }
@@ -829,18 +865,46 @@ fn checksum(path: &FsPath) -> Result<(String, u64)> {
     Ok((digest.iter().map(|b| format!("{b:02x}")).collect(), size))
 }
 
-/// Copy a local file into the lake unchanged, in parts (bounded memory).
-async fn upload(store: &Arc<dyn ObjectStore>, from: &FsPath, to: &Path) -> Result<()> {
-    if exists(store, to).await? {
+/// Copy a local file into the lake unchanged: on a local lake a file copy (the kernel's, where
+/// it can) into a temporary name renamed into place, so a reader never sees half a file;
+/// elsewhere a multipart upload in 8 MiB parts (bounded memory).
+async fn upload(
+    store: Arc<dyn ObjectStore>,
+    local_root: Option<PathBuf>,
+    from: PathBuf,
+    to: Path,
+) -> Result<()> {
+    if exists(&store, &to).await? {
         return Ok(());
     }
     let unreadable = |e: std::io::Error| CatalogError::Source {
         path: from.display().to_string(),
         reason: e.to_string(),
     };
-    let mut file = tokio::fs::File::open(from).await.map_err(unreadable)?;
-    let mut writer = BufWriter::new(Arc::clone(store), to.clone());
-    tokio::io::copy(&mut file, &mut writer)
+    if let Some(root) = local_root {
+        let target = root.join(to.as_ref());
+        let copied = tokio::task::spawn_blocking(move || {
+            let folder = target.parent().expect("a raw path has a folder");
+            std::fs::create_dir_all(folder)?;
+            let temp = tempfile::NamedTempFile::new_in(folder)?;
+            std::fs::copy(&from, temp.path())?;
+            temp.persist(&target).map_err(|e| e.error)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| CatalogError::Source {
+            path: to.to_string(),
+            reason: e.to_string(),
+        })?;
+        return copied.map_err(|e: std::io::Error| CatalogError::Source {
+            path: to.to_string(),
+            reason: e.to_string(),
+        });
+    }
+    let file = tokio::fs::File::open(&from).await.map_err(unreadable)?;
+    let mut reader = tokio::io::BufReader::with_capacity(1 << 20, file);
+    let mut writer = BufWriter::with_capacity(store, to.clone(), 8 << 20);
+    tokio::io::copy_buf(&mut reader, &mut writer)
         .await
         .map_err(unreadable)?;
     writer.shutdown().await.map_err(unreadable)?;
