@@ -38,6 +38,7 @@ mod governed;
 mod keys;
 mod lookup;
 pub mod masks;
+pub mod privacy_budget;
 mod released;
 mod session;
 mod strings;
