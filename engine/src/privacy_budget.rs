@@ -145,8 +145,9 @@ fn limit_units(amount: f64, unit: f64, what: &str) -> Result<u64, BudgetError> {
 /// The ledger of one lake.
 pub struct Ledger {
     store: Arc<dyn ObjectStore>,
-    /// The last entry seen per window folder, so that a charge lists only what is newer.
-    last_seen: Mutex<HashMap<Path, Path>>,
+    /// The last entry seen per window folder (its path and contents), so that a charge lists
+    /// only what is newer and reads an entry only when another writer added it.
+    last_seen: Mutex<HashMap<Path, (Path, Entry)>>,
 }
 
 impl Ledger {
@@ -197,19 +198,18 @@ impl Ledger {
             .expect("ledger cache")
             .get(folder)
             .cloned();
-        let mut newest = since.clone();
         let listing = match &since {
-            Some(offset) => self.store.list_with_offset(Some(folder), offset),
+            Some((offset, _)) => self.store.list_with_offset(Some(folder), offset),
             None => self.store.list(Some(folder)),
         };
         let found: Vec<_> = listing.try_collect().await?;
-        for meta in found {
-            if newest.as_ref().is_none_or(|n| meta.location > *n) {
-                newest = Some(meta.location);
-            }
-        }
-        let Some(path) = newest else {
-            return Ok(None);
+        let newer = found
+            .into_iter()
+            .map(|meta| meta.location)
+            .filter(|p| since.as_ref().is_none_or(|(seen, _)| p > seen))
+            .max();
+        let Some(path) = newer else {
+            return Ok(since.map(|(_, entry)| entry));
         };
         let bytes = self.store.get(&path).await?.bytes().await?;
         let entry: Entry = serde_json::from_slice(&bytes).map_err(|e| {
@@ -218,7 +218,7 @@ impl Ledger {
         self.last_seen
             .lock()
             .expect("ledger cache")
-            .insert(folder.clone(), path);
+            .insert(folder.clone(), (path, entry.clone()));
         Ok(Some(entry))
     }
 
@@ -319,7 +319,7 @@ impl Ledger {
                     self.last_seen
                         .lock()
                         .expect("ledger cache")
-                        .insert(folder.clone(), path);
+                        .insert(folder.clone(), (path, entry.clone()));
                     return Ok(Self::standing(budget, Some(&entry), start, end));
                 }
                 // Another query took this entry: count it, then check again.
