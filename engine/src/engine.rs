@@ -92,6 +92,8 @@ struct Inner {
     lake_keys: Arc<crate::encrypted::LakeKeys>,
     /// The lake's store, for the file listings that tell when a subject set is stale.
     store: Arc<dyn object_store::ObjectStore>,
+    /// Privacy budgets, kept in the lake so that every server and restart sees them.
+    ledger: Arc<crate::privacy_budget::Ledger>,
     /// The template with no cached file listings, for policy-internal reads (subject sets)
     /// that must see the lake as it is now.
     uncached: SessionState,
@@ -234,6 +236,7 @@ impl Engine {
             .with_config(session_config)
             .with_runtime_env(runtime)
             .with_default_features()
+            .with_query_planner(Arc::new(crate::private::LakegateQueryPlanner))
             .build();
         // `VARIANCE` (PostgreSQL's and most BI tools' name for the sample variance, and one of
         // the aggregates a threshold allows) is not among DataFusion's names for it.
@@ -257,6 +260,7 @@ impl Engine {
                 policy: std::sync::RwLock::new(Arc::new(policy)),
                 keys,
                 config,
+                ledger: Arc::new(crate::privacy_budget::Ledger::new(lake.store())),
                 store: lake.store(),
                 lake_handle: lake.clone(),
                 lake_keys,
@@ -434,9 +438,28 @@ impl Engine {
         // Each session gets a catalog list of its own, holding the caller's view and nothing
         // else.
         let catalogs = MemoryCatalogProviderList::new();
+        let mut grants: Vec<(String, lakegate_policies::DifferentialPrivacy)> = Vec::new();
+        for (_, decision) in view.decisions.values() {
+            if let Decision::Allow { rule, obligations } = decision {
+                if let Some(dp) = &obligations.differential_privacy {
+                    if !grants.iter().any(|(r, _)| r == rule) {
+                        grants.push((rule.clone(), dp.clone()));
+                    }
+                }
+            }
+        }
+        grants.sort_by(|a, b| a.0.cmp(&b.0));
+        let system = crate::system::SystemSchema::new(
+            Arc::clone(&self.inner.ledger),
+            principal.name.clone(),
+            grants,
+        );
         catalogs.register_catalog(
             CATALOG_NAME.to_string(),
-            Arc::clone(&view.catalog) as Arc<dyn CatalogProvider>,
+            Arc::new(crate::system::WithSystem {
+                view: Arc::clone(&view.catalog) as Arc<dyn CatalogProvider>,
+                system: Arc::new(system),
+            }) as Arc<dyn CatalogProvider>,
         );
         let mut state = template.state.as_ref().clone();
         state.register_catalog_list(Arc::new(catalogs));
@@ -457,6 +480,8 @@ impl Engine {
             max_sql_bytes: self.inner.config.max_sql_bytes,
             decisions: view.decisions.clone(),
             policy_version: view.policy_version.clone(),
+            principal: principal.name.clone(),
+            ledger: Arc::clone(&self.inner.ledger),
         })
     }
 

@@ -47,6 +47,10 @@ pub enum EngineError {
     /// quote the value, so the detail is logged server-side, never sent.
     #[error("{REJECTED}")]
     Rejected(String),
+    /// A service the query depends on (the privacy budget ledger) cannot be reached; the
+    /// query is refused rather than served without it.
+    #[error("{0}")]
+    Unavailable(String),
     /// Anything else; the detail is logged server-side, never sent.
     #[error("internal error")]
     Internal(String),

@@ -139,6 +139,9 @@ pub struct Session {
     /// Dataset -> (row-query decision, aggregate-query decision), for visible datasets.
     pub(crate) decisions: HashMap<String, (Decision, Decision)>,
     pub(crate) policy_version: String,
+    /// The caller, whose privacy budget a differentially private query is charged to.
+    pub(crate) principal: String,
+    pub(crate) ledger: Arc<crate::privacy_budget::Ledger>,
 }
 
 impl Session {
@@ -156,6 +159,9 @@ pub struct PlannedQuery {
     schema: SchemaRef,
     parameters: SchemaRef,
     report: AccessReport,
+    /// Whose privacy budget a noisy release is charged to, and where.
+    principal: String,
+    ledger: Arc<crate::privacy_budget::Ledger>,
     /// EXPLAIN ANALYZE: the verified plan to run and display when (and only when) the query is
     /// executed. Planning alone (GetFlightInfo) must not run the caller's query.
     analyze: Option<AnalyzeLater>,
@@ -218,6 +224,9 @@ pub struct AccessReport {
     /// (set once, if the query failed while it ran); never a value or a message that could
     /// quote one.
     pub failure_withheld: Arc<std::sync::OnceLock<String>>,
+    /// Under differential privacy: what each run of the query costs, charged before any result
+    /// leaves.
+    pub private: Option<crate::private::PrivateCharge>,
 }
 
 impl AccessReport {
@@ -295,6 +304,8 @@ impl Session {
             schema,
             parameters,
             report,
+            principal: self.principal.clone(),
+            ledger: Arc::clone(&self.ledger),
             analyze: None,
         })
     }
@@ -319,6 +330,8 @@ impl Session {
             }
         }
         let mut thresholds: HashMap<String, (Threshold, String)> = HashMap::new();
+        let mut private: HashMap<String, (lakegate_policies::DifferentialPrivacy, String)> =
+            HashMap::new();
         let mut report = AccessReport {
             datasets: actions.keys().cloned().collect(),
             ..Default::default()
@@ -338,6 +351,9 @@ impl Session {
                     if let Some(t) = &obligations.threshold {
                         thresholds.insert(dataset.clone(), (t.clone(), rule.clone()));
                     }
+                    if let Some(dp) = &obligations.differential_privacy {
+                        private.insert(dataset.clone(), (dp.clone(), rule.clone()));
+                    }
                     report
                         .rules
                         .push(describe_rule(dataset, *action, rule, obligations));
@@ -355,6 +371,21 @@ impl Session {
                     )));
                 }
             }
+        }
+        if !private.is_empty() {
+            if let Some(other) = actions.keys().find(|d| !private.contains_key(*d)) {
+                let rule = private
+                    .values()
+                    .next()
+                    .map(|(_, r)| r.as_str())
+                    .unwrap_or("");
+                return Err(EngineError::PermissionDenied(format!(
+                    "{other} is not under differential privacy and may not be read in the same query as datasets that are (rule: {rule})"
+                )));
+            }
+            let (plan, charge) = crate::private::apply_differential_privacy(plan, &private)?;
+            report.private = Some(charge);
+            return Ok((plan, report));
         }
         if thresholds.is_empty() {
             return Ok((plan, report));
@@ -440,6 +471,16 @@ impl Session {
             .display_indent()
             .to_string();
         let (physical, _) = physical_plan(&self.planning, planned.plan.clone()).await?;
+        let mut planned = planned;
+        if let Some(charge) = planned.report.private.take() {
+            // Its metrics count exact rows and groups: no noise protects them.
+            if analyze {
+                return Err(EngineError::PermissionDenied(format!(
+                    "EXPLAIN ANALYZE of a differentially private query is refused (rule: {})",
+                    charge.rule
+                )));
+            }
+        }
         if analyze {
             // The text is known only after the run: plan the result's shape now with an empty
             // placeholder, run at execution (see `PlannedQuery::execute_with_report`).
@@ -450,6 +491,8 @@ impl Session {
                 plan,
                 parameters: Arc::new(Schema::empty()),
                 report: planned.report,
+                principal: self.principal.clone(),
+                ledger: Arc::clone(&self.ledger),
                 analyze: Some(AnalyzeLater { logical, physical }),
             });
         }
@@ -464,6 +507,8 @@ impl Session {
             plan,
             parameters: Arc::new(Schema::empty()),
             report: planned.report,
+            principal: self.principal.clone(),
+            ledger: Arc::clone(&self.ledger),
             analyze: None,
         })
     }
@@ -557,6 +602,22 @@ impl PlannedQuery {
             )));
         }
         let mut report = self.report;
+        if let Some(charge) = &report.private {
+            let standing = charge_budget(&self.ledger, &self.principal, charge).await?;
+            let delta = if charge.delta > 0.0 {
+                format!(" and delta {:e}", charge.delta)
+            } else {
+                String::new()
+            };
+            report.rules.push(format!(
+                "privacy budget: epsilon {}{delta} charged on rule {}; {} of epsilon {} remains until {}",
+                charge.epsilon,
+                charge.rule,
+                standing.remaining_epsilon,
+                charge.grant.epsilon,
+                standing.refreshes_at.to_rfc3339(),
+            ));
+        }
         if let Some(later) = self.analyze {
             report.columns = touched_columns(&later.physical);
             return Ok((later.run(self.planning, self.schema), report));
@@ -592,6 +653,56 @@ impl PlannedQuery {
             stream
         };
         Ok((as_announced(stream, self.schema), report))
+    }
+}
+
+/// The budget a grant gives, as the ledger reads it.
+pub(crate) fn budget_of(
+    grant: &lakegate_policies::DifferentialPrivacy,
+) -> crate::privacy_budget::Budget {
+    crate::privacy_budget::Budget {
+        epsilon: grant.epsilon,
+        delta: grant.delta,
+        window: std::time::Duration::from_secs(grant.window_seconds),
+    }
+}
+
+/// Charges one run of a private query to `principal`, or refuses it: over budget (naming what
+/// remains and when it refreshes), or the ledger unreachable (fail closed, nothing served).
+async fn charge_budget(
+    ledger: &crate::privacy_budget::Ledger,
+    principal: &str,
+    charge: &crate::private::PrivateCharge,
+) -> Result<crate::privacy_budget::Standing> {
+    use crate::privacy_budget::{BudgetError, Cost};
+    let cost = Cost {
+        epsilon: charge.epsilon,
+        delta: charge.delta,
+    };
+    let reason = format!("{} noisy aggregate(s)", charge.releases);
+    match ledger
+        .charge_at(
+            principal,
+            &charge.rule,
+            &budget_of(&charge.grant),
+            cost,
+            &reason,
+            chrono::Utc::now(),
+        )
+        .await
+    {
+        Ok(standing) => Ok(standing),
+        Err(e @ (BudgetError::Exceeded { .. } | BudgetError::DeltaExceeded { .. })) => Err(
+            EngineError::PermissionDenied(format!("{e} (rule: {})", charge.rule)),
+        ),
+        Err(BudgetError::Unavailable(detail)) => {
+            tracing::error!(%detail, "privacy budget ledger unavailable: refusing");
+            Err(EngineError::Unavailable(format!(
+                "the privacy budget cannot be charged right now, so the query is refused (rule: {}; privacy-budget-fail-closed)",
+                charge.rule
+            )))
+        }
+        Err(e @ BudgetError::Invalid(_)) => Err(EngineError::Internal(e.to_string())),
     }
 }
 

@@ -18,7 +18,7 @@ use crate::governed::GovernedTable;
 use crate::released::ThresholdCheck;
 use crate::{EngineError, Result};
 
-fn governed_dataset(scan: &datafusion::logical_expr::TableScan) -> Option<String> {
+pub(crate) fn governed_dataset(scan: &datafusion::logical_expr::TableScan) -> Option<String> {
     let provider = source_as_provider(&scan.source).ok()?;
     (provider.as_ref() as &dyn std::any::Any)
         .downcast_ref::<GovernedTable>()
@@ -198,19 +198,19 @@ fn carries_dataset_values(plan: &LogicalPlan, i: usize, optional: bool) -> bool 
 
 /// What [`traces_to`] lets a column pass through on its way down.
 #[derive(Clone, Copy)]
-struct Trace {
+pub(crate) struct Trace {
     /// Casts (`CAST(x AS DOUBLE)` still carries `x`'s values).
-    casts: bool,
+    pub(crate) casts: bool,
     /// The side of an outer join that may find no match (the right of a LEFT JOIN, the left
     /// of a RIGHT JOIN, both of a FULL JOIN): its columns are NULL on the rows that did not.
-    optional: bool,
+    pub(crate) optional: bool,
 }
 
 /// Follows output column `i` of `plan` down through renames (and casts, if `trace.casts`),
 /// filters, sorts, limits, unions (every branch) and joins (the optional side of an outer join
 /// only if `trace.optional`) to the node that produced it, and asks `source` about that node's
 /// column. A column computed by any other expression traces to nothing.
-fn traces_to(
+pub(crate) fn traces_to(
     plan: &LogicalPlan,
     i: usize,
     trace: Trace,
@@ -441,7 +441,7 @@ fn join_operand_is_unit(j: &datafusion::logical_expr::Join, e: &Expr, unit: &Uni
 /// same query, and DataFusion's optimizer moves them there itself later. Equalities of a column
 /// from each side move into the join; conjuncts on one side only go down with that side when it
 /// is itself an inner join (`FROM a, b, c WHERE a.id = b.id AND b.id = c.id`); the rest stays.
-fn joins_from_where(plan: LogicalPlan) -> datafusion::common::Result<LogicalPlan> {
+pub(crate) fn joins_from_where(plan: LogicalPlan) -> datafusion::common::Result<LogicalPlan> {
     use datafusion::common::JoinType;
     use datafusion::logical_expr::utils::{conjunction, split_conjunction_owned};
     use datafusion::logical_expr::{Filter, Join};

@@ -33,6 +33,7 @@ pub(crate) fn touched_columns(plan: &Arc<dyn ExecutionPlan>) -> Vec<String> {
 /// DataFusion adds) is refused until reviewed.
 const ALLOWED_NODES: &[&str] = &[
     "PolicyBoundaryExec",
+    "NoisyReleaseExec",
     "DataSourceExec",
     "ProjectionExec",
     "FilterExec",

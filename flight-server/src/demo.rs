@@ -42,6 +42,10 @@ pub const PERSONAS: &[(&str, &[(&str, &str)])] = &[
     ),
     ("erin", &[("role", "compliance_auditor")]),
     (
+        "frank",
+        &[("role", "researcher"), ("purpose", "public_health")],
+    ),
+    (
         "gina",
         &[("role", "data_engineer"), ("purpose", "data_ingestion")],
     ),

@@ -45,6 +45,7 @@ pub fn query_status(e: EngineError, query_id: &str) -> Status {
             tracing::info!(%detail, query_id, "a query's input was refused while it ran");
             Status::invalid_argument(cite(&e.to_string()))
         }
+        EngineError::Unavailable(m) => Status::unavailable(m),
         EngineError::Internal(detail) => {
             tracing::error!(%detail, query_id, "internal error");
             Status::internal(cite("internal error"))

@@ -7,8 +7,8 @@ mod policy;
 mod users;
 
 pub use policy::{
-    Action, Decision, FilterValue, Mask, Obligations, PolicySet, RequestContext, RowFilter,
-    SubjectSet, Threshold, ATTRIBUTES, DEFAULT_MODEL,
+    Action, Decision, DifferentialPrivacy, FilterValue, Mask, Obligations, PolicySet,
+    RequestContext, RowFilter, SubjectSet, Threshold, ATTRIBUTES, DEFAULT_MODEL,
 };
 pub use users::{Principal, UserStore};
 

@@ -152,6 +152,181 @@ pub struct Threshold {
     pub unit: String,
 }
 
+/// Differentially private aggregates only (`differential_privacy = { ... }` in a rule): the
+/// privacy unit, the budget per window, what one query spends, the contribution bounds and the
+/// clamping bounds of every numeric column (from the policy, never from the data).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DifferentialPrivacySpec {
+    unit: String,
+    epsilon: f64,
+    #[serde(default)]
+    delta: f64,
+    window: String,
+    epsilon_per_query: f64,
+    #[serde(default)]
+    delta_per_query: f64,
+    #[serde(default = "one")]
+    max_groups_per_unit: u32,
+    #[serde(default = "one")]
+    max_rows_per_group: u32,
+    #[serde(default)]
+    bounds: BTreeMap<String, Vec<f64>>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A differential privacy grant, checked against the catalog when the policy loads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DifferentialPrivacy {
+    /// The privacy unit column (e.g. `patient_id`): one unit's data is what is protected.
+    pub unit: String,
+    /// Budget per window.
+    pub epsilon: f64,
+    pub delta: f64,
+    /// Window length in seconds; windows are aligned to the Unix epoch.
+    pub window_seconds: u64,
+    /// What each query spends.
+    pub epsilon_per_query: f64,
+    pub delta_per_query: f64,
+    /// G: the most groups of one query a unit contributes to.
+    pub max_groups_per_unit: u32,
+    /// L: the most rows a unit contributes to one group.
+    pub max_rows_per_group: u32,
+    /// Column -> (lower, upper) clamping bounds, for every numeric column.
+    pub bounds: BTreeMap<String, (f64, f64)>,
+}
+
+/// `30d`, `12h`, `90m`, `3600s` in seconds.
+fn parse_window(text: &str) -> std::result::Result<u64, String> {
+    let bad =
+        || format!("differential_privacy window '{text}' does not parse; write e.g. 30d, 12h, 90m");
+    let text = text.trim();
+    let (n, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return Err(bad()),
+    };
+    match n.checked_mul(seconds) {
+        Some(s) if s > 0 => Ok(s),
+        _ => Err(bad()),
+    }
+}
+
+impl DifferentialPrivacySpec {
+    /// The typed grant for dataset `d`: every number in range, every numeric column bounded.
+    fn check(&self, d: &Dataset) -> std::result::Result<DifferentialPrivacy, String> {
+        let positive = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(v)
+            } else {
+                Err(format!(
+                    "differential_privacy {name} must be a positive number"
+                ))
+            }
+        };
+        let probability = |name: &str, v: f64| {
+            if v.is_finite() && (0.0..1.0).contains(&v) {
+                Ok(v)
+            } else {
+                Err(format!(
+                    "differential_privacy {name} must be at least 0 and below 1"
+                ))
+            }
+        };
+        let epsilon = positive("epsilon", self.epsilon)?;
+        let epsilon_per_query = positive("epsilon_per_query", self.epsilon_per_query)?;
+        if epsilon_per_query > epsilon {
+            return Err(
+                "differential_privacy epsilon_per_query exceeds the window's epsilon".into(),
+            );
+        }
+        let delta = probability("delta", self.delta)?;
+        let delta_per_query = probability("delta_per_query", self.delta_per_query)?;
+        if delta_per_query > delta {
+            return Err("differential_privacy delta_per_query exceeds the window's delta".into());
+        }
+        for (name, v) in [
+            ("max_groups_per_unit", self.max_groups_per_unit),
+            ("max_rows_per_group", self.max_rows_per_group),
+        ] {
+            if !(1..=10_000).contains(&v) {
+                return Err(format!(
+                    "differential_privacy {name} must be between 1 and 10000"
+                ));
+            }
+        }
+        let window_seconds = parse_window(&self.window)?;
+        if d.column(&self.unit).is_none() {
+            return Err(format!(
+                "differential_privacy unit '{}' is not a column of {}",
+                self.unit, d.name
+            ));
+        }
+        let mut bounds = BTreeMap::new();
+        for (column, b) in &self.bounds {
+            let [lo, hi] = b.as_slice() else {
+                return Err(format!(
+                    "differential_privacy bounds for '{column}' must be [lower, upper]"
+                ));
+            };
+            if !(lo.is_finite()
+                && hi.is_finite()
+                && lo < hi
+                && lo.abs() <= 1e12
+                && hi.abs() <= 1e12)
+            {
+                return Err(format!(
+                    "differential_privacy bounds for '{column}' must be finite numbers, lower below upper, within 1e12"
+                ));
+            }
+            bounds.insert(column.clone(), (*lo, *hi));
+        }
+        for c in &d.columns {
+            let numeric = matches!(
+                c.data_type,
+                ColumnType::Float64 | ColumnType::Int32 | ColumnType::Int64
+            );
+            if numeric && c.name != self.unit && !bounds.contains_key(&c.name) {
+                return Err(format!(
+                    "differential_privacy has no clamping bounds for the numeric column {}.{}; every column a query could sum needs `bounds`",
+                    d.name, c.name
+                ));
+            }
+        }
+        for column in self.bounds.keys() {
+            if let Some(c) = d.column(column) {
+                if !matches!(
+                    c.data_type,
+                    ColumnType::Float64 | ColumnType::Int32 | ColumnType::Int64
+                ) {
+                    return Err(format!(
+                        "differential_privacy bounds name {}.{column}, which is not numeric",
+                        d.name
+                    ));
+                }
+            }
+        }
+        Ok(DifferentialPrivacy {
+            unit: self.unit.clone(),
+            epsilon,
+            delta,
+            window_seconds,
+            epsilon_per_query,
+            delta_per_query,
+            max_groups_per_unit: self.max_groups_per_unit,
+            max_rows_per_group: self.max_rows_per_group,
+            bounds,
+        })
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RuleSpec {
@@ -174,6 +349,8 @@ struct RuleSpec {
     masks: Vec<MaskSpec>,
     #[serde(default)]
     threshold: Option<Threshold>,
+    #[serde(default)]
+    differential_privacy: Option<DifferentialPrivacySpec>,
 }
 
 #[derive(Deserialize)]
@@ -191,6 +368,8 @@ pub struct Obligations {
     /// Column name -> mask, for the columns of this dataset that a mask covers.
     pub masks: BTreeMap<String, Mask>,
     pub threshold: Option<Threshold>,
+    /// Differentially private aggregates only, under a privacy budget.
+    pub differential_privacy: Option<DifferentialPrivacy>,
 }
 
 /// The outcome of one decision.
@@ -367,7 +546,8 @@ impl PolicySet {
             if rule.effect == Effect::Deny
                 && (!rule.row_filters.is_empty()
                     || !rule.masks.is_empty()
-                    || rule.threshold.is_some())
+                    || rule.threshold.is_some()
+                    || rule.differential_privacy.is_some())
             {
                 return Err(bad("a deny rule carries no obligations".into()));
             }
@@ -401,6 +581,19 @@ impl PolicySet {
             for d in &covered {
                 let o = obligations_for(rule, d, catalog).map_err(&bad)?;
                 obligations.insert((rule.name.clone(), d.name.clone()), Arc::new(o));
+            }
+            if rule.differential_privacy.is_some() {
+                if rule.threshold.is_some() {
+                    return Err(bad(
+                        "a rule carries either a threshold or differential_privacy, not both"
+                            .into(),
+                    ));
+                }
+                if rule.actions.iter().any(|a| *a != Action::AggregateQuery) {
+                    return Err(bad(
+                        "differential_privacy grants aggregate_query only".into()
+                    ));
+                }
             }
             if let Some(t) = &rule.threshold {
                 if t.k < 2 {
@@ -647,10 +840,15 @@ fn obligations_for(
             ));
         }
     }
+    let differential_privacy = match &rule.differential_privacy {
+        Some(spec) => Some(spec.check(d)?),
+        None => None,
+    };
     Ok(Obligations {
         row_filters: rule.row_filters.clone(),
         masks,
         threshold: rule.threshold.clone(),
+        differential_privacy,
     })
 }
 
@@ -918,5 +1116,115 @@ valid_until = 2026-02-01
         ))
         .await;
         assert!(e.contains("at least 2"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_broken_differential_privacy_grant_does_not_load() {
+        let base = "subject = 'r.sub.role == \"x\"'\nobject = 'r.obj.schema == \"clinical\"'\nactions = [\"aggregate_query\"]";
+        let grant = |fields: &str| {
+            format!("{base}\ndifferential_privacy = {{ unit = \"patient_id\", {fields} }}")
+        };
+        let good = "epsilon = 10.0, delta = 1e-5, window = \"30d\", epsilon_per_query = 1.0, delta_per_query = 1e-7, bounds = { total_cost = [0.0, 50000.0], value = [0.0, 500.0] }";
+        let cases: &[(&str, &str)] = &[
+            (
+                "epsilon = 10.0, window = \"30d\", epsilon_per_query = 1.0, bounds = { value = [0.0, 500.0] }",
+                "no clamping bounds for the numeric column clinical.encounters.total_cost",
+            ),
+            (
+                &good.replace("epsilon = 10.0", "epsilon = 0.0"),
+                "epsilon must be a positive number",
+            ),
+            (
+                &good.replace("epsilon = 10.0", "epsilon = -1.0"),
+                "epsilon must be a positive number",
+            ),
+            (
+                &good.replace("epsilon = 10.0", "epsilon = nan"),
+                "epsilon must be a positive number",
+            ),
+            (
+                &good.replace("epsilon = 10.0", "epsilon = \"ten\""),
+                "invalid type",
+            ),
+            (
+                &good.replace("epsilon_per_query = 1.0", "epsilon_per_query = 11.0"),
+                "exceeds the window's epsilon",
+            ),
+            (
+                &good.replace("\"30d\"", "\"30 days\""),
+                "window '30 days' does not parse",
+            ),
+            (&good.replace("\"30d\"", "\"0d\""), "window '0d' does not parse"),
+            (
+                &good.replace("[0.0, 50000.0]", "[50000.0, 0.0]"),
+                "bounds for 'total_cost' must be finite numbers, lower below upper",
+            ),
+            (
+                &good.replace("[0.0, 50000.0]", "[0.0]"),
+                "bounds for 'total_cost' must be [lower, upper]",
+            ),
+            (
+                &good.replace("delta = 1e-5", "delta = 1.5"),
+                "delta must be at least 0 and below 1",
+            ),
+            (
+                &format!("{good}, max_groups_per_unit = 0"),
+                "max_groups_per_unit must be between 1 and 10000",
+            ),
+        ];
+        for (fields, expected) in cases {
+            let e = load_err(&grant(fields)).await;
+            assert!(e.contains(expected), "{fields}: {e}");
+            assert!(e.starts_with("p.toml:"), "{e}");
+        }
+        let e = load_err(&format!(
+            "{}\nthreshold = {{ k = 11, unit = \"patient_id\" }}",
+            grant(good)
+        ))
+        .await;
+        assert!(
+            e.contains("either a threshold or differential_privacy"),
+            "{e}"
+        );
+        let e = load_err(&grant(good).replace(
+            "[\"aggregate_query\"]",
+            "[\"row_query\", \"aggregate_query\"]",
+        ))
+        .await;
+        assert!(e.contains("grants aggregate_query only"), "{e}");
+        let e = load_err(&grant(good).replace("unit = \"patient_id\"", "unit = \"person\"")).await;
+        assert!(e.contains("unit 'person' is not a column"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_demo_grants_frank_differential_privacy_only() {
+        let mut catalog = demo_catalog();
+        catalog.datasets.push(lakegate_catalogs::audit_dataset());
+        let p = PolicySet::load(DEFAULT_MODEL, "policy.toml", DEMO, &catalog)
+            .await
+            .expect("demo policy");
+        let frank = who(
+            "frank",
+            &[("role", "researcher"), ("purpose", "public_health")],
+        );
+        let ctx = RequestContext::default();
+        let encounters = catalog.dataset("clinical.encounters").expect("dataset");
+        assert!(!p
+            .decide(&frank, encounters, Action::RowQuery, &ctx)
+            .is_allowed());
+        let Decision::Allow { rule, obligations } =
+            p.decide(&frank, encounters, Action::AggregateQuery, &ctx)
+        else {
+            panic!("frank may aggregate");
+        };
+        assert_eq!(rule, "public-health-dp");
+        let dp = obligations.differential_privacy.as_ref().expect("a grant");
+        assert_eq!(dp.unit, "patient_id");
+        assert_eq!(dp.window_seconds, 30 * 86_400);
+        assert_eq!(dp.bounds.get("total_cost"), Some(&(0.0, 50_000.0)));
+        let omics = catalog.dataset("omics.variants").expect("dataset");
+        assert!(!p
+            .decide(&frank, omics, Action::AggregateQuery, &ctx)
+            .is_allowed());
     }
 }

@@ -182,3 +182,30 @@ def test_constant_results_match_the_announced_schema(alice):
     assert cur.fetchall() == [(3, 2, "X")]
     cur.execute("SELECT length('abc') + ? AS n", parameters=(2,))
     assert cur.fetchall() == [(5,)]
+
+
+def test_frank_sees_noisy_columns_and_his_budget(server):
+    """What a notebook shows frank: noisy columns marked in the Arrow schema, his budget."""
+    conn = connect(server, "frank")
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT count(DISTINCT patient_id) AS patients FROM clinical.patients")
+        table = cur.fetch_arrow_table()
+        # Noise of scale 1 at epsilon 1: outside +-21 with probability below 1e-9.
+        assert abs(table.column(0)[0].as_py() - PATIENTS) <= 21
+        field = table.schema.field("patients")
+        assert field.metadata[b"lakegate.dp.noisy"] == b"true"
+        assert field.metadata[b"lakegate.dp.mechanism"] == b"discrete_laplace"
+        assert table.schema.metadata[b"lakegate.dp.epsilon_spent"] == b"1"
+
+        cur.execute("SELECT rule, epsilon_spent, epsilon_remaining FROM lakegate.privacy_budget")
+        rule, spent, remaining = cur.fetchone()
+        assert rule == "public-health-dp"
+        assert spent >= 1.0 and spent + remaining == 20.0
+
+        with pytest.raises(adbc_driver_manager.Error) as err:
+            cur.execute("SELECT max(total_cost) FROM clinical.encounters")
+        assert "aggregate max is refused" in str(err.value)
+        assert "rule: public-health-dp" in str(err.value)
+    finally:
+        conn.close()

@@ -13,7 +13,7 @@ use object_store::ObjectStoreExt;
 use crate::common::{code_of, column_text, first_i64, login, rows, sql, strings};
 
 /// Every byte of the trail as text (segments only).
-async fn trail_text(server: &TestServer) -> String {
+pub(crate) async fn trail_text(server: &TestServer) -> String {
     let store = server.lake.store();
     let prefix = object_store::path::Path::from("audit/events");
     let mut listing = store.list(Some(&prefix));

@@ -13,6 +13,7 @@ mod limits;
 mod lookup;
 mod personas;
 mod policy_admin;
+mod private;
 mod slt;
 
 // The server's allocator, so the soak's resident-memory bound measures what a server does.
