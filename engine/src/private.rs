@@ -6,7 +6,8 @@
 //!
 //! 1. per row: the unit, the group keys, and each measure's value (1 for a count, the value
 //!    clamped to the grant's bounds, in fixed point, for a sum);
-//! 2. per unit and group: at most L of its rows (chosen at random), their measures summed;
+//! 2. per unit and group: each measure summed, then bounded to L rows' worth (a count to L, a
+//!    sum of more than L values to L times their mean);
 //! 3. per unit: at most G of its groups kept (chosen at random);
 //! 4. per group: the units counted and the bounded measures summed, exactly;
 //! 5. [`NoisyRelease`]: discrete Laplace noise on every measure, and a group's key released
@@ -568,6 +569,14 @@ fn release(
         let mut names = Vec::new();
         for (n, e, b) in per_row {
             row_exprs.push(e.alias(&n));
+            if b.is_some() {
+                // How many values the sum holds, to bound it to L values' worth.
+                let a = match &params.args[..] {
+                    [a] => a.clone(),
+                    _ => lit(1i64),
+                };
+                row_exprs.push(non_null(&a)?.alias(format!("{n}_n")));
+            }
             names.push((n, b));
         }
         values.push(names);
@@ -578,11 +587,14 @@ fn release(
         .chain(group_names.iter().map(|n| col(n.as_str())))
         .collect();
     // Per unit and group: each value summed, then bounded to L rows' worth.
-    let per_unit_aggs: Vec<Expr> = values
-        .iter()
-        .flatten()
-        .map(|(n, _)| datafusion::functions_aggregate::expr_fn::sum(col(n.as_str())).alias(n))
-        .collect();
+    let sum = |n: &str| datafusion::functions_aggregate::expr_fn::sum(col(n)).alias(n);
+    let mut per_unit_aggs = Vec::new();
+    for (n, b) in values.iter().flatten() {
+        per_unit_aggs.push(sum(n));
+        if b.is_some() {
+            per_unit_aggs.push(sum(&format!("{n}_n")));
+        }
+    }
     let mut bounded = keys.clone();
     for (n, b) in values.iter().flatten() {
         let e = match b {
@@ -592,33 +604,31 @@ fn release(
                     let v = (x * FIXED_POINT).round() as i128 * i128::from(l);
                     lit(datafusion::common::ScalarValue::Decimal128(Some(v), 38, 0))
                 };
+                // More than L values: L times their mean, what L of them drawn at random
+                // would give on average. Either way at most L times the largest bound.
+                let count = col(format!("{n}_n"));
+                let float = |e: Expr| datafusion::logical_expr::cast(e, DataType::Float64);
+                let mean_of_l = datafusion::functions::math::expr_fn::round(vec![
+                    float(col(n.as_str())) * lit(l as f64) / float(count.clone()),
+                ]);
+                let scaled = datafusion::logical_expr::when(
+                    count.gt(lit(l)),
+                    datafusion::logical_expr::cast(mean_of_l, DataType::Decimal128(38, 0)),
+                )
+                .otherwise(datafusion::logical_expr::cast(
+                    col(n.as_str()),
+                    DataType::Decimal128(38, 0),
+                ))?;
                 datafusion::functions::core::expr_fn::least(vec![
-                    datafusion::functions::core::expr_fn::greatest(vec![
-                        datafusion::logical_expr::cast(
-                            col(n.as_str()),
-                            DataType::Decimal128(38, 0),
-                        ),
-                        dec(*lo),
-                    ]),
+                    datafusion::functions::core::expr_fn::greatest(vec![scaled, dec(*lo)]),
                     dec(*hi),
                 ])
             }
         };
         bounded.push(e.alias(n));
     }
-    // At most L rows per unit and group, chosen at random: sums and counts (so averages) are
-    // then over the same rows.
-    let row = datafusion::functions_window::expr_fn::row_number()
-        .partition_by(keys.clone())
-        .order_by(vec![
-            datafusion::functions::math::expr_fn::random().sort(true, true)
-        ])
-        .build()?
-        .alias("__lg_row");
     let mut builder = LogicalPlanBuilder::from(agg.input.as_ref().clone())
         .project(row_exprs)?
-        .window(vec![row])?
-        .filter(col("__lg_row").lt_eq(lit(l)))?
         .aggregate(keys, per_unit_aggs)?
         .project(bounded)?;
     if grouped {

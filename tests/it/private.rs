@@ -289,8 +289,7 @@ async fn the_budget_runs_out_and_says_when_it_refreshes() {
         "no charge in the audit trail: {}",
         trail
             .lines()
-            .filter(|l| l.contains("dp-exhaust"))
-            .last()
+            .rfind(|l| l.contains("dp-exhaust"))
             .unwrap_or_default()
     );
     assert!(
