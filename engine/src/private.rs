@@ -189,7 +189,7 @@ pub(crate) fn apply_differential_privacy(
         Err(e) => return Err(e.into()),
     };
     // Every scan of a granted dataset must now sit under a noisy release.
-    if reads_granted_outside_release(&plan, grants) {
+    if reads_granted(&plan, grants) {
         return Err(refuse(
             "only aggregates may read these datasets; row-level output is refused",
             &rule,
@@ -233,22 +233,6 @@ fn reads_granted(
         } else {
             TreeNodeRecursion::Continue
         })
-    });
-    found
-}
-
-/// Whether a granted dataset is read anywhere but under a [`NoisyRelease`].
-fn reads_granted_outside_release(
-    plan: &LogicalPlan,
-    grants: &HashMap<String, (DifferentialPrivacy, String)>,
-) -> bool {
-    let mut found = false;
-    let _ = plan.apply_with_subqueries(|n| {
-        if NoisyRelease::of(n).is_some() {
-            return Ok(TreeNodeRecursion::Jump);
-        }
-        found |= is_granted_scan(n, grants);
-        Ok(TreeNodeRecursion::Continue)
     });
     found
 }

@@ -6,7 +6,7 @@
 //! lake never spend each other's budget. Where a test needs exact answers it grants an epsilon
 //! so large that the noise is 0 except with probability below 1e-100.
 
-use arrow::array::{Array, Float64Array, Int64Array, StringArray, UInt64Array};
+use arrow::array::{Array, Float64Array, Int64Array, StringArray};
 use lakegate_tests::{raw_query, scalar_i64, ServerOptions, TestServer};
 
 use crate::common::{code_of, first_i64, login, rows, sql};
@@ -48,6 +48,22 @@ fn i64_column(batches: &[arrow::array::RecordBatch], i: usize) -> Vec<i64> {
         out.extend((0..a.len()).map(|r| a.value(r)));
     }
     out
+}
+
+/// One number from the caller's `lakegate.privacy_budget` (one grant, so one row).
+async fn budget(client: &mut crate::common::Client, column: &str) -> f64 {
+    let batches = sql(
+        client,
+        &format!("SELECT CAST({column} AS DOUBLE) FROM lakegate.privacy_budget"),
+    )
+    .await
+    .expect("budget table");
+    batches[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .expect("f64")
+        .value(0)
 }
 
 /// A patient with at least 50 encounters (the demo plants such frequent flyers).
@@ -216,19 +232,7 @@ async fn what_cannot_be_bounded_is_refused_naming_the_rule() {
         }
     }
     // Nothing refused was charged.
-    let budget = sql(
-        &mut frank,
-        "SELECT charges FROM lakegate.privacy_budget WHERE rule = 'dp-refusals'",
-    )
-    .await
-    .expect("budget");
-    let charges = budget[0]
-        .column(0)
-        .as_any()
-        .downcast_ref::<UInt64Array>()
-        .expect("u64")
-        .value(0);
-    assert_eq!(charges, 0);
+    assert_eq!(budget(&mut frank, "charges").await, 0.0);
 }
 
 #[tokio::test]
@@ -258,21 +262,9 @@ async fn the_budget_runs_out_and_says_when_it_refreshes() {
     ] {
         assert!(text.contains(part), "{part}: {text}");
     }
-    let budget = sql(
-        &mut frank,
-        "SELECT epsilon_spent, epsilon_remaining, charges FROM lakegate.privacy_budget",
-    )
-    .await
-    .expect("budget table");
-    let f = |i: usize| {
-        budget[0]
-            .column(i)
-            .as_any()
-            .downcast_ref::<Float64Array>()
-            .expect("f64")
-            .value(0)
-    };
-    assert_eq!((f(0), f(1)), (3.0, 0.0));
+    assert_eq!(budget(&mut frank, "epsilon_spent").await, 3.0);
+    assert_eq!(budget(&mut frank, "epsilon_remaining").await, 0.0);
+    assert_eq!(budget(&mut frank, "charges").await, 3.0);
     // The audit trail says what each allowed query spent and what remained, and why the last
     // was refused. Refusals are written a moment after the client hears of them.
     let charged = "epsilon 1 charged on rule dp-exhaust; 0 of epsilon 3 remains";
@@ -311,19 +303,7 @@ async fn budget_survives_a_restart_and_two_servers_cannot_overspend_it() {
     // A server started afterwards on the same lake (a restart) sees what was spent.
     let second = server_with("dp-race", fields).await;
     let mut again = login(&second, "frank").await;
-    let budget = sql(
-        &mut again,
-        "SELECT epsilon_spent FROM lakegate.privacy_budget",
-    )
-    .await
-    .expect("budget");
-    let spent = budget[0]
-        .column(0)
-        .as_any()
-        .downcast_ref::<Float64Array>()
-        .expect("f64")
-        .value(0);
-    assert_eq!(spent, 2.0);
+    assert_eq!(budget(&mut again, "epsilon_spent").await, 2.0);
     // Three remain; eight clients on two servers race for them.
     let mut tasks = Vec::new();
     for i in 0..8 {
@@ -417,17 +397,5 @@ async fn a_differencing_attack_yields_only_noise() {
     differences.dedup();
     assert!(differences.len() >= 2, "{differences:?}");
     // Repeating the query was charged every time: twenty charges of 0.5.
-    let budget = sql(
-        &mut frank,
-        "SELECT epsilon_spent FROM lakegate.privacy_budget",
-    )
-    .await
-    .expect("budget");
-    let spent = budget[0]
-        .column(0)
-        .as_any()
-        .downcast_ref::<Float64Array>()
-        .expect("f64")
-        .value(0);
-    assert_eq!(spent, 10.0);
+    assert_eq!(budget(&mut frank, "epsilon_spent").await, 10.0);
 }
