@@ -1022,7 +1022,7 @@ fn print_snippet(scheme: &str, addr: SocketAddr) {
     println!(
         r#"
 Connect from Python (pip install adbc-driver-flightsql pyarrow) as a demo persona
-(alice, bob, carol, dave, erin, mallory; password demo-NAME):
+(alice, bob, carol, dave, erin, frank, gina, mallory; password demo-NAME):
 
     import adbc_driver_flightsql.dbapi as flightsql
     conn = flightsql.connect("{scheme}://{addr}",
