@@ -144,6 +144,7 @@ fn refuse(why: impl fmt::Display, rule: &str) -> EngineError {
 /// Rewrites every aggregate over datasets under `grants` into a bounded, noisy release, and
 /// returns what the query will cost. Anything it cannot bound is refused naming the rule.
 pub(crate) fn apply_differential_privacy(
+    state: &datafusion::execution::SessionState,
     plan: LogicalPlan,
     grants: &HashMap<String, (DifferentialPrivacy, String)>,
 ) -> Result<(LogicalPlan, PrivateCharge)> {
@@ -168,7 +169,7 @@ pub(crate) fn apply_differential_privacy(
         if !reads_granted(&agg.input, grants) {
             return Ok(Transformed::no(node));
         }
-        let released = release(agg, grants, &grant, &rule).map_err(fail)?;
+        let released = release(state, agg, grants, &grant, &rule).map_err(fail)?;
         releases.fetch_add(1, Ordering::Relaxed);
         Ok(Transformed::yes(released))
     });
@@ -419,6 +420,7 @@ type RowValue = (String, Expr, Option<Bounds>);
 
 /// Builds the bounded, noisy release of one aggregate.
 fn release(
+    state: &datafusion::execution::SessionState,
     agg: &Aggregate,
     grants: &HashMap<String, (DifferentialPrivacy, String)>,
     grant: &DifferentialPrivacy,
@@ -426,6 +428,25 @@ fn release(
 ) -> Result<LogicalPlan> {
     let unit = grant.unit.as_str();
     check_input(&agg.input, grants, unit, rule)?;
+    // An error is an answer that no noise covers: `WHERE 1 / (CASE WHEN <one patient's
+    // attributes> THEN 0 ELSE 1 END) = 1` would fail exactly when that patient is in the data.
+    // The caller's expressions (filters, join conditions, group keys, aggregate arguments)
+    // must be ones that cannot fail, as under an aggregation threshold: checked as they will
+    // run, types coerced and constants folded.
+    if agg
+        .group_expr
+        .iter()
+        .any(|e| matches!(e, Expr::GroupingSet(_)))
+    {
+        return Err(refuse("GROUPING SETS, ROLLUP and CUBE are refused", rule));
+    }
+    let optimized = state.optimize(&LogicalPlan::Aggregate(agg.clone()))?;
+    if let Some(what) = crate::total::below(&optimized) {
+        return Err(refuse(
+            format!("{what} could fail on some rows, and whether it fails would tell whether such rows exist; use operations that cannot fail (TRY_CAST, floating-point arithmetic)"),
+            rule,
+        ));
+    }
     if agg
         .group_expr
         .iter()

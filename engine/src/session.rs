@@ -383,7 +383,8 @@ impl Session {
                     "{other} is not under differential privacy and may not be read in the same query as datasets that are (rule: {rule})"
                 )));
             }
-            let (plan, charge) = crate::private::apply_differential_privacy(plan, &private)?;
+            let (plan, charge) =
+                crate::private::apply_differential_privacy(&self.planning.state, plan, &private)?;
             report.private = Some(charge);
             return Ok((plan, report));
         }
@@ -647,7 +648,9 @@ impl PlannedQuery {
         let (physical, task) = physical_plan(&self.planning, plan).await?;
         report.columns = touched_columns(&physical);
         let stream = datafusion::physical_plan::execute_stream(physical, task)?;
-        let stream = if report.thresholded {
+        // Under differential privacy too: a failure that escapes the plan-time checks must not
+        // answer as an error either.
+        let stream = if report.thresholded || report.private.is_some() {
             failures_as_suppressed(stream, Arc::clone(&report.failure_withheld))
         } else {
             stream

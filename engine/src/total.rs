@@ -120,7 +120,7 @@ fn is_threshold(e: &Expr) -> bool {
 }
 
 /// The first expression under `plan` that could fail, described.
-fn below(plan: &LogicalPlan) -> Option<String> {
+pub(crate) fn below(plan: &LogicalPlan) -> Option<String> {
     let mut found = None;
     let _ = plan.apply_with_subqueries(|node| {
         let schema = match node {
