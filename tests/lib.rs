@@ -229,6 +229,7 @@ impl TestServer {
         )
         .await
         .expect("engine");
+        engine.trust_release_signer(test_audit_key().verifying_key());
         let mut identity = match options.users.clone() {
             Some((users, file)) => {
                 let i = Identity::new(users);

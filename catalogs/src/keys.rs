@@ -366,18 +366,32 @@ impl DataKeys {
     /// How a file of `dataset` is encrypted: each column under its label class's key, the
     /// footer under the `other` key.
     pub fn encryption(&self, dataset: &Dataset) -> Result<Arc<FileEncryptionProperties>> {
+        self.encryption_of(
+            dataset
+                .columns
+                .iter()
+                .map(|c| (c.name.as_str(), c.label.as_str())),
+        )
+    }
+
+    /// How a file with these (column, label) pairs is encrypted: each column under its label
+    /// class's key, the footer under the `other` key.
+    pub fn encryption_of<'a>(
+        &self,
+        columns: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Arc<FileEncryptionProperties>> {
         let (footer_id, footer_key) = self.key(OTHER)?;
         let mut builder = FileEncryptionProperties::builder(footer_key.clone())
             .with_footer_key_metadata(key_metadata(&self.dataset, OTHER, *footer_id));
-        for c in &dataset.columns {
-            let class = match c.label.as_str() {
+        for (name, label) in columns {
+            let class = match label {
                 DIRECT => DIRECT,
                 QUASI => QUASI,
                 _ => OTHER,
             };
             let (id, key) = self.key(class)?;
             builder = builder.with_column_key_and_metadata(
-                &c.name,
+                name,
                 key.clone(),
                 key_metadata(&self.dataset, class, *id),
             );

@@ -38,6 +38,9 @@ type Keys = Result<Arc<FileDecryptionProperties>, String>;
 #[derive(Default)]
 pub(crate) struct LakeKeys {
     keys: RwLock<HashMap<String, Keys>>,
+    /// Releases' keys, by their key name, unwrapped when a release is first read. Kept apart
+    /// from the datasets' (which a catalog reload replaces whole).
+    releases: RwLock<HashMap<String, Arc<FileDecryptionProperties>>>,
 }
 
 impl std::fmt::Debug for LakeKeys {
@@ -117,11 +120,32 @@ impl LakeKeys {
                 reason,
             }))
         };
+        if let Some(k) = self.release(dataset) {
+            return Ok(k);
+        }
         match keys.get(dataset) {
             Some(Ok(k)) => Ok(Arc::clone(k)),
             Some(Err(reason)) => Err(undecryptable(reason.clone())),
             None => Err(undecryptable("the server has no data keys for it".into())),
         }
+    }
+}
+
+impl LakeKeys {
+    /// The held decryption properties of a release's files, by key name.
+    pub(crate) fn release(&self, key_name: &str) -> Option<Arc<FileDecryptionProperties>> {
+        let held = match self.releases.read() {
+            Ok(k) => k,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        held.get(key_name).cloned()
+    }
+
+    pub(crate) fn hold_release(&self, key_name: &str, keys: Arc<FileDecryptionProperties>) {
+        match self.releases.write() {
+            Ok(mut k) => k.insert(key_name.to_string(), keys),
+            Err(poisoned) => poisoned.into_inner().insert(key_name.to_string(), keys),
+        };
     }
 }
 

@@ -41,7 +41,7 @@ use crate::{EngineError, Result};
 /// The one catalog name clients see.
 pub const CATALOG_NAME: &str = "lakegate";
 /// The object store URL the lake is registered under: internal, never a user-visible path.
-const LAKE_URL: &str = "lakegate://lake/";
+pub(crate) const LAKE_URL: &str = "lakegate://lake/";
 
 /// Limits and tuning shared by all sessions.
 #[derive(Clone, Debug)]
@@ -88,6 +88,8 @@ struct Inner {
     config: EngineConfig,
     /// The lake as opened (with its keyring, for datasets encrypted at rest).
     lake_handle: Lake,
+    /// Approved releases, read by the project's principals.
+    releases: Arc<crate::releases::Shelf>,
     /// The data keys of encrypted datasets, which the runtime's Parquet reader asks for.
     lake_keys: Arc<crate::encrypted::LakeKeys>,
     /// The lake's store, for the file listings that tell when a subject set is stale.
@@ -263,6 +265,11 @@ impl Engine {
                 ledger: Arc::new(crate::privacy_budget::Ledger::new(lake.store())),
                 store: lake.store(),
                 lake_handle: lake.clone(),
+                releases: Arc::new(crate::releases::Shelf::new(
+                    lake.clone(),
+                    Arc::clone(&lake_keys),
+                    uncached.clone(),
+                )),
                 lake_keys,
                 pseudonym_indexes: Arc::new(crate::lookup::PseudonymIndexes::new(
                     lake.store(),
@@ -296,6 +303,22 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// The lake as opened, with its keyring.
+    pub fn lake(&self) -> &Lake {
+        &self.inner.lake_handle
+    }
+
+    /// The projects' pseudonym and date-shift keys.
+    pub fn keys(&self) -> &KeyRing {
+        &self.inner.keys
+    }
+
+    /// The public key that signs release manifests and approvals (the audit key's). Until it
+    /// is set, every release read is refused.
+    pub fn trust_release_signer(&self, key: crate::audit::VerifyingKey) {
+        self.inner.releases.trust(key);
     }
 
     /// The policy in force now.
@@ -460,6 +483,13 @@ impl Engine {
                 view: Arc::clone(&view.catalog) as Arc<dyn CatalogProvider>,
                 system: Arc::new(system),
             }) as Arc<dyn CatalogProvider>,
+        );
+        catalogs.register_catalog(
+            crate::releases::CATALOG.to_string(),
+            Arc::new(crate::releases::ReleasesCatalog {
+                shelf: Arc::clone(&self.inner.releases),
+                project: principal.attributes.get("project").cloned(),
+            }),
         );
         let mut state = template.state.as_ref().clone();
         state.register_catalog_list(Arc::new(catalogs));

@@ -176,6 +176,19 @@ fn classify_in(e: &DataFusionError, hidden: bool) -> EngineError {
         DataFusionError::External(x) if x.downcast_ref::<Undecryptable>().is_some() => {
             undecryptable(x.downcast_ref().expect("checked"), hidden)
         }
+        // The engine's own refusals raised inside DataFusion (a release's table provider).
+        DataFusionError::External(x) if x.downcast_ref::<EngineError>().is_some() => {
+            match x.downcast_ref::<EngineError>().expect("checked") {
+                EngineError::PermissionDenied(m) => EngineError::PermissionDenied(m.clone()),
+                EngineError::InvalidQuery(m) => EngineError::InvalidQuery(m.clone()),
+                EngineError::Unavailable(m) => EngineError::Unavailable(m.clone()),
+                EngineError::Undecryptable { message, detail } => EngineError::Undecryptable {
+                    message: message.clone(),
+                    detail: detail.clone(),
+                },
+                other => EngineError::Internal(other.to_string()),
+            }
+        }
         DataFusionError::SQL(p, _) => EngineError::InvalidQuery(format!("SQL error: {p}")),
         DataFusionError::Plan(m) => {
             EngineError::InvalidQuery(format!("planning error: {}", first_line(m)))

@@ -374,6 +374,11 @@ pub struct PolicyBoundaryExec {
 }
 
 impl PolicyBoundaryExec {
+    /// The boundary of an approved release's scan: its rows were governed when it was made.
+    pub(crate) fn release(input: Arc<dyn ExecutionPlan>, label: String) -> Self {
+        Self::new(input, label)
+    }
+
     fn new(input: Arc<dyn ExecutionPlan>, dataset: String) -> Self {
         let properties = Arc::clone(input.properties());
         Self {

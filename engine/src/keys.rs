@@ -76,9 +76,21 @@ impl KeyRing {
     pub fn get(&self, project: &str) -> Option<&ProjectKey> {
         self.keys.get(project)
     }
+
+    /// A name for the key a project's pseudonyms and date shifts are made with now (16 hex
+    /// characters of a hash of it): two outputs that share an epoch join on their pseudonyms.
+    /// Reveals nothing of the key.
+    pub fn epoch(&self, project: &str) -> Option<String> {
+        use sha2::{Digest, Sha256};
+        let key = self.keys.get(project)?;
+        let mut h = Sha256::new();
+        h.update(b"lakegate key epoch\0");
+        h.update(key.0);
+        Some(crate::audit::hex(&h.finalize()[..8]))
+    }
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }

@@ -41,6 +41,7 @@ pub mod masks;
 pub mod privacy_budget;
 mod private;
 mod released;
+pub mod releases;
 mod session;
 mod strings;
 mod subjects;

@@ -155,7 +155,7 @@ impl Session {
 /// has been read.
 pub struct PlannedQuery {
     planning: Planning,
-    plan: LogicalPlan,
+    pub(crate) plan: LogicalPlan,
     schema: SchemaRef,
     parameters: SchemaRef,
     report: AccessReport,
@@ -336,6 +336,13 @@ impl Session {
             datasets: actions.keys().cloned().collect(),
             ..Default::default()
         };
+        let released = crate::releases::released_scans(&plan);
+        for (table, approver) in &released {
+            report.datasets.push(table.clone());
+            report.rules.push(format!(
+                "{table}: read of a release approved by {approver} (rule: release-readers)"
+            ));
+        }
         for (dataset, action) in &actions {
             let (row, agg) = self
                 .decisions
@@ -373,7 +380,11 @@ impl Session {
             }
         }
         if !private.is_empty() {
-            if let Some(other) = actions.keys().find(|d| !private.contains_key(*d)) {
+            if let Some(other) = actions
+                .keys()
+                .find(|d| !private.contains_key(*d))
+                .or(released.first().map(|(t, _)| t))
+            {
                 let rule = private
                     .values()
                     .next()

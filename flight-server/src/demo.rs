@@ -40,7 +40,10 @@ pub const PERSONAS: &[(&str, &[(&str, &str)])] = &[
             ("environment", "production"),
         ],
     ),
-    ("erin", &[("role", "compliance_auditor")]),
+    (
+        "erin",
+        &[("role", "compliance_auditor"), ("release_approver", "true")],
+    ),
     (
         "frank",
         &[("role", "researcher"), ("purpose", "public_health")],

@@ -56,6 +56,62 @@ enum Cmd {
     /// Encryption at rest: master keys and the data keys they wrap.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// De-identified releases for training: create (behind a k-anonymity gate), approve,
+    /// verify, list.
+    #[command(subcommand)]
+    Release(ReleaseCmd),
+}
+
+#[derive(Subcommand)]
+enum ReleaseCmd {
+    /// Materialise what a principal's policy yields into the lake's releases/ zone, pending
+    /// approval. Each table is one query run as that principal (masks, filters and pseudonyms
+    /// as in their live queries), generalised as the policy's [release] section says, checked
+    /// for k-anonymity, and written shuffled with a signed manifest.
+    Create {
+        /// The release's name (lower-case letters, digits, '-', '_', '.').
+        #[arg(long)]
+        name: String,
+        /// Who the release is made as (see `ingest --as`).
+        #[arg(long = "as", env = "LAKEGATE_PRINCIPAL")]
+        principal: String,
+        /// A file of SQL: one table named after the file (`cohort.sql` -> `cohort`).
+        #[arg(
+            long,
+            conflicts_with = "datasets",
+            required_unless_present = "datasets"
+        )]
+        query: Option<std::path::PathBuf>,
+        /// Datasets to release whole, comma-separated (`clinical.encounters` -> table
+        /// `encounters`).
+        #[arg(long, value_delimiter = ',')]
+        datasets: Vec<String>,
+        /// Remove the records of classes below k (counted in the report) instead of refusing.
+        #[arg(long)]
+        suppress: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Approve a pending release (a principal with release_approver=true, not its creator).
+    Approve {
+        name: String,
+        #[arg(long = "as", env = "LAKEGATE_PRINCIPAL")]
+        principal: String,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Check a release's signatures, approval and every file's SHA-256; exit 1 naming what
+    /// changed.
+    Verify {
+        name: String,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Every release with its status, project, creator, tables and rows.
+    List {
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -244,6 +300,7 @@ fn main() -> ExitCode {
                 no_new_key,
                 retire_old,
             }) => keys_rotate(&lake, keyring, no_new_key, retire_old).await,
+            Cmd::Release(cmd) => release(cmd).await,
         }
     });
     match result {
@@ -599,11 +656,19 @@ async fn keys_rotate(
     }
     let lake = lake.with_keyring(ring.clone());
     let catalog = Catalog::load(&lake).await?;
+    // Encrypted datasets, then releases (whose keys are named `release.<name>.<attempt>`).
+    let mut encrypted: Vec<String> = catalog
+        .datasets
+        .iter()
+        .filter(|d| d.encrypted)
+        .map(|d| d.name.clone())
+        .collect();
+    encrypted.extend(release_key_names(&lake).await?);
     let mut total = 0;
-    for d in catalog.datasets.iter().filter(|d| d.encrypted) {
-        let n = lakegate_catalogs::keys::rewrap(&lake, &d.name).await?;
+    for name in &encrypted {
+        let n = lakegate_catalogs::keys::rewrap(&lake, name).await?;
         total += n;
-        println!("{}: {n} data keys re-wrapped", d.name);
+        println!("{name}: {n} data keys re-wrapped");
     }
     println!(
         "{total} data keys now wrapped by {}; no data file was rewritten",
@@ -611,12 +676,11 @@ async fn keys_rotate(
     );
     if retire_old {
         // Only keys no dataset uses any more may go.
-        for d in catalog.datasets.iter().filter(|d| d.encrypted) {
-            let used = lakegate_catalogs::keys::master_keys_in_use(&lake, &d.name).await?;
+        for name in &encrypted {
+            let used = lakegate_catalogs::keys::master_keys_in_use(&lake, name).await?;
             if used.iter().any(|k| k != ring.active()) {
                 return Err(format!(
-                    "{} still has data keys wrapped by an older master key; old keys kept",
-                    d.name
+                    "{name} still has data keys wrapped by an older master key; old keys kept"
                 )
                 .into());
             }
@@ -630,6 +694,22 @@ async fn keys_rotate(
         );
     }
     Ok(())
+}
+
+/// The key names of every release's data keys in the lake.
+async fn release_key_names(lake: &Lake) -> Result<Vec<String>, AnyError> {
+    use futures::TryStreamExt;
+    let prefix = datafusion::object_store::path::Path::from("catalog/keys");
+    let listed: Vec<_> = lake.store().list(Some(&prefix)).try_collect().await?;
+    let mut names: Vec<String> = listed
+        .iter()
+        .filter_map(|m| m.location.filename())
+        .filter(|f| f.starts_with("release."))
+        .filter_map(|f| f.strip_suffix(".json"))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 async fn catalog_list(lake: &str) -> Result<(), AnyError> {
@@ -870,6 +950,268 @@ async fn ingest(args: IngestArgs) -> Result<(), AnyError> {
     }
 }
 
+/// The principal a command acts as: with a users file, authenticated by LAKEGATE_PASSWORD;
+/// without one, a demo persona by name.
+async fn acting_principal(
+    settings: &Settings,
+    name: &str,
+) -> Result<lakegate_policies::Principal, AnyError> {
+    Ok(match &settings.users {
+        Some(path) => {
+            let password = std::env::var("LAKEGATE_PASSWORD")
+                .map_err(|_| "set LAKEGATE_PASSWORD to the password of the --as principal")?;
+            let users = load_users(path)?;
+            let name = name.to_string();
+            tokio::task::spawn_blocking(move || users.authenticate(&name, &password)).await??
+        }
+        None => {
+            let users = tokio::task::spawn_blocking(demo::demo_users).await??;
+            users
+                .principal(name)
+                .ok_or_else(|| format!("unknown principal '{name}'"))?
+        }
+    })
+}
+
+fn cli_event(kind: &str, action: &str, principal: &lakegate_policies::Principal) -> AuditEvent {
+    let mut event = AuditEvent::new(kind, action);
+    event.principal = principal.name.clone();
+    event.attributes = principal
+        .attributes
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    event.purpose = principal.attribute("purpose").unwrap_or("").to_string();
+    event.client = "cli".into();
+    event
+}
+
+async fn release(cmd: ReleaseCmd) -> Result<(), AnyError> {
+    use lakegate_engine::releases;
+    match cmd {
+        ReleaseCmd::Create {
+            name,
+            principal,
+            query,
+            datasets,
+            suppress,
+            serve,
+        } => {
+            let settings = serve.resolve("./demo-lake")?;
+            let lake = with_catalog(open_lake(&settings.lake, settings.keyring.clone())?).await?;
+            let catalog = Catalog::load(&lake).await?;
+            let who = acting_principal(&settings, &principal).await?;
+            let tables: Vec<(String, String)> = match &query {
+                Some(file) => {
+                    let table = file
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().to_lowercase())
+                        .unwrap_or_default();
+                    vec![(table, read(file)?)]
+                }
+                None => datasets
+                    .iter()
+                    .map(|d| {
+                        let table = d.rsplit('.').next().unwrap_or(d).to_string();
+                        let quoted = d
+                            .split('.')
+                            .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
+                            .collect::<Vec<_>>()
+                            .join(".");
+                        (table, format!("SELECT * FROM {quoted}"))
+                    })
+                    .collect(),
+            };
+            let (policy_name, policy_text) = policy_or_demo(&settings)?;
+            let model = match &settings.model {
+                Some(path) => read(path)?,
+                None => DEFAULT_MODEL.to_string(),
+            };
+            let policy = PolicySet::load(&model, &policy_name, &policy_text, &catalog).await?;
+            let keys = match &settings.keys {
+                Some(path) => KeyRing::from_toml(&path.display().to_string(), &read(path)?)?,
+                None => demo_keys(&settings.lake)?,
+            };
+            let audit_key = audit_key_or_demo(&settings)?;
+            let signer = AuditKey::from_pem(&audit_key.to_pem())?;
+            let audit = open_audit(&lake, &catalog, audit_key, &settings.audit).await?;
+            let engine = Engine::open(lake.clone(), policy, keys, settings.engine.clone()).await?;
+            let mut event = cli_event("release", "ReleaseCreate", &who);
+            event.policy_version = engine.policy().version().to_string();
+            event.datasets = format!("releases.{name}");
+            let started = Instant::now();
+            let request = releases::CreateRequest {
+                name: name.clone(),
+                tables,
+                suppress,
+            };
+            let bar = ProgressBar::new_spinner();
+            bar.set_message(format!(
+                "making release {name}: querying, checking, writing"
+            ));
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            let made = releases::create(&engine, &who, &request, &signer).await;
+            bar.finish_and_clear();
+            event.duration_us = Some(started.elapsed().as_micros() as u64);
+            let manifest = match made {
+                Ok(m) => m,
+                Err(e) => {
+                    event.outcome = match e {
+                        lakegate_engine::EngineError::PermissionDenied(_) => "refused",
+                        _ => "failed",
+                    }
+                    .into();
+                    event.reason = e.to_string();
+                    audit.record(event).await?;
+                    audit.checkpoint().await?;
+                    return Err(e.into());
+                }
+            };
+            let rows: u64 = manifest.tables.iter().map(|t| t.rows).sum();
+            event.outcome = "completed".into();
+            event.rows = Some(rows);
+            event.reason = format!(
+                "release {name} created pending approval: {}",
+                manifest
+                    .tables
+                    .iter()
+                    .map(|t| format!("{} {} rows ({})", t.name, t.rows, t.risk))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            audit.record(event).await?;
+            audit.checkpoint().await?;
+            println!(
+                "release {name} created by {} for project {} (policy {}, key epoch {}), pending approval",
+                manifest.created_by,
+                manifest.project,
+                manifest.policy_version,
+                manifest.key_epoch.as_deref().unwrap_or("-")
+            );
+            for s in &manifest.sources {
+                println!(
+                    "  source {} version {}",
+                    s.dataset,
+                    s.version.map_or("-".to_string(), |v| v.to_string())
+                );
+            }
+            for t in &manifest.tables {
+                println!(
+                    "  table {}: {} rows in {} file(s)",
+                    t.name,
+                    t.rows,
+                    t.files.len()
+                );
+                println!("    risk: {}", t.risk);
+            }
+            Ok(())
+        }
+        ReleaseCmd::Approve {
+            name,
+            principal,
+            serve,
+        } => {
+            let settings = serve.resolve("./demo-lake")?;
+            let lake = existing_lake(&settings.lake).await?;
+            let catalog = Catalog::load(&lake).await?;
+            let who = acting_principal(&settings, &principal).await?;
+            let audit_key = audit_key_or_demo(&settings)?;
+            let signer = AuditKey::from_pem(&audit_key.to_pem())?;
+            let audit = open_audit(&lake, &catalog, audit_key, &settings.audit).await?;
+            let mut event = cli_event("release", "ReleaseApprove", &who);
+            event.datasets = format!("releases.{name}");
+            let result = releases::approve(&lake, &name, &who, &signer).await;
+            match result {
+                Ok(a) => {
+                    event.outcome = "completed".into();
+                    event.reason = format!(
+                        "release {name} approved; manifest sha256:{}",
+                        a.manifest_sha256
+                    );
+                    audit.record(event).await?;
+                    audit.checkpoint().await?;
+                    println!(
+                        "release {name} approved by {} at {} (manifest sha256:{})",
+                        a.approved_by, a.approved_at, a.manifest_sha256
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    event.outcome = "refused".into();
+                    event.reason = e.to_string();
+                    audit.record(event).await?;
+                    audit.checkpoint().await?;
+                    Err(e.into())
+                }
+            }
+        }
+        ReleaseCmd::Verify { name, serve } => {
+            let settings = serve.resolve("./demo-lake")?;
+            let lake = existing_lake(&settings.lake).await?;
+            let key = release_public_key(&settings)?;
+            let (stored, problems) = releases::verify(lake.store().as_ref(), &name, &key).await?;
+            let files: usize = stored.manifest.tables.iter().map(|t| t.files.len()).sum();
+            if problems.is_empty() {
+                println!(
+                    "release {name} intact: manifest and approval signatures hold, {files} file(s) match their SHA-256; {}",
+                    stored.status()
+                );
+                Ok(())
+            } else {
+                for p in &problems {
+                    println!("release {name}: {p}");
+                }
+                Err(format!(
+                    "release {name} failed verification: {} of {files} file(s) changed or missing",
+                    problems.len()
+                )
+                .into())
+            }
+        }
+        ReleaseCmd::List { serve } => {
+            let settings = serve.resolve("./demo-lake")?;
+            let lake = existing_lake(&settings.lake).await?;
+            let key = release_public_key(&settings)?;
+            let store = lake.store();
+            let names = releases::names(store.as_ref()).await?;
+            if names.is_empty() {
+                println!("no releases in {}", lake.url());
+            }
+            for name in names {
+                match releases::load(store.as_ref(), &name, &key).await {
+                    Ok(Some(s)) => {
+                        let m = &s.manifest;
+                        let tables = m
+                            .tables
+                            .iter()
+                            .map(|t| format!("{} ({} rows)", t.name, t.rows))
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        println!(
+                            "{name}  {}  project {}  created by {} at {}  {tables}",
+                            s.status(),
+                            m.project,
+                            m.created_by,
+                            m.created_at
+                        );
+                    }
+                    Ok(None) => println!("{name}  incomplete (no manifest)"),
+                    Err(e) => println!("{name}  {e}"),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The key release signatures are checked with: the audit key's public half.
+fn release_public_key(
+    settings: &Settings,
+) -> Result<lakegate_engine::audit::VerifyingKey, AnyError> {
+    Ok(audit_key_or_demo(settings)?.verifying_key())
+}
+
 async fn audit_zone_is_empty(lake: &Lake) -> Result<bool, AnyError> {
     use futures::StreamExt;
     let prefix = datafusion::object_store::path::Path::from("audit");
@@ -958,10 +1300,12 @@ async fn run(
             text: text.clone(),
         },
     };
+    let release_signer = audit_key.verifying_key();
     let policy = PolicySet::load(&model, &file, &text, &catalog).await?;
     tracing::info!(version = policy.version(), "policy loaded");
     let audit = open_audit(&lake, &catalog, audit_key, &settings.audit).await?;
     let engine = Engine::open(lake.clone(), policy, keys, settings.engine.clone()).await?;
+    engine.trust_release_signer(release_signer);
     // The policy file (if any) and the lake's catalog are watched: a change to either is
     // loaded, checked and swapped in, or logged and the last good pair kept.
     lakegate_flight_server::reload::spawn_watcher(

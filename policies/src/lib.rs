@@ -7,8 +7,9 @@ mod policy;
 mod users;
 
 pub use policy::{
-    Action, Decision, DifferentialPrivacy, FilterValue, Mask, Obligations, PolicySet,
-    RequestContext, RowFilter, SubjectSet, Threshold, ATTRIBUTES, DEFAULT_MODEL,
+    Action, Decision, DifferentialPrivacy, FilterValue, Generalisation, Mask, Obligations,
+    PolicySet, ReleaseRules, RequestContext, RowFilter, SubjectSet, Threshold, ATTRIBUTES,
+    DEFAULT_MODEL,
 };
 pub use users::{Principal, UserStore};
 

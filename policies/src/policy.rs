@@ -21,7 +21,15 @@ use crate::{PolicyError, Principal, Result};
 pub const DEFAULT_MODEL: &str = include_str!("../demo/model.conf");
 
 /// Attributes a rule may refer to (`r.sub.NAME`). Anything else is a typo and refused at load.
-pub const ATTRIBUTES: &[&str] = &["name", "role", "project", "purpose", "environment", "site"];
+pub const ATTRIBUTES: &[&str] = &[
+    "name",
+    "role",
+    "project",
+    "purpose",
+    "environment",
+    "site",
+    "release_approver",
+];
 /// Dataset attributes (`r.obj.NAME`).
 const OBJECT_ATTRIBUTES: &[&str] = &["name", "schema", "table", "zone", "tags", "owner"];
 /// Context attributes (`r.ctx.NAME`).
@@ -359,6 +367,65 @@ struct PolicyFile {
     version: String,
     #[serde(default, rename = "rule")]
     rules: Vec<RuleSpec>,
+    #[serde(default)]
+    release: Option<ReleaseSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseSpec {
+    #[serde(default = "default_release_k")]
+    k: u64,
+    #[serde(default)]
+    generalise: BTreeMap<String, Generalisation>,
+}
+
+fn default_release_k() -> u64 {
+    ReleaseRules::default().k
+}
+
+/// How a date or time column of a release is coarsened before the risk gate, or whether it
+/// is left out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Generalisation {
+    /// To the first day of its month.
+    Month,
+    /// To the first day of its year.
+    Year,
+    /// To the first day of its decade (1987 -> 1980).
+    Decade,
+    /// Not released at all.
+    Drop,
+}
+
+impl Generalisation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Generalisation::Month => "month",
+            Generalisation::Year => "year",
+            Generalisation::Decade => "decade",
+            Generalisation::Drop => "drop",
+        }
+    }
+}
+
+/// What a de-identified release must pass before it is written (`[release]` in the policy):
+/// every combination of its quasi-identifiers held by at least `k` patients, after the
+/// generalisations (by released column name) are applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReleaseRules {
+    pub k: u64,
+    pub generalise: BTreeMap<String, Generalisation>,
+}
+
+impl Default for ReleaseRules {
+    fn default() -> Self {
+        Self {
+            k: 11,
+            generalise: BTreeMap::new(),
+        }
+    }
 }
 
 /// What an allowing rule obliges the engine to do for one dataset.
@@ -414,6 +481,7 @@ impl Default for RequestContext {
 pub struct PolicySet {
     version: String,
     enforcer: Enforcer,
+    release: ReleaseRules,
     /// (rule name, dataset name) -> obligations.
     obligations: HashMap<(String, String), Arc<Obligations>>,
 }
@@ -631,9 +699,41 @@ impl PolicySet {
             .add_policies(lines)
             .await
             .map_err(|e| fail(0, format!("casbin: {e}")))?;
+        let release = match parsed.release {
+            None => ReleaseRules::default(),
+            Some(spec) => {
+                let line = text
+                    .lines()
+                    .position(|l| l.trim() == "[release]")
+                    .map(|i| i + 1)
+                    .unwrap_or(0);
+                if spec.k < 2 {
+                    return Err(fail(line, "[release]: k must be at least 2".into()));
+                }
+                for column in spec.generalise.keys() {
+                    let known = catalog
+                        .datasets
+                        .iter()
+                        .any(|d| d.columns.iter().any(|c| &c.name == column));
+                    if !known {
+                        return Err(fail(
+                            line,
+                            format!(
+                                "[release]: generalise names {column}, a column no dataset has"
+                            ),
+                        ));
+                    }
+                }
+                ReleaseRules {
+                    k: spec.k,
+                    generalise: spec.generalise,
+                }
+            }
+        };
         Ok(Self {
             version: parsed.version,
             enforcer,
+            release,
             obligations,
         })
     }
@@ -641,6 +741,11 @@ impl PolicySet {
     /// The policy's version string, recorded with every decision.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// What a de-identified release must pass before it is written.
+    pub fn release_rules(&self) -> &ReleaseRules {
+        &self.release
     }
 
     /// Decide whether `principal` may perform `action` on `dataset`.
@@ -1116,6 +1221,39 @@ valid_until = 2026-02-01
         ))
         .await;
         assert!(e.contains("at least 2"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_release_section_is_checked() {
+        let load = |release: &str| {
+            let text = format!("version = \"t\"\n\n[release]\n{release}\n");
+            async move { PolicySet::load(DEFAULT_MODEL, "p.toml", &text, &demo_catalog()).await }
+        };
+        let p = load("").await.unwrap();
+        assert_eq!(p.release_rules(), &ReleaseRules::default());
+        assert_eq!(p.release_rules().k, 11);
+        let p = load("k = 20\ngeneralise = { start_time = \"month\", birth_date = \"decade\", zip = \"drop\" }")
+            .await
+            .unwrap();
+        assert_eq!(p.release_rules().k, 20);
+        assert_eq!(
+            p.release_rules().generalise.get("zip"),
+            Some(&Generalisation::Drop)
+        );
+        let e = load("k = 1").await.err().unwrap().to_string();
+        assert_eq!(e, "p.toml:3: [release]: k must be at least 2");
+        let e = load("generalise = { strat_time = \"month\" }")
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("strat_time, a column no dataset has"), "{e}");
+        let e = load("generalise = { start_time = \"week\" }")
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.starts_with("p.toml:"), "{e}");
     }
 
     #[tokio::test]

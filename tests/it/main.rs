@@ -14,6 +14,7 @@ mod lookup;
 mod personas;
 mod policy_admin;
 mod private;
+mod releases;
 mod slt;
 
 // The server's allocator, so the soak's resident-memory bound measures what a server does.

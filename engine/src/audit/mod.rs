@@ -27,7 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
-use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+pub use ed25519_dalek::VerifyingKey;
+use ed25519_dalek::{Signer as _, SigningKey};
 use futures::TryStreamExt;
 use lakegate_catalogs::AUDIT_EVENTS_PREFIX;
 use lakegate_policies::Principal;
@@ -217,6 +218,24 @@ impl AuditKey {
     pub fn verifying_key(&self) -> VerifyingKey {
         self.0.verifying_key()
     }
+
+    /// An Ed25519 signature of `bytes` (hex): release manifests and approvals are signed with
+    /// the audit key, so whoever can write the lake cannot forge either.
+    pub fn sign_hex(&self, bytes: &[u8]) -> String {
+        hex(&self.0.sign(bytes).to_bytes())
+    }
+}
+
+/// Whether `signature` (hex) is `key`'s Ed25519 signature of `bytes`.
+pub fn signature_holds(key: &VerifyingKey, bytes: &[u8], signature: &str) -> bool {
+    let Some(raw) = crate::keys::decode_hex(signature.trim()) else {
+        return false;
+    };
+    let Ok(raw) = <[u8; 64]>::try_from(raw.as_slice()) else {
+        return false;
+    };
+    key.verify_strict(bytes, &ed25519_dalek::Signature::from_bytes(&raw))
+        .is_ok()
 }
 
 /// Read a PEM public key (or, for convenience, the private key it belongs to).

@@ -1,0 +1,1599 @@
+//! De-identified releases: what a principal's policy yields, materialised once into the lake's
+//! `releases/` zone behind a k-anonymity gate, with a signed manifest and a second person's
+//! approval, then read by the project's principals as `releases."NAME".<table>`.
+//!
+//! Layout of a release in the lake:
+//! - `releases/NAME/manifest.json` and `manifest.sig`: who made it, under which policy and key
+//!   epoch, from which dataset versions, each table's columns, rows, files with their SHA-256,
+//!   and the risk report; Ed25519-signed with the audit key.
+//! - `releases/NAME/approval.json`: the approver, the time and the manifest's SHA-256, signed.
+//! - `releases/NAME/data/<attempt>/<table>/part-NNNNN.parquet`: the rows, shuffled, encrypted
+//!   with the release's own data keys when the lake has a keyring. The attempt folder keeps
+//!   two creations of one name from writing over each other's files: only the one whose
+//!   manifest lands first (a create-only put) exists.
+
+use std::any::Any;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch};
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::row::{RowConverter, SortField};
+use async_trait::async_trait;
+use datafusion::catalog::{CatalogProvider, SchemaProvider, Session as DFSession, TableProvider};
+use datafusion::common::DataFusionError;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::datasource::TableType;
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::{Expr, LogicalPlan, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
+use ed25519_dalek::VerifyingKey;
+use futures::StreamExt;
+use lakegate_catalogs::Lake;
+use lakegate_policies::{Generalisation, Principal, ReleaseRules};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::audit::{signature_holds, AuditKey};
+use crate::{Engine, EngineError, Result};
+
+/// The lake zone that holds releases.
+pub const ZONE: &str = "releases";
+/// The catalog name releases are read under: `releases."NAME".<table>`.
+pub const CATALOG: &str = "releases";
+/// Rows per released Parquet file.
+const ROWS_PER_FILE: usize = 1_000_000;
+/// The output column whose distinct values count the patients of an equivalence class.
+pub const UNIT: &str = "patient_id";
+
+/// Rule names that refusals carry.
+const RULE_NAME: &str = "release-name";
+const RULE_GATE: &str = "release-k-anonymity";
+const RULE_DEIDENTIFIED: &str = "release-deidentified";
+const RULE_PROJECT: &str = "release-project";
+const RULE_APPROVAL: &str = "release-approval";
+const RULE_READERS: &str = "release-readers";
+const RULE_INTEGRITY: &str = "release-integrity";
+
+/// What a release holds and where it came from. Names and figures only, never a value.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    /// Names the folder of this creation's files and its signature (`manifest.<attempt>.sig`).
+    pub attempt: String,
+    pub created_at: String,
+    pub created_by: String,
+    /// The creator's attributes as the identity source gave them.
+    pub attributes: BTreeMap<String, String>,
+    /// Only this project's principals may read the release.
+    pub project: String,
+    pub policy_version: String,
+    /// The project key's epoch: pseudonyms and date shifts join with live queries and other
+    /// releases of the same epoch.
+    pub key_epoch: Option<String>,
+    /// Each dataset read, with its newest version when the release was made.
+    pub sources: Vec<SourceVersion>,
+    pub tables: Vec<ReleasedTable>,
+    /// The data keys' name in the lake's catalog (`catalog/keys/<name>.json`), when encrypted.
+    pub data_keys: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceVersion {
+    pub dataset: String,
+    pub version: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleasedTable {
+    pub name: String,
+    /// The query it was made from (the principal's SQL, before generalisation).
+    pub query: String,
+    pub rows: u64,
+    pub columns: Vec<ReleasedColumn>,
+    pub files: Vec<ReleasedFile>,
+    pub risk: RiskReport,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleasedColumn {
+    pub name: String,
+    pub data_type: String,
+    /// The labels of the source columns it derives from.
+    pub labels: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleasedFile {
+    /// Relative to the lake's root.
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The re-identification risk of one released table, as ARX reports it for the prosecutor
+/// model: equivalence classes of the quasi-identifiers, counted in distinct patients.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RiskReport {
+    pub k: u64,
+    /// What a class's size counts: distinct `patient_id` values, or rows without one.
+    pub unit: String,
+    pub quasi_identifiers: Vec<String>,
+    /// Column -> generalisation applied before the gate.
+    pub generalised: BTreeMap<String, String>,
+    /// Columns left out of the release by the policy.
+    pub dropped: Vec<String>,
+    /// As checked, before any suppression.
+    pub records: u64,
+    pub classes: u64,
+    pub smallest_class: u64,
+    pub classes_below_k: u64,
+    pub records_at_risk: u64,
+    pub highest_risk: f64,
+    pub average_risk: f64,
+    /// Records removed by `--suppress` (those of classes below k).
+    pub suppressed_records: u64,
+    /// As released, after suppression.
+    pub released_records: u64,
+    pub released_highest_risk: f64,
+    pub released_average_risk: f64,
+    pub passed: bool,
+}
+
+impl fmt::Display for RiskReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let qi = if self.quasi_identifiers.is_empty() {
+            "none".to_string()
+        } else {
+            self.quasi_identifiers.join(", ")
+        };
+        write!(
+            f,
+            "k={} over {qi} (class size in {}): {} records in {} classes, smallest {}, {} classes \
+             below k holding {} records at risk; highest prosecutor risk {:.4}, average {:.4}",
+            self.k,
+            self.unit,
+            self.records,
+            self.classes,
+            self.smallest_class,
+            self.classes_below_k,
+            self.records_at_risk,
+            self.highest_risk,
+            self.average_risk,
+        )?;
+        if self.suppressed_records > 0 {
+            write!(
+                f,
+                "; {} records suppressed, {} released, highest risk {:.4}, average {:.4}",
+                self.suppressed_records,
+                self.released_records,
+                self.released_highest_risk,
+                self.released_average_risk
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A second principal's approval of one manifest.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    pub release: String,
+    pub manifest_sha256: String,
+    pub approved_by: String,
+    pub approved_at: String,
+    /// Ed25519 over this approval serialized with `signature = ""` (hex).
+    pub signature: String,
+}
+
+impl Approval {
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut unsigned = self.clone();
+        unsigned.signature = String::new();
+        serde_json::to_vec(&unsigned).expect("approvals serialize")
+    }
+}
+
+/// Where a release stands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Status {
+    Pending,
+    Approved { by: String, at: String },
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Status::Pending => write!(f, "pending"),
+            Status::Approved { by, at } => write!(f, "approved by {by} at {at}"),
+        }
+    }
+}
+
+/// What to release: one table per (name, SQL query), run as the creator.
+#[derive(Clone, Debug)]
+pub struct CreateRequest {
+    pub name: String,
+    pub tables: Vec<(String, String)>,
+    /// Remove the records of classes below k instead of refusing the release.
+    pub suppress: bool,
+}
+
+fn refused(rule: &str, what: String) -> EngineError {
+    EngineError::PermissionDenied(format!("{what} (rule: {rule})"))
+}
+
+fn path(name: &str, rest: &str) -> Path {
+    Path::from(format!("{ZONE}/{name}/{rest}"))
+}
+
+/// Release and table names: lower-case letters, digits, `-`, `_` and `.`, starting with a
+/// letter or digit, at most 64 characters (they become object keys and SQL identifiers).
+pub fn check_name(kind: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && !name.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidQuery(format!(
+            "{kind} name '{}' is not allowed: use lower-case letters, digits, '-', '_' and '.' \
+             (at most 64, starting with a letter or digit) (rule: {RULE_NAME})",
+            name.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    crate::audit::hex(&Sha256::digest(bytes))
+}
+
+async fn get_optional(store: &dyn ObjectStore, at: &Path) -> Result<Option<bytes::Bytes>> {
+    match store.get(at).await {
+        Ok(got) => Ok(Some(got.bytes().await.map_err(store_error)?)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+fn arrow_error(e: arrow::error::ArrowError) -> EngineError {
+    EngineError::from(DataFusionError::from(e))
+}
+
+fn store_error(e: object_store::Error) -> EngineError {
+    EngineError::Catalog(lakegate_catalogs::CatalogError::Store(e))
+}
+
+/// Make a release: run each table's query as `principal` (the same masks, filters and
+/// pseudonyms as their live queries), apply the policy's generalisations, check every table
+/// against the k-anonymity gate, and write the shuffled rows, then the signed manifest.
+/// Nothing is readable until a release approver approves it.
+pub async fn create(
+    engine: &Engine,
+    principal: &Principal,
+    request: &CreateRequest,
+    signer: &AuditKey,
+) -> Result<Manifest> {
+    check_name("release", &request.name)?;
+    if request.tables.is_empty() {
+        return Err(EngineError::InvalidQuery(
+            "a release needs at least one table".into(),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (table, _) in &request.tables {
+        check_name("table", table)?;
+        if !seen.insert(table) {
+            return Err(EngineError::InvalidQuery(format!(
+                "table {table} is named twice in release {}",
+                request.name
+            )));
+        }
+    }
+    let project = principal
+        .attributes
+        .get("project")
+        .filter(|p| !p.is_empty())
+        .cloned()
+        .ok_or_else(|| {
+            refused(
+                RULE_PROJECT,
+                format!(
+                    "{} has no project: a release is made for one project's principals",
+                    principal.name
+                ),
+            )
+        })?;
+    let lake = engine.lake();
+    let store = lake.store();
+    let manifest_at = path(&request.name, "manifest.json");
+    if get_optional(store.as_ref(), &manifest_at).await?.is_some() {
+        return Err(EngineError::InvalidQuery(format!(
+            "release {} already exists; releases are never modified (make a new one under a new \
+             name)",
+            request.name
+        )));
+    }
+    let rules = engine.policy().release_rules().clone();
+    let session = engine.session(principal).await?;
+    let attempt = {
+        use rand::RngCore;
+        let mut b = [0u8; 8];
+        rand::rngs::OsRng.fill_bytes(&mut b);
+        crate::audit::hex(&b)
+    };
+    let data_keys = match lake.keyring() {
+        Some(_) => {
+            let key_name = format!("release.{}.{attempt}", request.name);
+            let keys = lakegate_catalogs::keys::create(lake, &key_name).await?;
+            Some((key_name, keys))
+        }
+        None => None,
+    };
+    let made = make_tables(
+        engine, &session, &rules, request, &attempt, &data_keys, &store,
+    )
+    .await;
+    let (tables, sources) = match made {
+        Ok(made) => made,
+        Err(e) => {
+            remove_attempt(&store, &request.name, &attempt).await;
+            if let Some((key_name, _)) = &data_keys {
+                let _ = store
+                    .delete(&lakegate_catalogs::keys::key_file(key_name))
+                    .await;
+            }
+            return Err(e);
+        }
+    };
+    let manifest = Manifest {
+        name: request.name.clone(),
+        attempt: attempt.clone(),
+        created_at: crate::audit::now_rfc3339(),
+        created_by: principal.name.clone(),
+        attributes: principal
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        project: project.clone(),
+        policy_version: session.policy_version().to_string(),
+        key_epoch: engine.keys().epoch(&project),
+        sources,
+        tables,
+        data_keys: data_keys.map(|(n, _)| n),
+    };
+    let body = serde_json::to_vec_pretty(&manifest).expect("manifests serialize");
+    let signature = signer.sign_hex(&body);
+    // The signature first: a manifest never exists without one.
+    store
+        .put(
+            &path(&request.name, &format!("manifest.{attempt}.sig")),
+            PutPayload::from(signature.into_bytes()),
+        )
+        .await
+        .map_err(store_error)?;
+    let put = store
+        .put_opts(
+            &manifest_at,
+            PutPayload::from(body),
+            PutOptions::from(PutMode::Create),
+        )
+        .await;
+    match put {
+        Ok(_) => Ok(manifest),
+        Err(object_store::Error::AlreadyExists { .. }) => {
+            remove_attempt(&store, &request.name, &attempt).await;
+            let _ = store
+                .delete(&path(&request.name, &format!("manifest.{attempt}.sig")))
+                .await;
+            Err(EngineError::InvalidQuery(format!(
+                "release {} already exists (another creation finished first)",
+                request.name
+            )))
+        }
+        Err(e) => {
+            remove_attempt(&store, &request.name, &attempt).await;
+            Err(store_error(e))
+        }
+    }
+}
+
+async fn remove_attempt(store: &Arc<dyn ObjectStore>, name: &str, attempt: &str) {
+    let prefix = path(name, &format!("data/{attempt}"));
+    let listed: Vec<_> = store
+        .list(Some(&prefix))
+        .filter_map(|m| async move { m.ok() })
+        .collect()
+        .await;
+    for m in listed {
+        let _ = store.delete(&m.location).await;
+    }
+}
+
+type MadeTables = (Vec<ReleasedTable>, Vec<SourceVersion>);
+
+async fn make_tables(
+    engine: &Engine,
+    session: &crate::Session,
+    rules: &ReleaseRules,
+    request: &CreateRequest,
+    attempt: &str,
+    data_keys: &Option<(String, lakegate_catalogs::DataKeys)>,
+    store: &Arc<dyn ObjectStore>,
+) -> Result<MadeTables> {
+    let catalog = engine.catalog();
+    let mut datasets = BTreeSet::new();
+    let mut planned_tables = Vec::new();
+    for (table, sql) in &request.tables {
+        let sql = sql.trim().trim_end_matches(';').trim_end();
+        let planned = session.plan(sql).await?;
+        if planned.report().private.is_some() {
+            return Err(refused(
+                RULE_DEIDENTIFIED,
+                format!(
+                    "table {table}: differentially private answers are noisy per query and \
+                     cannot be materialised into a release"
+                ),
+            ));
+        }
+        datasets.extend(planned.report().datasets.iter().cloned());
+        let (wrapped, generalised, dropped) = generalise(sql, &planned.schema(), rules)?;
+        planned_tables.push((table, sql.to_string(), wrapped, generalised, dropped));
+    }
+    let before = source_versions(engine, &datasets).await?;
+    let mut tables = Vec::new();
+    for (table, sql, wrapped, generalised, dropped) in planned_tables {
+        let planned = session.plan(&wrapped).await?;
+        let labels = lineage(&planned.plan, &catalog);
+        let schema = planned.schema();
+        let mut gate = Gate::new(&schema, &labels, rules.k);
+        // First pass: the classes.
+        let mut stream = planned.execute(None).await?;
+        while let Some(batch) = stream.next().await {
+            gate.observe(&batch?)?;
+        }
+        let direct: Vec<String> = gate
+            .non_null
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| **n > 0 && labels[*i].contains("phi.direct"))
+            .map(|(i, _)| schema.field(i).name().clone())
+            .collect();
+        if !direct.is_empty() {
+            return Err(refused(
+                RULE_DEIDENTIFIED,
+                format!(
+                    "table {table}: column(s) {} carry direct identifiers for this principal; \
+                     a release holds none",
+                    direct.join(", ")
+                ),
+            ));
+        }
+        let mut risk = gate.report(generalised, dropped);
+        if !risk.passed && !request.suppress {
+            return Err(refused(
+                RULE_GATE,
+                format!(
+                    "release {} table {table} fails the risk gate: {risk}. Generalise further \
+                     in the policy's [release] section, or pass --suppress to remove the {} \
+                     records at risk (the highest risk left would be {:.4})",
+                    request.name, risk.records_at_risk, risk.released_highest_risk
+                ),
+            ));
+        }
+        risk.suppressed_records = risk.records_at_risk;
+        // Second pass: the same rows in a secret random order, without the suppressed ones.
+        let shuffled = session
+            .plan(&format!(
+                "SELECT * FROM ({wrapped}) AS lakegate_shuffle ORDER BY random()"
+            ))
+            .await?;
+        let mut stream = shuffled.execute(None).await?;
+        let column_labels: Vec<(String, String)> = schema
+            .fields()
+            .iter()
+            .zip(&labels)
+            .map(|(f, l)| (f.name().clone(), key_class(l).to_string()))
+            .collect();
+        let mut writer = FileWriter::new(
+            store,
+            &request.name,
+            attempt,
+            table,
+            &schema,
+            data_keys,
+            &column_labels,
+        )?;
+        let mut seen = 0u64;
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            seen += batch.num_rows() as u64;
+            let keep = gate.keep(&batch)?;
+            let kept = arrow::compute::filter_record_batch(&batch, &keep)
+                .map_err(|e| EngineError::Internal(format!("release filter: {e}")))?;
+            writer.write(&kept).await?;
+        }
+        let (files, rows) = writer.finish().await?;
+        if seen != risk.records || rows != risk.released_records {
+            return Err(EngineError::InvalidQuery(format!(
+                "release {} table {table}: its sources changed while it was made; run it again",
+                request.name
+            )));
+        }
+        risk.released_records = rows;
+        tables.push(ReleasedTable {
+            name: table.clone(),
+            query: sql,
+            rows,
+            columns: schema
+                .fields()
+                .iter()
+                .zip(&labels)
+                .map(|(f, l)| ReleasedColumn {
+                    name: f.name().clone(),
+                    data_type: f.data_type().to_string(),
+                    labels: l.iter().cloned().collect(),
+                })
+                .collect(),
+            files,
+            risk,
+        });
+    }
+    let after = source_versions(engine, &datasets).await?;
+    if before != after {
+        return Err(EngineError::InvalidQuery(format!(
+            "release {}: a source dataset got a new version while the release was made; run it \
+             again",
+            request.name
+        )));
+    }
+    Ok((tables, before))
+}
+
+async fn source_versions(
+    engine: &Engine,
+    datasets: &BTreeSet<String>,
+) -> Result<Vec<SourceVersion>> {
+    let catalog = engine.catalog();
+    let mut out = Vec::new();
+    for name in datasets {
+        let version = match catalog.dataset(name) {
+            Some(d) if d.format == lakegate_catalogs::FileFormat::Delta => {
+                lakegate_catalogs::delta::history(engine.lake(), d)
+                    .await?
+                    .iter()
+                    .map(|v| v.version)
+                    .max()
+            }
+            _ => None,
+        };
+        out.push(SourceVersion {
+            dataset: name.clone(),
+            version,
+        });
+    }
+    Ok(out)
+}
+
+/// The key class a released column is encrypted under: that of its most sensitive source.
+fn key_class(labels: &BTreeSet<String>) -> &'static str {
+    if labels.contains("phi.direct") {
+        "phi.direct"
+    } else if labels.contains("phi.quasi") {
+        "phi.quasi"
+    } else {
+        "other"
+    }
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The SQL that applies the policy's generalisations to a query's output, with what was
+/// generalised and what dropped.
+fn generalise(
+    sql: &str,
+    schema: &SchemaRef,
+    rules: &ReleaseRules,
+) -> Result<(String, BTreeMap<String, String>, Vec<String>)> {
+    let mut exprs = Vec::new();
+    let mut generalised = BTreeMap::new();
+    let mut dropped = Vec::new();
+    for f in schema.fields() {
+        let c = quote(f.name());
+        let Some(g) = rules.generalise.get(f.name()) else {
+            exprs.push(c);
+            continue;
+        };
+        let expr = match (g, f.data_type()) {
+            (Generalisation::Drop, _) => {
+                dropped.push(f.name().clone());
+                continue;
+            }
+            (Generalisation::Month | Generalisation::Year, DataType::Date32) => {
+                format!("CAST(date_trunc('{}', {c}) AS DATE)", g.as_str())
+            }
+            (Generalisation::Month | Generalisation::Year, DataType::Timestamp(_, _)) => {
+                format!("date_trunc('{}', {c})", g.as_str())
+            }
+            (Generalisation::Decade, DataType::Date32) => {
+                format!("make_date(CAST(date_part('year', {c}) AS INT) / 10 * 10, 1, 1)")
+            }
+            (g, t) => {
+                return Err(EngineError::InvalidConfig(format!(
+                    "the policy's [release] section generalises {} to {}, which applies to \
+                     dates{}, not to {t}",
+                    f.name(),
+                    g.as_str(),
+                    if *g == Generalisation::Decade {
+                        ""
+                    } else {
+                        " and times"
+                    }
+                )))
+            }
+        };
+        generalised.insert(f.name().clone(), g.as_str().to_string());
+        exprs.push(format!("{expr} AS {c}"));
+    }
+    if exprs.is_empty() {
+        return Err(EngineError::InvalidConfig(
+            "the policy's [release] section drops every column of the query".into(),
+        ));
+    }
+    Ok((
+        format!(
+            "SELECT {} FROM ({sql}) AS lakegate_release",
+            exprs.join(", ")
+        ),
+        generalised,
+        dropped,
+    ))
+}
+
+/// Per output column of a governed plan, the labels of the dataset columns it derives from.
+/// Where the derivation is not followed exactly (an unfamiliar node), every column of the node
+/// gets every label of its inputs: more quasi-identifiers, never fewer.
+fn lineage(plan: &LogicalPlan, catalog: &lakegate_catalogs::Catalog) -> Vec<BTreeSet<String>> {
+    let width = plan.schema().fields().len();
+    let from_exprs = |exprs: &[Expr], input: &LogicalPlan| -> Vec<BTreeSet<String>> {
+        let inner = lineage(input, catalog);
+        exprs
+            .iter()
+            .map(|e| {
+                let mut labels = BTreeSet::new();
+                for c in e.column_refs() {
+                    match input.schema().index_of_column(c) {
+                        Ok(i) => labels.extend(inner[i].iter().cloned()),
+                        Err(_) => inner.iter().for_each(|l| labels.extend(l.iter().cloned())),
+                    }
+                }
+                labels
+            })
+            .collect()
+    };
+    let everything = |inputs: Vec<&LogicalPlan>| -> Vec<BTreeSet<String>> {
+        let mut all = BTreeSet::new();
+        for i in inputs {
+            for l in lineage(i, catalog) {
+                all.extend(l);
+            }
+        }
+        vec![all; width]
+    };
+    let out = match plan {
+        LogicalPlan::TableScan(scan) => {
+            let dataset = crate::thresholds::governed_dataset(scan)
+                .and_then(|d| catalog.dataset(&d).cloned());
+            scan.projected_schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    let mut labels = BTreeSet::new();
+                    if let Some(c) = dataset
+                        .as_ref()
+                        .and_then(|d| d.columns.iter().find(|c| &c.name == f.name()))
+                    {
+                        labels.insert(c.label.clone());
+                    }
+                    labels
+                })
+                .collect()
+        }
+        LogicalPlan::Projection(p) => from_exprs(&p.expr, &p.input),
+        LogicalPlan::Aggregate(a) => {
+            let exprs: Vec<Expr> = a
+                .group_expr
+                .iter()
+                .chain(a.aggr_expr.iter())
+                .cloned()
+                .collect();
+            // Grouping sets add an id column; fall back to everything then.
+            if exprs.len() == width {
+                from_exprs(&exprs, &a.input)
+            } else {
+                everything(vec![&a.input])
+            }
+        }
+        LogicalPlan::Window(w) => {
+            let mut out = lineage(&w.input, catalog);
+            out.extend(from_exprs(&w.window_expr, &w.input));
+            out
+        }
+        LogicalPlan::Join(j) => {
+            use datafusion::logical_expr::JoinType;
+            match j.join_type {
+                JoinType::LeftSemi | JoinType::LeftAnti => lineage(&j.left, catalog),
+                JoinType::RightSemi | JoinType::RightAnti => lineage(&j.right, catalog),
+                _ => {
+                    let mut out = lineage(&j.left, catalog);
+                    out.extend(lineage(&j.right, catalog));
+                    out
+                }
+            }
+        }
+        LogicalPlan::Union(u) => {
+            let mut out = vec![BTreeSet::new(); width];
+            for input in &u.inputs {
+                for (i, l) in lineage(input, catalog).into_iter().enumerate() {
+                    if let Some(slot) = out.get_mut(i) {
+                        slot.extend(l);
+                    }
+                }
+            }
+            out
+        }
+        other => {
+            let inputs = other.inputs();
+            if inputs.len() == 1 && inputs[0].schema().fields().len() == width {
+                lineage(inputs[0], catalog)
+            } else {
+                everything(inputs)
+            }
+        }
+    };
+    if out.len() == width {
+        out
+    } else {
+        everything(plan.inputs())
+    }
+}
+
+/// The k-anonymity gate of one table: equivalence classes of its quasi-identifiers.
+struct Gate {
+    k: u64,
+    quasi: Vec<usize>,
+    quasi_names: Vec<String>,
+    unit: Option<usize>,
+    converter: Option<RowConverter>,
+    classes: HashMap<Box<[u8]>, u32>,
+    records: Vec<u64>,
+    patients: Vec<u64>,
+    seen: HashSet<(u32, u64)>,
+    non_null: Vec<u64>,
+}
+
+impl Gate {
+    fn new(schema: &SchemaRef, labels: &[BTreeSet<String>], k: u64) -> Self {
+        let unit = schema.index_of(UNIT).ok();
+        let quasi: Vec<usize> = (0..schema.fields().len())
+            .filter(|i| Some(*i) != unit && labels[*i].contains("phi.quasi"))
+            .collect();
+        let converter = (!quasi.is_empty()).then(|| {
+            RowConverter::new(
+                quasi
+                    .iter()
+                    .map(|i| SortField::new(schema.field(*i).data_type().clone()))
+                    .collect(),
+            )
+            .expect("every Arrow type has a row format")
+        });
+        Self {
+            k,
+            quasi_names: quasi
+                .iter()
+                .map(|i| schema.field(*i).name().clone())
+                .collect(),
+            quasi,
+            unit,
+            converter,
+            classes: HashMap::new(),
+            records: Vec::new(),
+            patients: Vec::new(),
+            seen: HashSet::new(),
+            non_null: vec![0; schema.fields().len()],
+        }
+    }
+
+    fn rows(&self, batch: &RecordBatch) -> Result<Option<arrow::row::Rows>> {
+        let Some(converter) = &self.converter else {
+            return Ok(None);
+        };
+        let columns: Vec<ArrayRef> = self
+            .quasi
+            .iter()
+            .map(|i| Arc::clone(batch.column(*i)))
+            .collect();
+        Ok(Some(
+            converter.convert_columns(&columns).map_err(arrow_error)?,
+        ))
+    }
+
+    fn unit_hashes(&self, batch: &RecordBatch) -> Result<Option<Vec<u64>>> {
+        use std::hash::{BuildHasher, Hasher};
+        let Some(u) = self.unit else {
+            return Ok(None);
+        };
+        let converter =
+            RowConverter::new(vec![SortField::new(batch.column(u).data_type().clone())])
+                .map_err(arrow_error)?;
+        let rows = converter
+            .convert_columns(&[Arc::clone(batch.column(u))])
+            .map_err(arrow_error)?;
+        let state =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+        Ok(Some(
+            rows.iter()
+                .map(|r| {
+                    let mut h = state.build_hasher();
+                    h.write(r.as_ref());
+                    h.finish()
+                })
+                .collect(),
+        ))
+    }
+
+    fn observe(&mut self, batch: &RecordBatch) -> Result<()> {
+        for (i, n) in self.non_null.iter_mut().enumerate() {
+            let c = batch.column(i);
+            *n += (c.len() - c.logical_null_count()) as u64;
+        }
+        let rows = self.rows(batch)?;
+        let units = self.unit_hashes(batch)?;
+        for r in 0..batch.num_rows() {
+            let key: &[u8] = match &rows {
+                Some(rows) => rows.row(r).data(),
+                None => &[],
+            };
+            let class = match self.classes.get(key) {
+                Some(c) => *c,
+                None => {
+                    let c = self.records.len() as u32;
+                    self.classes.insert(key.into(), c);
+                    self.records.push(0);
+                    self.patients.push(0);
+                    c
+                }
+            };
+            self.records[class as usize] += 1;
+            match &units {
+                Some(u) => {
+                    if self.seen.insert((class, u[r])) {
+                        self.patients[class as usize] += 1;
+                    }
+                }
+                None => self.patients[class as usize] += 1,
+            }
+        }
+        Ok(())
+    }
+
+    fn report(&self, generalised: BTreeMap<String, String>, dropped: Vec<String>) -> RiskReport {
+        let records: u64 = self.records.iter().sum();
+        let mut report = RiskReport {
+            k: self.k,
+            unit: if self.unit.is_some() {
+                format!("distinct {UNIT}")
+            } else {
+                "rows".into()
+            },
+            quasi_identifiers: self
+                .quasi
+                .iter()
+                .zip(&self.quasi_names)
+                .filter(|(i, _)| self.non_null[**i] > 0)
+                .map(|(_, n)| n.clone())
+                .collect(),
+            generalised,
+            dropped,
+            records,
+            classes: self.records.len() as u64,
+            smallest_class: self.patients.iter().copied().min().unwrap_or(0),
+            ..Default::default()
+        };
+        let mut risk_sum = 0.0;
+        let mut released_sum = 0.0;
+        for (r, p) in self.records.iter().zip(&self.patients) {
+            let risk = 1.0 / (*p).max(1) as f64;
+            risk_sum += *r as f64 * risk;
+            report.highest_risk = report.highest_risk.max(risk);
+            if *p < self.k {
+                report.classes_below_k += 1;
+                report.records_at_risk += r;
+            } else {
+                released_sum += *r as f64 * risk;
+                report.released_highest_risk = report.released_highest_risk.max(risk);
+            }
+        }
+        report.released_records = records - report.records_at_risk;
+        if records > 0 {
+            report.average_risk = risk_sum / records as f64;
+        }
+        if report.released_records > 0 {
+            report.released_average_risk = released_sum / report.released_records as f64;
+        }
+        report.passed = report.records_at_risk == 0;
+        report
+    }
+
+    /// Which rows of a second-pass batch are released: those of classes of k patients or
+    /// more. A class the first pass did not see means the sources changed: refused.
+    fn keep(&self, batch: &RecordBatch) -> Result<BooleanArray> {
+        let rows = self.rows(batch)?;
+        let mut keep = Vec::with_capacity(batch.num_rows());
+        for r in 0..batch.num_rows() {
+            let key: &[u8] = match &rows {
+                Some(rows) => rows.row(r).data(),
+                None => &[],
+            };
+            let Some(class) = self.classes.get(key) else {
+                return Err(EngineError::InvalidQuery(
+                    "a release's sources changed while it was made; run it again".into(),
+                ));
+            };
+            keep.push(self.patients[*class as usize] >= self.k);
+        }
+        Ok(BooleanArray::from(keep))
+    }
+}
+
+/// Writes one released table's rows into Parquet files of at most [`ROWS_PER_FILE`] rows.
+struct FileWriter<'a> {
+    store: &'a Arc<dyn ObjectStore>,
+    folder: String,
+    schema: SchemaRef,
+    props: parquet::file::properties::WriterProperties,
+    current: Option<parquet::arrow::ArrowWriter<Vec<u8>>>,
+    in_current: usize,
+    files: Vec<ReleasedFile>,
+    rows: u64,
+}
+
+impl<'a> FileWriter<'a> {
+    fn new(
+        store: &'a Arc<dyn ObjectStore>,
+        release: &str,
+        attempt: &str,
+        table: &str,
+        schema: &SchemaRef,
+        data_keys: &Option<(String, lakegate_catalogs::DataKeys)>,
+        labels: &[(String, String)],
+    ) -> Result<Self> {
+        use parquet::basic::{Compression, ZstdLevel};
+        let mut props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()));
+        if let Some((_, keys)) = data_keys {
+            props = props.with_file_encryption_properties(
+                keys.encryption_of(labels.iter().map(|(n, l)| (n.as_str(), l.as_str())))?,
+            );
+        }
+        Ok(Self {
+            store,
+            folder: format!("{ZONE}/{release}/data/{attempt}/{table}"),
+            schema: Arc::clone(schema),
+            props: props.build(),
+            current: None,
+            in_current: 0,
+            files: Vec::new(),
+            rows: 0,
+        })
+    }
+
+    async fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            if self.current.is_none() {
+                self.current = Some(
+                    parquet::arrow::ArrowWriter::try_new(
+                        Vec::new(),
+                        Arc::clone(&self.schema),
+                        Some(self.props.clone()),
+                    )
+                    .map_err(|e| EngineError::Internal(format!("release writer: {e}")))?,
+                );
+                self.in_current = 0;
+            }
+            let n = (batch.num_rows() - offset).min(ROWS_PER_FILE - self.in_current);
+            let writer = self.current.as_mut().expect("set above");
+            writer
+                .write(&batch.slice(offset, n))
+                .map_err(|e| EngineError::Internal(format!("release writer: {e}")))?;
+            offset += n;
+            self.in_current += n;
+            self.rows += n as u64;
+            if self.in_current >= ROWS_PER_FILE {
+                self.close_file().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn close_file(&mut self) -> Result<()> {
+        let Some(writer) = self.current.take() else {
+            return Ok(());
+        };
+        let bytes = writer
+            .into_inner()
+            .map_err(|e| EngineError::Internal(format!("release writer: {e}")))?;
+        let at = format!("{}/part-{:05}.parquet", self.folder, self.files.len());
+        let file = ReleasedFile {
+            path: at.clone(),
+            bytes: bytes.len() as u64,
+            sha256: sha256_hex(&bytes),
+        };
+        self.store
+            .put(&Path::from(at), PutPayload::from(bytes))
+            .await
+            .map_err(store_error)?;
+        self.files.push(file);
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<(Vec<ReleasedFile>, u64)> {
+        // An empty table still gets one file, so that it has a schema to read.
+        if self.current.is_none() && self.files.is_empty() {
+            self.current = Some(
+                parquet::arrow::ArrowWriter::try_new(
+                    Vec::new(),
+                    Arc::clone(&self.schema),
+                    Some(self.props.clone()),
+                )
+                .map_err(|e| EngineError::Internal(format!("release writer: {e}")))?,
+            );
+        }
+        self.close_file().await?;
+        Ok((self.files, self.rows))
+    }
+}
+
+/// A release's manifest, as stored, with its signature checked.
+pub struct Stored {
+    pub manifest: Manifest,
+    pub manifest_sha256: String,
+    pub approval: Option<Approval>,
+}
+
+/// Read a release's manifest and approval and check their signatures with `key`.
+/// `Ok(None)` when no release has that name.
+pub async fn load(
+    store: &dyn ObjectStore,
+    name: &str,
+    key: &VerifyingKey,
+) -> Result<Option<Stored>> {
+    check_name("release", name)?;
+    let Some(body) = get_optional(store, &path(name, "manifest.json")).await? else {
+        return Ok(None);
+    };
+    let integrity = |what: &str| {
+        refused(
+            RULE_INTEGRITY,
+            format!("release {name} failed verification: {what}"),
+        )
+    };
+    let manifest: Manifest =
+        serde_json::from_slice(&body).map_err(|_| integrity("its manifest does not parse"))?;
+    if manifest.name != name {
+        return Err(integrity("its manifest names another release"));
+    }
+    if check_name("attempt", &manifest.attempt).is_err() {
+        return Err(integrity("its manifest names no valid attempt"));
+    }
+    let signature = get_optional(
+        store,
+        &path(name, &format!("manifest.{}.sig", manifest.attempt)),
+    )
+    .await?
+    .ok_or_else(|| integrity("its manifest is not signed"))?;
+    if !signature_holds(key, &body, &String::from_utf8_lossy(&signature)) {
+        return Err(integrity(
+            "its manifest's signature does not hold (changed after it was made)",
+        ));
+    }
+    let manifest_sha256 = sha256_hex(&body);
+    let approval = match get_optional(store, &path(name, "approval.json")).await? {
+        None => None,
+        Some(bytes) => {
+            let approval: Approval = serde_json::from_slice(&bytes)
+                .map_err(|_| integrity("its approval does not parse"))?;
+            if approval.release != name
+                || !signature_holds(key, &approval.signed_bytes(), &approval.signature)
+            {
+                return Err(integrity("its approval's signature does not hold"));
+            }
+            if approval.manifest_sha256 != manifest_sha256 {
+                return Err(integrity("its manifest changed after it was approved"));
+            }
+            Some(approval)
+        }
+    };
+    Ok(Some(Stored {
+        manifest,
+        manifest_sha256,
+        approval,
+    }))
+}
+
+impl Stored {
+    pub fn status(&self) -> Status {
+        match &self.approval {
+            None => Status::Pending,
+            Some(a) => Status::Approved {
+                by: a.approved_by.clone(),
+                at: a.approved_at.clone(),
+            },
+        }
+    }
+}
+
+/// Approve a pending release: only a principal with `release_approver=true` who did not
+/// create it. The approval names the manifest's SHA-256, so a manifest changed afterwards is
+/// no longer approved.
+pub async fn approve(
+    lake: &Lake,
+    name: &str,
+    approver: &Principal,
+    signer: &AuditKey,
+) -> Result<Approval> {
+    let store = lake.store();
+    let stored = load(store.as_ref(), name, &signer.verifying_key())
+        .await?
+        .ok_or_else(|| EngineError::InvalidQuery(format!("no release named {name}")))?;
+    if approver
+        .attributes
+        .get("release_approver")
+        .map(String::as_str)
+        != Some("true")
+    {
+        return Err(refused(
+            RULE_APPROVAL,
+            format!(
+                "{} may not approve releases: approvers hold the release_approver attribute",
+                approver.name
+            ),
+        ));
+    }
+    if approver.name == stored.manifest.created_by {
+        return Err(refused(
+            RULE_APPROVAL,
+            format!(
+                "{} created release {name} and may not approve it: a release needs two people",
+                approver.name
+            ),
+        ));
+    }
+    if let Some(a) = &stored.approval {
+        return Err(EngineError::InvalidQuery(format!(
+            "release {name} is already approved by {} at {}",
+            a.approved_by, a.approved_at
+        )));
+    }
+    let mut approval = Approval {
+        release: name.to_string(),
+        manifest_sha256: stored.manifest_sha256,
+        approved_by: approver.name.clone(),
+        approved_at: crate::audit::now_rfc3339(),
+        signature: String::new(),
+    };
+    approval.signature = signer.sign_hex(&approval.signed_bytes());
+    let put = store
+        .put_opts(
+            &path(name, "approval.json"),
+            PutPayload::from(serde_json::to_vec_pretty(&approval).expect("approvals serialize")),
+            PutOptions::from(PutMode::Create),
+        )
+        .await;
+    match put {
+        Ok(_) => Ok(approval),
+        Err(object_store::Error::AlreadyExists { .. }) => Err(EngineError::InvalidQuery(format!(
+            "release {name} was approved by someone else meanwhile"
+        ))),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+/// Every release's name in the lake, sorted.
+pub async fn names(store: &dyn ObjectStore) -> Result<Vec<String>> {
+    let listed = store
+        .list_with_delimiter(Some(&Path::from(ZONE)))
+        .await
+        .map_err(store_error)?;
+    let mut names: Vec<String> = listed
+        .common_prefixes
+        .iter()
+        .filter_map(|p| p.filename().map(str::to_string))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Check a release end to end: signatures, approval, and every file's size and SHA-256.
+/// Returns the problems found (empty when intact), each naming the table and file.
+pub async fn verify(
+    store: &dyn ObjectStore,
+    name: &str,
+    key: &VerifyingKey,
+) -> Result<(Stored, Vec<String>)> {
+    let stored = load(store, name, key)
+        .await?
+        .ok_or_else(|| EngineError::InvalidQuery(format!("no release named {name}")))?;
+    let mut problems = Vec::new();
+    for t in &stored.manifest.tables {
+        for (i, f) in t.files.iter().enumerate() {
+            match get_optional(store, &Path::from(f.path.as_str())).await? {
+                None => problems.push(format!("table {} part {i}: missing", t.name)),
+                Some(bytes) if bytes.len() as u64 != f.bytes || sha256_hex(&bytes) != f.sha256 => {
+                    problems.push(format!(
+                        "table {} part {i}: changed (its SHA-256 differs from the manifest's)",
+                        t.name
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok((stored, problems))
+}
+
+/// What the server needs to read releases: the lake, its keys, the key that signs manifests
+/// and approvals, and which files it has already checked.
+pub(crate) struct Shelf {
+    lake: Lake,
+    lake_keys: Arc<crate::encrypted::LakeKeys>,
+    state: SessionState,
+    signer: OnceLock<VerifyingKey>,
+    /// Files whose SHA-256 matched their manifest, by path, with the size and version (e-tag
+    /// or modification time) they had then: a file changed since is checked again.
+    verified: Mutex<HashMap<String, (u64, String)>>,
+}
+
+impl fmt::Debug for Shelf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shelf").finish_non_exhaustive()
+    }
+}
+
+impl Shelf {
+    pub(crate) fn new(
+        lake: Lake,
+        lake_keys: Arc<crate::encrypted::LakeKeys>,
+        state: SessionState,
+    ) -> Self {
+        Self {
+            lake,
+            lake_keys,
+            state,
+            signer: OnceLock::new(),
+            verified: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn trust(&self, key: VerifyingKey) {
+        let _ = self.signer.set(key);
+    }
+
+    /// One table of an approved release, for `principal`: refused unless the release is
+    /// approved, intact and for the caller's project.
+    async fn open(
+        &self,
+        name: &str,
+        table: &str,
+        project: Option<&str>,
+    ) -> Result<Option<Arc<dyn TableProvider>>> {
+        // A release that does not exist and one of another project look the same.
+        let unavailable = || {
+            refused(
+                RULE_READERS,
+                format!("release {name} is not available to you"),
+            )
+        };
+        if check_name("release", name).is_err() {
+            return Err(unavailable());
+        }
+        let key = self.signer.get().ok_or_else(|| {
+            refused(
+                RULE_INTEGRITY,
+                "this server has no key to check release signatures with".into(),
+            )
+        })?;
+        let store = self.lake.store();
+        let Some(stored) = load(store.as_ref(), name, key).await? else {
+            return Err(unavailable());
+        };
+        if project != Some(stored.manifest.project.as_str()) {
+            return Err(unavailable());
+        }
+        let Some(approval) = &stored.approval else {
+            return Err(refused(
+                RULE_APPROVAL,
+                format!("release {name} is pending approval"),
+            ));
+        };
+        let Some(t) = stored.manifest.tables.iter().find(|t| t.name == table) else {
+            return Ok(None);
+        };
+        for (i, f) in t.files.iter().enumerate() {
+            self.check_file(store.as_ref(), f).await.map_err(|why| {
+                refused(
+                    RULE_INTEGRITY,
+                    format!(
+                        "release {name} failed verification: table {table} part {i} {why}; \
+                         run `lakegate release verify {name}`"
+                    ),
+                )
+            })?;
+        }
+        let key_name = stored.manifest.data_keys.clone();
+        if let Some(k) = &key_name {
+            if self.lake_keys.release(k).is_none() {
+                let keys = lakegate_catalogs::keys::load(&self.lake, k)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(release = name, error = %e, "release keys not unwrapped");
+                        EngineError::Undecryptable {
+                            message: format!("release {name} cannot be decrypted by this server"),
+                            detail: e.to_string(),
+                        }
+                    })?;
+                self.lake_keys.hold_release(k, keys.decryption());
+            }
+        }
+        let format = match &key_name {
+            Some(k) => ParquetFormat::default().with_options(crate::encrypted::scan_options(k)),
+            None => ParquetFormat::default(),
+        };
+        let options = ListingOptions::new(Arc::new(format)).with_file_extension(".parquet");
+        let urls = t
+            .files
+            .iter()
+            .map(|f| ListingTableUrl::parse(format!("{}{}", crate::engine::LAKE_URL, f.path)))
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .infer_schema(&self.state)
+            .await?;
+        let inner = ListingTable::try_new(config)?;
+        Ok(Some(Arc::new(ReleaseTable {
+            label: format!("releases.{name}.{table}"),
+            approved_by: approval.approved_by.clone(),
+            inner: Arc::new(inner),
+        })))
+    }
+
+    async fn check_file(&self, store: &dyn ObjectStore, f: &ReleasedFile) -> Result<(), String> {
+        let at = Path::from(f.path.as_str());
+        let meta = store
+            .head(&at)
+            .await
+            .map_err(|_| "is missing".to_string())?;
+        let version = meta
+            .e_tag
+            .clone()
+            .unwrap_or_else(|| meta.last_modified.to_rfc3339());
+        let known = self
+            .verified
+            .lock()
+            .ok()
+            .and_then(|v| v.get(&f.path).cloned());
+        if known == Some((meta.size, version.clone())) {
+            return Ok(());
+        }
+        if meta.size != f.bytes {
+            return Err("changed after approval (its size differs)".into());
+        }
+        let bytes = store
+            .get(&at)
+            .await
+            .map_err(|_| "is missing".to_string())?
+            .bytes()
+            .await
+            .map_err(|_| "could not be read".to_string())?;
+        if sha256_hex(&bytes) != f.sha256 {
+            return Err("changed after approval (its SHA-256 differs)".into());
+        }
+        if let Ok(mut v) = self.verified.lock() {
+            v.insert(f.path.clone(), (meta.size, version));
+        }
+        Ok(())
+    }
+}
+
+/// The `releases` catalog of one caller: each schema is a release, read when named.
+#[derive(Debug)]
+pub(crate) struct ReleasesCatalog {
+    pub(crate) shelf: Arc<Shelf>,
+    pub(crate) project: Option<String>,
+}
+
+impl CatalogProvider for ReleasesCatalog {
+    fn schema_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
+        Some(Arc::new(ReleaseSchema {
+            shelf: Arc::clone(&self.shelf),
+            name: name.to_string(),
+            project: self.project.clone(),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct ReleaseSchema {
+    shelf: Arc<Shelf>,
+    name: String,
+    project: Option<String>,
+}
+
+#[async_trait]
+impl SchemaProvider for ReleaseSchema {
+    fn table_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    async fn table(
+        &self,
+        table: &str,
+    ) -> datafusion::common::Result<Option<Arc<dyn TableProvider>>> {
+        self.shelf
+            .open(&self.name, table, self.project.as_deref())
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))
+    }
+
+    fn table_exist(&self, _name: &str) -> bool {
+        false
+    }
+}
+
+/// One table of an approved release. Its rows were governed when the release was made; its
+/// scan sits under a policy boundary named after it, so the verifier and the audit trail see
+/// what was read.
+#[derive(Debug)]
+pub(crate) struct ReleaseTable {
+    pub(crate) label: String,
+    pub(crate) approved_by: String,
+    inner: Arc<ListingTable>,
+}
+
+#[async_trait]
+impl TableProvider for ReleaseTable {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::common::Result<Vec<TableProviderFilterPushDown>> {
+        // Every row of a release is the caller's to read: pruning by statistics is safe.
+        self.inner.supports_filters_pushdown(filters)
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn DFSession,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let scan = self.inner.scan(state, projection, filters, limit).await?;
+        Ok(Arc::new(crate::governed::PolicyBoundaryExec::release(
+            scan,
+            self.label.clone(),
+        )))
+    }
+}
+
+/// The release tables a plan reads, `releases.NAME.table`, with their approvers.
+pub(crate) fn released_scans(plan: &LogicalPlan) -> Vec<(String, String)> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut out = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            if let Ok(p) = datafusion::datasource::source_as_provider(&scan.source) {
+                if let Some(r) = (p.as_ref() as &dyn Any).downcast_ref::<ReleaseTable>() {
+                    out.push((r.label.clone(), r.approved_by.clone()));
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int32Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("release", "oncology-2026-12").is_ok());
+        for bad in ["", "../x", "A", "a/b", "a..b", "-a", &"a".repeat(65)] {
+            assert!(check_name("release", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_gate_counts_patients_per_class() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("patient_id", DataType::Utf8, false),
+            Field::new("zip", DataType::Utf8, true),
+            Field::new("value", DataType::Int32, true),
+        ]));
+        let labels = vec![
+            BTreeSet::from(["identifier".to_string()]),
+            BTreeSet::from(["phi.quasi".to_string()]),
+            BTreeSet::from(["clinical".to_string()]),
+        ];
+        let mut gate = Gate::new(&schema, &labels, 3);
+        // zip 100: patients a, b, c (4 rows); zip 200: patient d twice.
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(StringArray::from(vec!["a", "b", "c", "a", "d", "d"])),
+                Arc::new(StringArray::from(vec![
+                    "100", "100", "100", "100", "200", "200",
+                ])),
+                Arc::new(Int32Array::from(vec![1, 2, 3, 4, 5, 6])),
+            ],
+        )
+        .unwrap();
+        gate.observe(&batch).unwrap();
+        let report = gate.report(BTreeMap::new(), Vec::new());
+        assert_eq!(report.quasi_identifiers, vec!["zip".to_string()]);
+        assert_eq!(report.records, 6);
+        assert_eq!(report.classes, 2);
+        assert_eq!(report.smallest_class, 1);
+        assert_eq!(report.classes_below_k, 1);
+        assert_eq!(report.records_at_risk, 2);
+        assert_eq!(report.highest_risk, 1.0);
+        // 4 records at 1/3, 2 at 1/1.
+        assert!((report.average_risk - (4.0 / 3.0 + 2.0) / 6.0).abs() < 1e-12);
+        assert!(!report.passed);
+        assert_eq!(report.released_records, 4);
+        assert!((report.released_highest_risk - 1.0 / 3.0).abs() < 1e-12);
+        let keep = gate.keep(&batch).unwrap();
+        assert_eq!(
+            keep.iter().map(|b| b.unwrap()).collect::<Vec<_>>(),
+            vec![true, true, true, true, false, false]
+        );
+    }
+}
