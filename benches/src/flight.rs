@@ -79,6 +79,13 @@ struct Args {
     /// instead of raising them to 8 GiB, as a new user's `lakegate demo` runs.
     #[arg(long)]
     default_memory: bool,
+    /// Measure releases instead of the mix: alice's live streams of every dataset she may
+    /// read, then `lakegate release create` of the same (risk gate, shuffle, write; approved
+    /// as erin), then her stream of the release's encounters over Flight against plain
+    /// DataFusion scanning the same release files in-process. Use a lake built with
+    /// `--encryption off`, whose release files plain DataFusion can read.
+    #[arg(long)]
+    releases: bool,
 }
 
 /// What a query of the mix is, for its target (`docs/benchmarks.md`): a stream with or without
@@ -470,6 +477,9 @@ async fn main() {
             .expect("current exe")
             .with_file_name("lakegate")
     });
+    if args.releases {
+        return release_bench(&args, &bin).await;
+    }
     let ctx = plain(&args.lake, true).await;
     let pid = site_a_patient(&ctx).await;
     let mix: Vec<(&str, &str, String)> = MIX
@@ -832,4 +842,148 @@ async fn concurrent(
     }
     out.elapsed = started.elapsed();
     out
+}
+
+/// Every dataset alice may read, released whole.
+const RELEASE_DATASETS: &[&str] = &[
+    "clinical.patients",
+    "clinical.encounters",
+    "clinical.conditions",
+    "clinical.observations",
+    "omics.variants",
+];
+
+fn lakegate(bin: &PathBuf, args: &[&str]) -> Duration {
+    let started = Instant::now();
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("lakegate runs");
+    assert!(
+        out.status.success(),
+        "lakegate {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    started.elapsed()
+}
+
+async fn release_bench(args: &Args, bin: &PathBuf) {
+    let server = Server::start(
+        bin,
+        &args.lake,
+        args.fixed_window,
+        args.max_frame_kib * 1024,
+        args.pin,
+        args.default_memory,
+    )
+    .await;
+    let mut alice = server.login("alice").await;
+    // Her live streams of the same datasets (one warm-up each, then the median).
+    let mut live = Duration::ZERO;
+    let mut live_rows = 0;
+    for d in RELEASE_DATASETS {
+        let sql = format!("SELECT * FROM {d}");
+        let mut runs = Vec::new();
+        for i in 0..=args.iterations {
+            let run = via_flight(&mut alice, &sql).await.expect("live stream");
+            if i > 0 {
+                runs.push(run);
+            }
+        }
+        let t = median(runs.iter().map(|r| r.total).collect());
+        live_rows += runs[0].rows;
+        println!(
+            "live stream {d}: {} rows in {:.1} ms",
+            runs[0].rows,
+            t.as_secs_f64() * 1e3
+        );
+        live += t;
+    }
+    let name = format!("bench-{}", chrono_stamp());
+    let datasets = RELEASE_DATASETS.join(",");
+    let create = lakegate(
+        bin,
+        &[
+            "release",
+            "create",
+            "--lake",
+            &args.lake,
+            "--name",
+            &name,
+            "--as",
+            "alice",
+            "--datasets",
+            &datasets,
+            "--suppress",
+        ],
+    );
+    lakegate(
+        bin,
+        &[
+            "release", "approve", &name, "--lake", &args.lake, "--as", "erin",
+        ],
+    );
+    println!(
+        "\nalice's full release ({} datasets, {live_rows} rows live): created in {:.1} s, her \
+         live streams of the same {:.1} s: {:.2}x (target under 3x)",
+        RELEASE_DATASETS.len(),
+        create.as_secs_f64(),
+        live.as_secs_f64(),
+        create.as_secs_f64() / live.as_secs_f64()
+    );
+
+    // The release's encounters through the server, and plain DataFusion on its files.
+    let folder = std::fs::read_dir(format!("{}/releases/{name}/data", args.lake))
+        .expect("release data")
+        .next()
+        .expect("an attempt folder")
+        .expect("entry")
+        .path()
+        .join("encounters");
+    let ctx = SessionContext::new();
+    ctx.register_parquet(
+        "encounters",
+        folder.to_str().expect("utf8"),
+        datafusion::prelude::ParquetReadOptions::default(),
+    )
+    .await
+    .expect("plain DataFusion reads the release's files (an unencrypted lake)");
+    let sql = format!("SELECT * FROM releases.\"{name}\".encounters");
+    let (mut flight, mut raw, mut cpu, mut bytes) = (Vec::new(), Vec::new(), 0.0, 0);
+    for i in 0..=args.iterations {
+        let srv0 = cpu_ms(server.pid());
+        let f = via_flight(&mut alice, &sql).await.expect("release stream");
+        let srv1 = cpu_ms(server.pid());
+        let p = via_plain(&ctx, "SELECT * FROM encounters")
+            .await
+            .expect("plain");
+        if i > 0 {
+            cpu += srv1 - srv0;
+            bytes += f.bytes;
+            flight.push(f);
+            raw.push(p);
+        }
+    }
+    let (f, p) = (typical(&flight), typical(&raw));
+    println!(
+        "release stream of encounters: {} rows, {:.1} MB; flight {:.1} ms, plain DataFusion on \
+         the release files {:.1} ms: {:.2}x plain's throughput (target at least 0.9x); server \
+         CPU {:.2} s per GB",
+        f.rows,
+        f.bytes as f64 / 1e6,
+        f.total.as_secs_f64() * 1e3,
+        p.total.as_secs_f64() * 1e3,
+        p.total.as_secs_f64() / f.total.as_secs_f64(),
+        cpu / 1e3 / (bytes as f64 / 1e9)
+    );
+}
+
+fn chrono_stamp() -> String {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .to_string()
 }

@@ -36,6 +36,7 @@ mod engine;
 mod error;
 mod governed;
 mod keys;
+pub mod lifecycle;
 mod lookup;
 pub mod masks;
 pub mod privacy_budget;

@@ -60,6 +60,7 @@ const RULE_PROJECT: &str = "release-project";
 const RULE_APPROVAL: &str = "release-approval";
 const RULE_READERS: &str = "release-readers";
 const RULE_INTEGRITY: &str = "release-integrity";
+const RULE_LIFECYCLE: &str = "release-lifecycle";
 
 /// What a release holds and where it came from. Names and figures only, never a value.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -83,6 +84,9 @@ pub struct Manifest {
     pub tables: Vec<ReleasedTable>,
     /// The data keys' name in the lake's catalog (`catalog/keys/<name>.json`), when encrypted.
     pub data_keys: Option<String>,
+    /// After this time (RFC 3339) `lakegate lifecycle run` deletes the release's data, unless
+    /// it is under a legal hold (the policy's `[release] retention_days` from its creation).
+    pub retain_until: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -207,11 +211,21 @@ impl Approval {
     }
 }
 
+/// What is left of a release whose data was deleted: its manifest, and this.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tombstone {
+    pub release: String,
+    pub deleted_at: String,
+    pub reason: String,
+}
+
 /// Where a release stands.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Status {
     Pending,
     Approved { by: String, at: String },
+    Deleted { at: String, reason: String },
 }
 
 impl fmt::Display for Status {
@@ -219,8 +233,14 @@ impl fmt::Display for Status {
         match self {
             Status::Pending => write!(f, "pending"),
             Status::Approved { by, at } => write!(f, "approved by {by} at {at}"),
+            Status::Deleted { at, reason } => write!(f, "deleted at {at} ({reason})"),
         }
     }
+}
+
+/// Where a release's tombstone lives.
+pub(crate) fn tombstone_path(name: &str) -> Path {
+    path(name, "deleted.json")
 }
 
 /// What to release: one table per (name, SQL query), run as the creator.
@@ -366,6 +386,9 @@ pub async fn create(
     let manifest = Manifest {
         name: request.name.clone(),
         attempt: attempt.clone(),
+        retain_until: (chrono::Utc::now()
+            + chrono::Duration::days(i64::from(rules.retention_days)))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         created_at: crate::audit::now_rfc3339(),
         created_by: principal.name.clone(),
         attributes: principal
@@ -1080,6 +1103,7 @@ pub struct Stored {
     pub manifest: Manifest,
     pub manifest_sha256: String,
     pub approval: Option<Approval>,
+    pub deleted: Option<Tombstone>,
 }
 
 /// Read a release's manifest and approval and check their signatures with `key`.
@@ -1135,15 +1159,29 @@ pub async fn load(
             Some(approval)
         }
     };
+    let deleted = match get_optional(store, &tombstone_path(name)).await? {
+        None => None,
+        Some(bytes) => Some(
+            serde_json::from_slice(&bytes)
+                .map_err(|_| integrity("its deletion record does not parse"))?,
+        ),
+    };
     Ok(Some(Stored {
         manifest,
         manifest_sha256,
         approval,
+        deleted,
     }))
 }
 
 impl Stored {
     pub fn status(&self) -> Status {
+        if let Some(t) = &self.deleted {
+            return Status::Deleted {
+                at: t.deleted_at.clone(),
+                reason: t.reason.clone(),
+            };
+        }
         match &self.approval {
             None => Status::Pending,
             Some(a) => Status::Approved {
@@ -1189,6 +1227,12 @@ pub async fn approve(
                 approver.name
             ),
         ));
+    }
+    if let Some(t) = &stored.deleted {
+        return Err(EngineError::InvalidQuery(format!(
+            "release {name} was deleted at {}",
+            t.deleted_at
+        )));
     }
     if let Some(a) = &stored.approval {
         return Err(EngineError::InvalidQuery(format!(
@@ -1246,6 +1290,9 @@ pub async fn verify(
         .await?
         .ok_or_else(|| EngineError::InvalidQuery(format!("no release named {name}")))?;
     let mut problems = Vec::new();
+    if stored.deleted.is_some() {
+        return Ok((stored, problems));
+    }
     for t in &stored.manifest.tables {
         for (i, f) in t.files.iter().enumerate() {
             match get_optional(store, &Path::from(f.path.as_str())).await? {
@@ -1330,6 +1377,15 @@ impl Shelf {
         };
         if project != Some(stored.manifest.project.as_str()) {
             return Err(unavailable());
+        }
+        if let Some(t) = &stored.deleted {
+            return Err(refused(
+                RULE_LIFECYCLE,
+                format!(
+                    "release {name} was deleted at {} ({}); its manifest is kept",
+                    t.deleted_at, t.reason
+                ),
+            ));
         }
         let Some(approval) = &stored.approval else {
             return Err(refused(

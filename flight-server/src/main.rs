@@ -60,6 +60,62 @@ enum Cmd {
     /// verify, list.
     #[command(subcommand)]
     Release(ReleaseCmd),
+    /// Retention and storage tiers: delete releases past their retention (their manifests
+    /// stay as tombstones), move old raw extracts to a cold prefix; legal holds respected.
+    #[command(subcommand)]
+    Lifecycle(LifecycleCmd),
+    /// Legal holds (compliance role only): nothing of a held release or dataset is deleted
+    /// or moved.
+    #[command(subcommand)]
+    Hold(HoldCmd),
+}
+
+#[derive(Subcommand)]
+enum LifecycleCmd {
+    /// Carry out (or with --dry-run, print) what retention and tiering call for now.
+    Run {
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Move raw extracts last written more than this many days ago to the cold prefix
+        /// [default: no tiering].
+        #[arg(long, env = "LAKEGATE_COLD_AFTER_DAYS")]
+        cold_after_days: Option<u32>,
+        /// The lake prefix cold data moves under.
+        #[arg(long, env = "LAKEGATE_COLD_PREFIX", default_value = "cold")]
+        cold_prefix: String,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum HoldCmd {
+    /// Place a legal hold on a release or dataset.
+    Add {
+        name: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long = "as", env = "LAKEGATE_PRINCIPAL")]
+        principal: String,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Lift the legal hold on a release or dataset.
+    Remove {
+        name: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long = "as", env = "LAKEGATE_PRINCIPAL")]
+        principal: String,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Every hold in force.
+    List {
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -301,6 +357,13 @@ fn main() -> ExitCode {
                 retire_old,
             }) => keys_rotate(&lake, keyring, no_new_key, retire_old).await,
             Cmd::Release(cmd) => release(cmd).await,
+            Cmd::Lifecycle(LifecycleCmd::Run {
+                dry_run,
+                cold_after_days,
+                cold_prefix,
+                serve,
+            }) => lifecycle_run(serve, dry_run, cold_after_days, cold_prefix).await,
+            Cmd::Hold(cmd) => hold(cmd).await,
         }
     });
     match result {
@@ -1201,6 +1264,148 @@ async fn release(cmd: ReleaseCmd) -> Result<(), AnyError> {
                 }
             }
             Ok(())
+        }
+    }
+}
+
+async fn lifecycle_run(
+    serve: ServeArgs,
+    dry_run: bool,
+    cold_after_days: Option<u32>,
+    cold_prefix: String,
+) -> Result<(), AnyError> {
+    use lakegate_engine::lifecycle::{self, Step, Tiering};
+    let settings = serve.resolve("./demo-lake")?;
+    let lake = existing_lake(&settings.lake).await?;
+    let key = release_public_key(&settings)?;
+    let tiering = cold_after_days.map(|days| Tiering {
+        cold_after_days: days,
+        cold_prefix,
+    });
+    let steps = lifecycle::plan(&lake, &key, tiering.as_ref(), chrono::Utc::now()).await?;
+    if steps.is_empty() {
+        println!("nothing to do: no release past its retention, no raw file past the tier age");
+        return Ok(());
+    }
+    if dry_run {
+        println!("plan ({} step(s); --dry-run changes nothing):", steps.len());
+        for s in &steps {
+            println!("  {s}");
+        }
+        return Ok(());
+    }
+    let catalog = Catalog::load(&lake).await?;
+    let audit = open_audit(
+        &lake,
+        &catalog,
+        audit_key_or_demo(&settings)?,
+        &settings.audit,
+    )
+    .await?;
+    let (mut moved, mut moved_bytes) = (0u64, 0u64);
+    for s in &steps {
+        let decided = lifecycle::apply(&lake, &key, s).await?;
+        match s {
+            Step::DeleteRelease { name, .. } | Step::FinishDeletion { name, .. } if decided => {
+                let mut e = AuditEvent::new("lifecycle", "ReleaseDelete");
+                e.principal = "lifecycle".into();
+                e.client = "cli".into();
+                e.datasets = format!("releases.{name}");
+                e.outcome = "completed".into();
+                e.reason = s.to_string();
+                audit.record(e).await?;
+            }
+            Step::MoveCold { bytes, .. } => {
+                moved += 1;
+                moved_bytes += bytes;
+            }
+            _ => {}
+        }
+        println!("{s}: done");
+    }
+    if moved > 0 {
+        let mut e = AuditEvent::new("lifecycle", "MoveCold");
+        e.principal = "lifecycle".into();
+        e.client = "cli".into();
+        e.outcome = "completed".into();
+        e.reason = format!("{moved} raw file(s), {moved_bytes} bytes, moved to cold storage");
+        audit.record(e).await?;
+    }
+    audit.checkpoint().await?;
+    Ok(())
+}
+
+async fn hold(cmd: HoldCmd) -> Result<(), AnyError> {
+    use lakegate_engine::lifecycle;
+    let (serve, name, reason, principal, adding) = match cmd {
+        HoldCmd::List { serve } => {
+            let settings = serve.resolve("./demo-lake")?;
+            let lake = existing_lake(&settings.lake).await?;
+            let holds = lifecycle::holds(&lake).await?;
+            if holds.is_empty() {
+                println!("no legal holds");
+            }
+            for h in holds.values() {
+                println!(
+                    "{}  placed by {} at {}: {}",
+                    h.name, h.placed_by, h.placed_at, h.reason
+                );
+            }
+            return Ok(());
+        }
+        HoldCmd::Add {
+            name,
+            reason,
+            principal,
+            serve,
+        } => (serve, name, reason, principal, true),
+        HoldCmd::Remove {
+            name,
+            reason,
+            principal,
+            serve,
+        } => (serve, name, reason, principal, false),
+    };
+    let settings = serve.resolve("./demo-lake")?;
+    let lake = existing_lake(&settings.lake).await?;
+    let catalog = Catalog::load(&lake).await?;
+    let who = acting_principal(&settings, &principal).await?;
+    let audit = open_audit(
+        &lake,
+        &catalog,
+        audit_key_or_demo(&settings)?,
+        &settings.audit,
+    )
+    .await?;
+    let mut event = cli_event("hold", if adding { "HoldAdd" } else { "HoldRemove" }, &who);
+    event.datasets = name.clone();
+    let result = if adding {
+        lifecycle::add_hold(&lake, &name, &reason, &who).await
+    } else {
+        lifecycle::remove_hold(&lake, &name, &who).await
+    };
+    match result {
+        Ok(h) => {
+            event.outcome = "completed".into();
+            event.reason = reason.clone();
+            audit.record(event).await?;
+            audit.checkpoint().await?;
+            if adding {
+                println!("legal hold placed on {name} by {}: {reason}", h.placed_by);
+            } else {
+                println!(
+                    "legal hold on {name} lifted by {} ({reason}); it was placed by {} at {}: {}",
+                    who.name, h.placed_by, h.placed_at, h.reason
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            event.outcome = "refused".into();
+            event.reason = e.to_string();
+            audit.record(event).await?;
+            audit.checkpoint().await?;
+            Err(e.into())
         }
     }
 }

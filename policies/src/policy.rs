@@ -378,10 +378,16 @@ struct ReleaseSpec {
     k: u64,
     #[serde(default)]
     generalise: BTreeMap<String, Generalisation>,
+    #[serde(default = "default_release_retention")]
+    retention_days: u32,
 }
 
 fn default_release_k() -> u64 {
     ReleaseRules::default().k
+}
+
+fn default_release_retention() -> u32 {
+    ReleaseRules::default().retention_days
 }
 
 /// How a date or time column of a release is coarsened before the risk gate, or whether it
@@ -417,6 +423,9 @@ impl Generalisation {
 pub struct ReleaseRules {
     pub k: u64,
     pub generalise: BTreeMap<String, Generalisation>,
+    /// How long a release is kept: `lakegate lifecycle run` deletes it after this many days
+    /// (unless it is under a legal hold).
+    pub retention_days: u32,
 }
 
 impl Default for ReleaseRules {
@@ -424,6 +433,7 @@ impl Default for ReleaseRules {
         Self {
             k: 11,
             generalise: BTreeMap::new(),
+            retention_days: 730,
         }
     }
 }
@@ -727,6 +737,7 @@ impl PolicySet {
                 ReleaseRules {
                     k: spec.k,
                     generalise: spec.generalise,
+                    retention_days: spec.retention_days,
                 }
             }
         };

@@ -355,3 +355,167 @@ async fn releases_refuse_what_the_principal_may_not_release() {
         .unwrap()
         .is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_deletes_expired_releases_moves_cold_data_and_respects_holds() {
+    use lakegate_engine::lifecycle::{self, Step, Tiering};
+    let (dir, lake_path) = build_encrypted_lake(300);
+    let server = TestServer::start_with(ServerOptions {
+        lake: Some(lake_path.clone()),
+        keyring: Some(test_keyring(dir.path())),
+        ..Default::default()
+    })
+    .await;
+    let (engine, lake) = (&server.engine, &server.lake);
+    let signer = test_audit_key();
+    let key = signer.verifying_key();
+    let tables = [("patients", "SELECT patient_id, sex FROM clinical.patients")];
+    let made = releases::create(
+        engine,
+        &persona("alice"),
+        &request("old", &tables, true),
+        &signer,
+    )
+    .await
+    .unwrap();
+    releases::approve(lake, "old", &persona("erin"), &signer)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    assert!(lifecycle::plan(lake, &key, None, now)
+        .await
+        .unwrap()
+        .is_empty());
+    let later = now + chrono::Duration::days(731);
+
+    // Holds: the compliance role only, on names the lake holds.
+    let err = lifecycle::add_hold(lake, "old", "litigation", &persona("alice"))
+        .await
+        .unwrap_err();
+    assert!(refusal(err).contains("legal-hold-compliance-only"));
+    let err = lifecycle::add_hold(lake, "no-such", "litigation", &persona("erin"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("nothing to hold"), "{err}");
+    lifecycle::add_hold(lake, "old", "litigation 2026-117", &persona("erin"))
+        .await
+        .unwrap();
+    let steps = lifecycle::plan(lake, &key, None, later).await.unwrap();
+    assert_eq!(
+        steps,
+        vec![Step::Held {
+            name: "old".into(),
+            reason: "litigation 2026-117".into()
+        }]
+    );
+    for s in &steps {
+        assert!(!lifecycle::apply(lake, &key, s).await.unwrap());
+    }
+    let file = lake_path.join(&made.tables[0].files[0].path);
+    assert!(file.exists(), "a held release was touched");
+    lifecycle::remove_hold(lake, "old", &persona("erin"))
+        .await
+        .unwrap();
+
+    // An interrupted run: the tombstone written, the files not yet removed. The rerun only
+    // finishes the files (not a second deletion to audit).
+    std::fs::write(
+        lake_path.join("releases/old/deleted.json"),
+        r#"{"release":"old","deleted_at":"2028-12-07T00:00:00Z","reason":"retention expired"}"#,
+    )
+    .unwrap();
+    let steps = lifecycle::plan(lake, &key, None, later).await.unwrap();
+    assert_eq!(
+        steps,
+        vec![Step::FinishDeletion {
+            name: "old".into(),
+            files: 1
+        }]
+    );
+    assert!(!lifecycle::apply(lake, &key, &steps[0]).await.unwrap());
+    assert!(!file.exists());
+    assert!(lifecycle::plan(lake, &key, None, later)
+        .await
+        .unwrap()
+        .is_empty());
+    // The manifest stays; reads say what happened.
+    let stored = releases::load(lake.store().as_ref(), "old", &key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(stored.status(), releases::Status::Deleted { .. }));
+    let mut a = login(&server, "alice").await;
+    let err = sql(&mut a, "SELECT count(*) FROM releases.\"old\".patients")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("rule: release-lifecycle"), "{err}");
+
+    // A release past retention with no hold goes in one run.
+    releases::create(
+        engine,
+        &persona("alice"),
+        &request("older", &tables, true),
+        &signer,
+    )
+    .await
+    .unwrap();
+    let steps = lifecycle::plan(lake, &key, None, later).await.unwrap();
+    assert!(matches!(&steps[..], [Step::DeleteRelease { name, .. }] if name == "older"));
+    assert!(lifecycle::apply(lake, &key, &steps[0]).await.unwrap());
+    assert!(lifecycle::plan(lake, &key, None, later)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Tiering: raw extracts move to cold/ with their bytes unchanged, except a held dataset's.
+    lifecycle::add_hold(lake, "clinical.patients", "audit request", &persona("erin"))
+        .await
+        .unwrap();
+    let tiering = Tiering {
+        cold_after_days: 30,
+        cold_prefix: "cold".into(),
+    };
+    assert!(lifecycle::plan(lake, &key, Some(&tiering), now)
+        .await
+        .unwrap()
+        .is_empty());
+    let steps = lifecycle::plan(lake, &key, Some(&tiering), later)
+        .await
+        .unwrap();
+    let moves: Vec<_> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::MoveCold { from, to, .. } => Some((from.clone(), to.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(!moves.is_empty());
+    assert!(moves
+        .iter()
+        .all(|(f, _)| !f.starts_with("raw/clinical/patients/")));
+    assert!(steps
+        .iter()
+        .any(|s| matches!(s, Step::HeldRaw { dataset, .. } if dataset == "clinical.patients")));
+    let before: Vec<Vec<u8>> = moves
+        .iter()
+        .map(|(f, _)| std::fs::read(lake_path.join(f)).unwrap())
+        .collect();
+    for s in &steps {
+        lifecycle::apply(lake, &key, s).await.unwrap();
+    }
+    for ((from, to), bytes) in moves.iter().zip(before) {
+        assert!(!lake_path.join(from).exists());
+        assert_eq!(std::fs::read(lake_path.join(to)).unwrap(), bytes);
+    }
+    assert!(std::fs::read_dir(lake_path.join("raw/clinical/patients"))
+        .unwrap()
+        .next()
+        .is_some());
+    // The lake still serves: queries read curated/, never raw/.
+    let n = first_i64(
+        &sql(&mut a, "SELECT count(*) FROM clinical.encounters")
+            .await
+            .unwrap(),
+    );
+    assert!(n > 0);
+}
