@@ -488,18 +488,28 @@ async fn make_tables(
         let labels = lineage(&planned.plan, &catalog);
         let schema = planned.schema();
         let mut gate = Gate::new(&schema, &labels, rules.k);
-        // First pass: the classes.
-        let mut stream = planned.execute(None).await?;
+        // First pass: the classes, reading only the columns the gate needs.
+        let started = std::time::Instant::now();
+        let mut needed = gate.columns();
+        if needed.is_empty() {
+            needed.push(schema.field(0).name().clone());
+        }
+        let first = session
+            .plan(&format!(
+                "SELECT {} FROM ({wrapped}) AS lakegate_gate",
+                needed
+                    .iter()
+                    .map(|c| quote(c))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .await?;
+        let mut stream = first.execute(None).await?;
         while let Some(batch) = stream.next().await {
             gate.observe(&batch?)?;
         }
-        let direct: Vec<String> = gate
-            .non_null
-            .iter()
-            .enumerate()
-            .filter(|(i, n)| **n > 0 && labels[*i].contains("phi.direct"))
-            .map(|(i, _)| schema.field(i).name().clone())
-            .collect();
+        let gated = started.elapsed();
+        let direct = gate.identified();
         if !direct.is_empty() {
             return Err(refused(
                 RULE_DEIDENTIFIED,
@@ -538,23 +548,37 @@ async fn make_tables(
             .collect();
         let mut writer = FileWriter::new(
             store,
-            &request.name,
-            attempt,
-            table,
+            format!("{ZONE}/{}/data/{attempt}/{table}", request.name),
             &schema,
             data_keys,
             &column_labels,
         )?;
         let mut seen = 0u64;
-        while let Some(batch) = stream.next().await {
-            let batch = batch?;
-            seen += batch.num_rows() as u64;
-            let keep = gate.keep(&batch)?;
-            let kept = arrow::compute::filter_record_batch(&batch, &keep)
-                .map_err(|e| EngineError::Internal(format!("release filter: {e}")))?;
-            writer.write(&kept).await?;
+        let streamed: Result<()> = async {
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                seen += batch.num_rows() as u64;
+                let keep = gate.keep(&batch)?;
+                let kept = arrow::compute::filter_record_batch(&batch, &keep)
+                    .map_err(|e| EngineError::Internal(format!("release filter: {e}")))?;
+                writer.write(kept).await?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = streamed {
+            writer.abort().await;
+            return Err(e);
         }
         let (files, rows) = writer.finish().await?;
+        tracing::info!(
+            release = %request.name,
+            table = %table,
+            rows,
+            gate_ms = gated.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "release table written"
+        );
         if seen != risk.records || rows != risk.released_records {
             return Err(EngineError::InvalidQuery(format!(
                 "release {} table {table}: its sources changed while it was made; run it again",
@@ -801,18 +825,21 @@ fn lineage(plan: &LogicalPlan, catalog: &lakegate_catalogs::Catalog) -> Vec<BTre
     }
 }
 
-/// The k-anonymity gate of one table: equivalence classes of its quasi-identifiers.
+/// The k-anonymity gate of one table: equivalence classes of its quasi-identifiers. Columns
+/// are found by name, so the first pass may read only the columns the gate needs.
 struct Gate {
     k: u64,
-    quasi: Vec<usize>,
     quasi_names: Vec<String>,
-    unit: Option<usize>,
+    unit: Option<String>,
+    /// Columns derived from `phi.direct`, which must hold no value.
+    direct: Vec<String>,
     converter: Option<RowConverter>,
     classes: HashMap<Box<[u8]>, u32>,
     records: Vec<u64>,
     patients: Vec<u64>,
     seen: HashSet<(u32, u64)>,
-    non_null: Vec<u64>,
+    /// Non-null values seen per quasi-identifier and per direct column, by name.
+    non_null: HashMap<String, u64>,
 }
 
 impl Gate {
@@ -836,26 +863,43 @@ impl Gate {
                 .iter()
                 .map(|i| schema.field(*i).name().clone())
                 .collect(),
-            quasi,
-            unit,
+            unit: unit.map(|i| schema.field(i).name().clone()),
+            direct: (0..schema.fields().len())
+                .filter(|i| labels[*i].contains("phi.direct"))
+                .map(|i| schema.field(i).name().clone())
+                .collect(),
             converter,
             classes: HashMap::new(),
             records: Vec::new(),
             patients: Vec::new(),
             seen: HashSet::new(),
-            non_null: vec![0; schema.fields().len()],
+            non_null: HashMap::new(),
         }
+    }
+
+    /// The columns the first pass must read.
+    fn columns(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.quasi_names.clone();
+        out.extend(self.unit.iter().cloned());
+        out.extend(self.direct.iter().cloned());
+        out
+    }
+
+    fn column<'b>(batch: &'b RecordBatch, name: &str) -> Result<&'b ArrayRef> {
+        batch
+            .column_by_name(name)
+            .ok_or_else(|| EngineError::Internal(format!("release gate: no column {name}")))
     }
 
     fn rows(&self, batch: &RecordBatch) -> Result<Option<arrow::row::Rows>> {
         let Some(converter) = &self.converter else {
             return Ok(None);
         };
-        let columns: Vec<ArrayRef> = self
-            .quasi
+        let columns = self
+            .quasi_names
             .iter()
-            .map(|i| Arc::clone(batch.column(*i)))
-            .collect();
+            .map(|n| Self::column(batch, n).cloned())
+            .collect::<Result<Vec<ArrayRef>>>()?;
         Ok(Some(
             converter.convert_columns(&columns).map_err(arrow_error)?,
         ))
@@ -863,14 +907,14 @@ impl Gate {
 
     fn unit_hashes(&self, batch: &RecordBatch) -> Result<Option<Vec<u64>>> {
         use std::hash::{BuildHasher, Hasher};
-        let Some(u) = self.unit else {
+        let Some(u) = &self.unit else {
             return Ok(None);
         };
-        let converter =
-            RowConverter::new(vec![SortField::new(batch.column(u).data_type().clone())])
-                .map_err(arrow_error)?;
+        let column = Self::column(batch, u)?;
+        let converter = RowConverter::new(vec![SortField::new(column.data_type().clone())])
+            .map_err(arrow_error)?;
         let rows = converter
-            .convert_columns(&[Arc::clone(batch.column(u))])
+            .convert_columns(&[Arc::clone(column)])
             .map_err(arrow_error)?;
         let state =
             std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
@@ -886,9 +930,10 @@ impl Gate {
     }
 
     fn observe(&mut self, batch: &RecordBatch) -> Result<()> {
-        for (i, n) in self.non_null.iter_mut().enumerate() {
-            let c = batch.column(i);
-            *n += (c.len() - c.logical_null_count()) as u64;
+        for name in self.quasi_names.iter().chain(&self.direct) {
+            let c = Self::column(batch, name)?;
+            *self.non_null.entry(name.clone()).or_default() +=
+                (c.len() - c.logical_null_count()) as u64;
         }
         let rows = self.rows(batch)?;
         let units = self.unit_hashes(batch)?;
@@ -920,6 +965,15 @@ impl Gate {
         Ok(())
     }
 
+    /// Direct-identifier columns that held a value.
+    fn identified(&self) -> Vec<String> {
+        self.direct
+            .iter()
+            .filter(|n| self.non_null.get(*n).copied().unwrap_or(0) > 0)
+            .cloned()
+            .collect()
+    }
+
     fn report(&self, generalised: BTreeMap<String, String>, dropped: Vec<String>) -> RiskReport {
         let records: u64 = self.records.iter().sum();
         let mut report = RiskReport {
@@ -930,11 +984,10 @@ impl Gate {
                 "rows".into()
             },
             quasi_identifiers: self
-                .quasi
+                .quasi_names
                 .iter()
-                .zip(&self.quasi_names)
-                .filter(|(i, _)| self.non_null[**i] > 0)
-                .map(|(_, n)| n.clone())
+                .filter(|n| self.non_null.get(*n).copied().unwrap_or(0) > 0)
+                .cloned()
                 .collect(),
             generalised,
             dropped,
@@ -990,23 +1043,22 @@ impl Gate {
 }
 
 /// Writes one released table's rows into Parquet files of at most [`ROWS_PER_FILE`] rows.
-struct FileWriter<'a> {
-    store: &'a Arc<dyn ObjectStore>,
-    folder: String,
-    schema: SchemaRef,
-    props: parquet::file::properties::WriterProperties,
-    current: Option<parquet::arrow::ArrowWriter<Vec<u8>>>,
-    in_current: usize,
-    files: Vec<ReleasedFile>,
-    rows: u64,
+/// Encoding runs on a thread of its own, so it overlaps the query that produces the rows, and
+/// each finished file is uploaded while the next is encoded.
+struct FileWriter {
+    batches: Option<tokio::sync::mpsc::Sender<RecordBatch>>,
+    encoding: tokio::task::JoinHandle<Result<u64>>,
+    uploading: tokio::task::JoinHandle<Result<Vec<ReleasedFile>>>,
 }
 
-impl<'a> FileWriter<'a> {
+fn writer_error(e: impl fmt::Display) -> EngineError {
+    EngineError::Internal(format!("release writer: {e}"))
+}
+
+impl FileWriter {
     fn new(
-        store: &'a Arc<dyn ObjectStore>,
-        release: &str,
-        attempt: &str,
-        table: &str,
+        store: &Arc<dyn ObjectStore>,
+        folder: String,
         schema: &SchemaRef,
         data_keys: &Option<(String, lakegate_catalogs::DataKeys)>,
         labels: &[(String, String)],
@@ -1019,82 +1071,111 @@ impl<'a> FileWriter<'a> {
                 keys.encryption_of(labels.iter().map(|(n, l)| (n.as_str(), l.as_str())))?,
             );
         }
+        let props = props.build();
+        let schema = Arc::clone(schema);
+        let (batch_tx, mut batch_rx) = tokio::sync::mpsc::channel::<RecordBatch>(8);
+        let (file_tx, mut file_rx) = tokio::sync::mpsc::channel::<(String, Vec<u8>)>(2);
+        let encoding = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let new_writer = || {
+                parquet::arrow::ArrowWriter::try_new(
+                    Vec::new(),
+                    Arc::clone(&schema),
+                    Some(props.clone()),
+                )
+                .map_err(writer_error)
+            };
+            let mut files = 0usize;
+            let mut close = |w: parquet::arrow::ArrowWriter<Vec<u8>>| -> Result<()> {
+                let bytes = w.into_inner().map_err(writer_error)?;
+                let at = format!("{folder}/part-{files:05}.parquet");
+                files += 1;
+                file_tx
+                    .blocking_send((at, bytes))
+                    .map_err(|_| writer_error("the upload stopped"))
+            };
+            let (mut current, mut in_current, mut rows) = (None, 0usize, 0u64);
+            while let Some(batch) = batch_rx.blocking_recv() {
+                let mut offset = 0;
+                while offset < batch.num_rows() {
+                    if current.is_none() {
+                        current = Some(new_writer()?);
+                        in_current = 0;
+                    }
+                    let n = (batch.num_rows() - offset).min(ROWS_PER_FILE - in_current);
+                    let writer = current.as_mut().expect("set above");
+                    writer
+                        .write(&batch.slice(offset, n))
+                        .map_err(writer_error)?;
+                    offset += n;
+                    in_current += n;
+                    rows += n as u64;
+                    if in_current >= ROWS_PER_FILE {
+                        close(current.take().expect("set above"))?;
+                    }
+                }
+            }
+            // An empty table still gets one file, so that it has a schema to read.
+            match current.take() {
+                Some(w) => close(w)?,
+                None if rows == 0 => close(new_writer()?)?,
+                None => {}
+            }
+            Ok(rows)
+        });
+        let store = Arc::clone(store);
+        let uploading = tokio::spawn(async move {
+            let mut files = Vec::new();
+            while let Some((at, bytes)) = file_rx.recv().await {
+                files.push(ReleasedFile {
+                    path: at.clone(),
+                    bytes: bytes.len() as u64,
+                    sha256: sha256_hex(&bytes),
+                });
+                store
+                    .put(&Path::from(at), PutPayload::from(bytes))
+                    .await
+                    .map_err(store_error)?;
+            }
+            Ok(files)
+        });
         Ok(Self {
-            store,
-            folder: format!("{ZONE}/{release}/data/{attempt}/{table}"),
-            schema: Arc::clone(schema),
-            props: props.build(),
-            current: None,
-            in_current: 0,
-            files: Vec::new(),
-            rows: 0,
+            batches: Some(batch_tx),
+            encoding,
+            uploading,
         })
     }
 
-    async fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        let mut offset = 0;
-        while offset < batch.num_rows() {
-            if self.current.is_none() {
-                self.current = Some(
-                    parquet::arrow::ArrowWriter::try_new(
-                        Vec::new(),
-                        Arc::clone(&self.schema),
-                        Some(self.props.clone()),
-                    )
-                    .map_err(|e| EngineError::Internal(format!("release writer: {e}")))?,
-                );
-                self.in_current = 0;
-            }
-            let n = (batch.num_rows() - offset).min(ROWS_PER_FILE - self.in_current);
-            let writer = self.current.as_mut().expect("set above");
-            writer
-                .write(&batch.slice(offset, n))
-                .map_err(|e| EngineError::Internal(format!("release writer: {e}")))?;
-            offset += n;
-            self.in_current += n;
-            self.rows += n as u64;
-            if self.in_current >= ROWS_PER_FILE {
-                self.close_file().await?;
+    async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        let sent = match &self.batches {
+            Some(tx) => tx.send(batch).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            // The encoder stopped: its own error says why.
+            self.batches = None;
+            match (&mut self.encoding).await {
+                Ok(Err(e)) => Err(e),
+                _ => Err(writer_error("the encoder stopped")),
             }
         }
-        Ok(())
     }
 
-    async fn close_file(&mut self) -> Result<()> {
-        let Some(writer) = self.current.take() else {
-            return Ok(());
-        };
-        let bytes = writer
-            .into_inner()
-            .map_err(|e| EngineError::Internal(format!("release writer: {e}")))?;
-        let at = format!("{}/part-{:05}.parquet", self.folder, self.files.len());
-        let file = ReleasedFile {
-            path: at.clone(),
-            bytes: bytes.len() as u64,
-            sha256: sha256_hex(&bytes),
-        };
-        self.store
-            .put(&Path::from(at), PutPayload::from(bytes))
-            .await
-            .map_err(store_error)?;
-        self.files.push(file);
-        Ok(())
+    /// Stop without finishing: nothing more is uploaded once this returns (the caller then
+    /// removes what was).
+    async fn abort(mut self) {
+        drop(self.batches.take());
+        self.uploading.abort();
+        let _ = (&mut self.uploading).await;
+        let _ = self.encoding.await;
     }
 
     async fn finish(mut self) -> Result<(Vec<ReleasedFile>, u64)> {
-        // An empty table still gets one file, so that it has a schema to read.
-        if self.current.is_none() && self.files.is_empty() {
-            self.current = Some(
-                parquet::arrow::ArrowWriter::try_new(
-                    Vec::new(),
-                    Arc::clone(&self.schema),
-                    Some(self.props.clone()),
-                )
-                .map_err(|e| EngineError::Internal(format!("release writer: {e}")))?,
-            );
-        }
-        self.close_file().await?;
-        Ok((self.files, self.rows))
+        drop(self.batches.take());
+        let rows = self.encoding.await.map_err(writer_error)??;
+        let files = self.uploading.await.map_err(writer_error)??;
+        Ok((files, rows))
     }
 }
 
