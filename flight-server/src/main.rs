@@ -863,21 +863,7 @@ async fn ingest(args: IngestArgs) -> Result<(), AnyError> {
         .dataset(&args.dataset)
         .ok_or_else(|| CatalogError::UnknownDataset(args.dataset.clone()))?
         .clone();
-    let principal = match &settings.users {
-        Some(path) => {
-            let password = std::env::var("LAKEGATE_PASSWORD")
-                .map_err(|_| "set LAKEGATE_PASSWORD to the password of the --as principal")?;
-            let users = load_users(path)?;
-            let name = args.principal.clone();
-            tokio::task::spawn_blocking(move || users.authenticate(&name, &password)).await??
-        }
-        None => {
-            let users = tokio::task::spawn_blocking(demo::demo_users).await??;
-            users
-                .principal(&args.principal)
-                .ok_or_else(|| format!("unknown principal '{}'", args.principal))?
-        }
-    };
+    let principal = acting_principal(&settings, &args.principal).await?;
     let (policy_name, policy_text) = policy_or_demo(&settings)?;
     let model = match &settings.model {
         Some(path) => read(path)?,
@@ -892,16 +878,7 @@ async fn ingest(args: IngestArgs) -> Result<(), AnyError> {
         Action::Ingest,
         &RequestContext::default(),
     );
-    let mut event = AuditEvent::new("ingest", "Ingest");
-    event.principal = principal.name.clone();
-    event.attributes = principal
-        .attributes
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    event.purpose = principal.attribute("purpose").unwrap_or("").to_string();
-    event.client = "cli".into();
+    let mut event = cli_event("ingest", "Ingest", &principal);
     event.datasets = dataset.name.clone();
     event.policy_version = policy.version().to_string();
     let rule = match decision {
@@ -1037,15 +1014,7 @@ async fn acting_principal(
 }
 
 fn cli_event(kind: &str, action: &str, principal: &lakegate_policies::Principal) -> AuditEvent {
-    let mut event = AuditEvent::new(kind, action);
-    event.principal = principal.name.clone();
-    event.attributes = principal
-        .attributes
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    event.purpose = principal.attribute("purpose").unwrap_or("").to_string();
+    let mut event = AuditEvent::new(kind, action).by(principal);
     event.client = "cli".into();
     event
 }
