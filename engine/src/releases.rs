@@ -100,7 +100,9 @@ pub struct SourceVersion {
 #[serde(deny_unknown_fields)]
 pub struct ReleasedTable {
     pub name: String,
-    /// The query it was made from (the principal's SQL, before generalisation).
+    /// The query it was made from, before generalisation, with every literal replaced by `?`
+    /// as the audit trail records it: a manifest never holds a value the creator typed (an
+    /// SSN in a WHERE clause).
     pub query: String,
     pub rows: u64,
     pub columns: Vec<ReleasedColumn>,
@@ -588,7 +590,7 @@ async fn make_tables(
         risk.released_records = rows;
         tables.push(ReleasedTable {
             name: table.clone(),
-            query: sql,
+            query: crate::audit::fingerprint(&sql).0,
             rows,
             columns: schema
                 .fields()

@@ -369,7 +369,10 @@ async fn lifecycle_deletes_expired_releases_moves_cold_data_and_respects_holds()
     let (engine, lake) = (&server.engine, &server.lake);
     let signer = test_audit_key();
     let key = signer.verifying_key();
-    let tables = [("patients", "SELECT patient_id, sex FROM clinical.patients")];
+    let tables = [(
+        "patients",
+        "SELECT patient_id, sex FROM clinical.patients WHERE sex <> 'X-123-45-6789'",
+    )];
     let made = releases::create(
         engine,
         &persona("alice"),
@@ -378,6 +381,12 @@ async fn lifecycle_deletes_expired_releases_moves_cold_data_and_respects_holds()
     )
     .await
     .unwrap();
+    // The manifest keeps the query's shape, never a literal the creator typed.
+    let query = &made.tables[0].query;
+    assert!(
+        query.contains("FROM clinical.patients") && !query.contains("6789"),
+        "{query}"
+    );
     releases::approve(lake, "old", &persona("erin"), &signer)
         .await
         .unwrap();
