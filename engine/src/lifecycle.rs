@@ -15,10 +15,9 @@ use lakegate_policies::Principal;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::audit::VerifyingKey;
-use crate::releases::{self, Tombstone};
+use crate::releases::{self, sha256_hex, store_error, Tombstone};
 use crate::{EngineError, Result};
 
 /// Where holds are kept: `catalog/holds/<name>.json`.
@@ -39,10 +38,6 @@ pub struct Hold {
 
 fn hold_path(name: &str) -> Path {
     Path::from(format!("{HOLDS}/{name}.json"))
-}
-
-fn store_error(e: object_store::Error) -> EngineError {
-    EngineError::Catalog(lakegate_catalogs::CatalogError::Store(e))
 }
 
 fn may_hold(principal: &Principal) -> Result<()> {
@@ -335,7 +330,7 @@ async fn sha256_of(store: &dyn ObjectStore, at: &Path) -> Result<String> {
         .bytes()
         .await
         .map_err(store_error)?;
-    Ok(crate::audit::hex(&Sha256::digest(&bytes)))
+    Ok(sha256_hex(&bytes))
 }
 
 /// Carry out one planned step. Deleting a release writes its tombstone first (create-only: a

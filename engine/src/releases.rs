@@ -283,7 +283,7 @@ pub fn check_name(kind: &str, name: &str) -> Result<()> {
     }
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     crate::audit::hex(&Sha256::digest(bytes))
 }
 
@@ -299,7 +299,7 @@ fn arrow_error(e: arrow::error::ArrowError) -> EngineError {
     EngineError::from(DataFusionError::from(e))
 }
 
-fn store_error(e: object_store::Error) -> EngineError {
+pub(crate) fn store_error(e: object_store::Error) -> EngineError {
     EngineError::Catalog(lakegate_catalogs::CatalogError::Store(e))
 }
 
@@ -833,6 +833,7 @@ struct Gate {
     k: u64,
     quasi_names: Vec<String>,
     unit: Option<String>,
+    unit_converter: Option<RowConverter>,
     /// Columns derived from `phi.direct`, which must hold no value.
     direct: Vec<String>,
     converter: Option<RowConverter>,
@@ -866,6 +867,10 @@ impl Gate {
                 .map(|i| schema.field(*i).name().clone())
                 .collect(),
             unit: unit.map(|i| schema.field(i).name().clone()),
+            unit_converter: unit.map(|i| {
+                RowConverter::new(vec![SortField::new(schema.field(i).data_type().clone())])
+                    .expect("every Arrow type has a row format")
+            }),
             direct: (0..schema.fields().len())
                 .filter(|i| labels[*i].contains("phi.direct"))
                 .map(|i| schema.field(i).name().clone())
@@ -909,12 +914,10 @@ impl Gate {
 
     fn unit_hashes(&self, batch: &RecordBatch) -> Result<Option<Vec<u64>>> {
         use std::hash::{BuildHasher, Hasher};
-        let Some(u) = &self.unit else {
+        let (Some(u), Some(converter)) = (&self.unit, &self.unit_converter) else {
             return Ok(None);
         };
         let column = Self::column(batch, u)?;
-        let converter = RowConverter::new(vec![SortField::new(column.data_type().clone())])
-            .map_err(arrow_error)?;
         let rows = converter
             .convert_columns(&[Arc::clone(column)])
             .map_err(arrow_error)?;
