@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch};
+use arrow::array::{Array, ArrayRef, RecordBatch};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::row::{RowConverter, SortField};
 use async_trait::async_trait;
@@ -489,27 +489,12 @@ async fn make_tables(
         let planned = session.plan(&wrapped).await?;
         let labels = lineage(&planned.plan, &catalog);
         let schema = planned.schema();
-        let mut gate = Gate::new(&schema, &labels, rules.k);
-        // First pass: the classes, reading only the columns the gate needs.
+        let gate = Gate::new(&schema, &labels, rules.k);
+        // One pass: the gate counts each row's class while the row is staged in a random
+        // bucket on local disk; nothing is written to the lake before the gate has decided.
         let started = std::time::Instant::now();
-        let mut needed = gate.columns();
-        if needed.is_empty() {
-            needed.push(schema.field(0).name().clone());
-        }
-        let first = session
-            .plan(&format!(
-                "SELECT {} FROM ({wrapped}) AS lakegate_gate",
-                needed
-                    .iter()
-                    .map(|c| quote(c))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-            .await?;
-        let mut stream = first.execute(None).await?;
-        while let Some(batch) = stream.next().await {
-            gate.observe(&batch?)?;
-        }
+        let spill = Arc::clone(&session.planning.task.runtime_env().disk_manager);
+        let (gate, staged) = stage(planned.execute(None).await?, gate, spill).await?;
         let gated = started.elapsed();
         let direct = gate.identified();
         if !direct.is_empty() {
@@ -535,44 +520,21 @@ async fn make_tables(
             ));
         }
         risk.suppressed_records = risk.records_at_risk;
-        // Second pass: the same rows in a secret random order, without the suppressed ones.
-        let shuffled = session
-            .plan(&format!(
-                "SELECT * FROM ({wrapped}) AS lakegate_shuffle ORDER BY random()"
-            ))
-            .await?;
-        let mut stream = shuffled.execute(None).await?;
         let column_labels: Vec<(String, String)> = schema
             .fields()
             .iter()
             .zip(&labels)
             .map(|(f, l)| (f.name().clone(), key_class(l).to_string()))
             .collect();
-        let mut writer = FileWriter::new(
+        let (files, rows) = write_files(
             store,
             format!("{ZONE}/{}/data/{attempt}/{table}", request.name),
             &schema,
-            data_keys,
-            &column_labels,
-        )?;
-        let mut seen = 0u64;
-        let streamed: Result<()> = async {
-            while let Some(batch) = stream.next().await {
-                let batch = batch?;
-                seen += batch.num_rows() as u64;
-                let keep = gate.keep(&batch)?;
-                let kept = arrow::compute::filter_record_batch(&batch, &keep)
-                    .map_err(|e| EngineError::Internal(format!("release filter: {e}")))?;
-                writer.write(kept).await?;
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = streamed {
-            writer.abort().await;
-            return Err(e);
-        }
-        let (files, rows) = writer.finish().await?;
+            staged,
+            Arc::new(gate.released()),
+            writer_properties(data_keys, &column_labels)?,
+        )
+        .await?;
         tracing::info!(
             release = %request.name,
             table = %table,
@@ -581,7 +543,7 @@ async fn make_tables(
             total_ms = started.elapsed().as_millis() as u64,
             "release table written"
         );
-        if seen != risk.records || rows != risk.released_records {
+        if rows != risk.released_records {
             return Err(EngineError::InvalidQuery(format!(
                 "release {} table {table}: its sources changed while it was made; run it again",
                 request.name
@@ -833,14 +795,15 @@ struct Gate {
     k: u64,
     quasi_names: Vec<String>,
     unit: Option<String>,
-    unit_converter: Option<RowConverter>,
+    /// Hashes a unit's values: a class's patients are counted by their ids' 64-bit hashes.
+    unit_hasher: foldhash::fast::FixedState,
     /// Columns derived from `phi.direct`, which must hold no value.
     direct: Vec<String>,
     converter: Option<RowConverter>,
-    classes: HashMap<Box<[u8]>, u32>,
+    classes: HashMap<Box<[u8]>, u32, foldhash::fast::RandomState>,
     records: Vec<u64>,
     patients: Vec<u64>,
-    seen: HashSet<(u32, u64)>,
+    seen: HashSet<(u32, u64), foldhash::fast::RandomState>,
     /// Non-null values seen per quasi-identifier and per direct column, by name.
     non_null: HashMap<String, u64>,
 }
@@ -867,29 +830,21 @@ impl Gate {
                 .map(|i| schema.field(*i).name().clone())
                 .collect(),
             unit: unit.map(|i| schema.field(i).name().clone()),
-            unit_converter: unit.map(|i| {
-                RowConverter::new(vec![SortField::new(schema.field(i).data_type().clone())])
-                    .expect("every Arrow type has a row format")
-            }),
+            unit_hasher: {
+                use rand::RngCore;
+                foldhash::fast::FixedState::with_seed(rand::rngs::OsRng.next_u64())
+            },
             direct: (0..schema.fields().len())
                 .filter(|i| labels[*i].contains("phi.direct"))
                 .map(|i| schema.field(i).name().clone())
                 .collect(),
             converter,
-            classes: HashMap::new(),
+            classes: HashMap::default(),
             records: Vec::new(),
             patients: Vec::new(),
-            seen: HashSet::new(),
+            seen: HashSet::default(),
             non_null: HashMap::new(),
         }
-    }
-
-    /// The columns the first pass must read.
-    fn columns(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.quasi_names.clone();
-        out.extend(self.unit.iter().cloned());
-        out.extend(self.direct.iter().cloned());
-        out
     }
 
     fn column<'b>(batch: &'b RecordBatch, name: &str) -> Result<&'b ArrayRef> {
@@ -913,28 +868,20 @@ impl Gate {
     }
 
     fn unit_hashes(&self, batch: &RecordBatch) -> Result<Option<Vec<u64>>> {
-        use std::hash::{BuildHasher, Hasher};
-        let (Some(u), Some(converter)) = (&self.unit, &self.unit_converter) else {
+        let Some(u) = &self.unit else {
             return Ok(None);
         };
-        let column = Self::column(batch, u)?;
-        let rows = converter
-            .convert_columns(&[Arc::clone(column)])
-            .map_err(arrow_error)?;
-        let state =
-            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
-        Ok(Some(
-            rows.iter()
-                .map(|r| {
-                    let mut h = state.build_hasher();
-                    h.write(r.as_ref());
-                    h.finish()
-                })
-                .collect(),
-        ))
+        let mut hashes = vec![0; batch.num_rows()];
+        datafusion::common::hash_utils::create_hashes(
+            [Self::column(batch, u)?],
+            &self.unit_hasher,
+            &mut hashes,
+        )?;
+        Ok(Some(hashes))
     }
 
-    fn observe(&mut self, batch: &RecordBatch) -> Result<()> {
+    /// Counts a batch's rows and patients into their classes; returns each row's class.
+    fn observe(&mut self, batch: &RecordBatch) -> Result<Vec<u32>> {
         for name in self.quasi_names.iter().chain(&self.direct) {
             let c = Self::column(batch, name)?;
             *self.non_null.entry(name.clone()).or_default() +=
@@ -942,6 +889,7 @@ impl Gate {
         }
         let rows = self.rows(batch)?;
         let units = self.unit_hashes(batch)?;
+        let mut of_rows = Vec::with_capacity(batch.num_rows());
         for r in 0..batch.num_rows() {
             let key: &[u8] = match &rows {
                 Some(rows) => rows.row(r).data(),
@@ -957,6 +905,7 @@ impl Gate {
                     c
                 }
             };
+            of_rows.push(class);
             self.records[class as usize] += 1;
             match &units {
                 Some(u) => {
@@ -967,7 +916,7 @@ impl Gate {
                 None => self.patients[class as usize] += 1,
             }
         }
-        Ok(())
+        Ok(of_rows)
     }
 
     /// Direct-identifier columns that held a value.
@@ -1026,162 +975,423 @@ impl Gate {
         report
     }
 
-    /// Which rows of a second-pass batch are released: those of classes of k patients or
-    /// more. A class the first pass did not see means the sources changed: refused.
-    fn keep(&self, batch: &RecordBatch) -> Result<BooleanArray> {
-        let rows = self.rows(batch)?;
-        let mut keep = Vec::with_capacity(batch.num_rows());
-        for r in 0..batch.num_rows() {
-            let key: &[u8] = match &rows {
-                Some(rows) => rows.row(r).data(),
-                None => &[],
-            };
-            let Some(class) = self.classes.get(key) else {
-                return Err(EngineError::InvalidQuery(
-                    "a release's sources changed while it was made; run it again".into(),
-                ));
-            };
-            keep.push(self.patients[*class as usize] >= self.k);
-        }
-        Ok(BooleanArray::from(keep))
+    /// Whether each class is released: it holds k patients or more.
+    fn released(&self) -> Vec<bool> {
+        self.patients.iter().map(|p| *p >= self.k).collect()
     }
-}
-
-/// Writes one released table's rows into Parquet files of at most [`ROWS_PER_FILE`] rows.
-/// Encoding runs on a thread of its own, so it overlaps the query that produces the rows, and
-/// each finished file is uploaded while the next is encoded.
-struct FileWriter {
-    batches: Option<tokio::sync::mpsc::Sender<RecordBatch>>,
-    encoding: tokio::task::JoinHandle<Result<u64>>,
-    uploading: tokio::task::JoinHandle<Result<Vec<ReleasedFile>>>,
 }
 
 fn writer_error(e: impl fmt::Display) -> EngineError {
     EngineError::Internal(format!("release writer: {e}"))
 }
 
-impl FileWriter {
+/// ZSTD, and the release's own data keys per label class when the lake has a keyring.
+fn writer_properties(
+    data_keys: &Option<(String, lakegate_catalogs::DataKeys)>,
+    labels: &[(String, String)],
+) -> Result<parquet::file::properties::WriterProperties> {
+    use parquet::basic::{Compression, ZstdLevel};
+    let mut props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()));
+    if let Some((_, keys)) = data_keys {
+        props = props.with_file_encryption_properties(
+            keys.encryption_of(labels.iter().map(|(n, l)| (n.as_str(), l.as_str())))?,
+        );
+    }
+    Ok(props.build())
+}
+
+/// Buckets a released table's rows are scattered into: one random byte per row picks one.
+const BUCKETS: usize = 256;
+/// Rows a bucket gathers before they are appended to its staging file.
+const BUCKET_FLUSH_ROWS: usize = 2048;
+/// The column staged beside a table's own: each row's equivalence class, as the gate numbered
+/// it, so that the write decides which rows are released without recomputing their classes.
+const CLASS_COLUMN: &str = "lakegate_release_class";
+
+/// A released table's rows, each in a uniformly random bucket, the buckets in files of the
+/// engine's spill directory (the directory DataFusion's own sorts spill to). Shuffling each
+/// group of buckets in memory afterwards yields a uniformly random permutation of the whole
+/// table without a global sort: the scatter shuffle. Each batch is put in bucket order with
+/// one `take` (the batch is small enough to stay in the CPU's cache), and a bucket's slices
+/// are appended to its file once they hold [`BUCKET_FLUSH_ROWS`] rows.
+struct Staging {
+    schema: SchemaRef,
+    spill: Arc<datafusion::execution::disk_manager::DiskManager>,
+    rng: rand::rngs::StdRng,
+    buckets: Vec<StagedBucket>,
+}
+
+type StagingWriter = arrow::ipc::writer::StreamWriter<
+    std::io::BufWriter<Box<dyn datafusion::execution::SpillWriter>>,
+>;
+
+#[derive(Default)]
+struct StagedBucket {
+    file: Option<Arc<dyn datafusion::execution::SpillFile>>,
+    writer: Option<StagingWriter>,
+    /// Slices of rows not yet gathered.
+    pending: Vec<RecordBatch>,
+    pending_rows: usize,
+    rows: usize,
+}
+
+/// One bucket's staged rows, to be read back.
+struct Staged {
+    file: Option<Arc<dyn datafusion::execution::SpillFile>>,
+    rows: usize,
+}
+
+fn staging_error(e: impl fmt::Display) -> EngineError {
+    EngineError::Internal(format!("release staging: {e}"))
+}
+
+impl Staging {
     fn new(
-        store: &Arc<dyn ObjectStore>,
-        folder: String,
-        schema: &SchemaRef,
-        data_keys: &Option<(String, lakegate_catalogs::DataKeys)>,
-        labels: &[(String, String)],
-    ) -> Result<Self> {
-        use parquet::basic::{Compression, ZstdLevel};
-        let mut props = parquet::file::properties::WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()));
-        if let Some((_, keys)) = data_keys {
-            props = props.with_file_encryption_properties(
-                keys.encryption_of(labels.iter().map(|(n, l)| (n.as_str(), l.as_str())))?,
-            );
+        schema: SchemaRef,
+        spill: Arc<datafusion::execution::disk_manager::DiskManager>,
+    ) -> Self {
+        use rand::SeedableRng;
+        Self {
+            schema,
+            spill,
+            rng: rand::rngs::StdRng::from_entropy(),
+            buckets: (0..BUCKETS).map(|_| StagedBucket::default()).collect(),
         }
-        let props = props.build();
-        let schema = Arc::clone(schema);
-        let (batch_tx, mut batch_rx) = tokio::sync::mpsc::channel::<RecordBatch>(8);
-        let (file_tx, mut file_rx) = tokio::sync::mpsc::channel::<(String, Vec<u8>)>(2);
-        let encoding = tokio::task::spawn_blocking(move || -> Result<u64> {
-            let new_writer = || {
-                parquet::arrow::ArrowWriter::try_new(
-                    Vec::new(),
-                    Arc::clone(&schema),
-                    Some(props.clone()),
-                )
-                .map_err(writer_error)
-            };
-            let mut files = 0usize;
-            let mut close = |w: parquet::arrow::ArrowWriter<Vec<u8>>| -> Result<()> {
-                let bytes = w.into_inner().map_err(writer_error)?;
-                let at = format!("{folder}/part-{files:05}.parquet");
-                files += 1;
-                file_tx
-                    .blocking_send((at, bytes))
-                    .map_err(|_| writer_error("the upload stopped"))
-            };
-            let (mut current, mut in_current, mut rows) = (None, 0usize, 0u64);
-            while let Some(batch) = batch_rx.blocking_recv() {
-                let mut offset = 0;
-                while offset < batch.num_rows() {
-                    if current.is_none() {
-                        current = Some(new_writer()?);
-                        in_current = 0;
-                    }
-                    let n = (batch.num_rows() - offset).min(ROWS_PER_FILE - in_current);
-                    let writer = current.as_mut().expect("set above");
-                    writer
-                        .write(&batch.slice(offset, n))
-                        .map_err(writer_error)?;
-                    offset += n;
-                    in_current += n;
-                    rows += n as u64;
-                    if in_current >= ROWS_PER_FILE {
-                        close(current.take().expect("set above"))?;
-                    }
+    }
+
+    fn add(&mut self, batch: &RecordBatch) -> Result<()> {
+        use rand::RngCore;
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let mut picks = vec![0u8; n];
+        self.rng.fill_bytes(&mut picks);
+        // A counting sort of the rows by bucket.
+        let mut starts = [0u32; BUCKETS + 1];
+        for p in &picks {
+            starts[*p as usize + 1] += 1;
+        }
+        for b in 0..BUCKETS {
+            starts[b + 1] += starts[b];
+        }
+        let mut next = starts;
+        let mut order = vec![0u32; n];
+        for (row, p) in picks.iter().enumerate() {
+            order[next[*p as usize] as usize] = row as u32;
+            next[*p as usize] += 1;
+        }
+        let grouped =
+            arrow::compute::take_record_batch(batch, &arrow::array::UInt32Array::from(order))
+                .map_err(arrow_error)?;
+        for b in 0..BUCKETS {
+            let (from, to) = (starts[b] as usize, starts[b + 1] as usize);
+            if to == from {
+                continue;
+            }
+            let bucket = &mut self.buckets[b];
+            bucket.pending.push(grouped.slice(from, to - from));
+            bucket.pending_rows += to - from;
+            if bucket.pending_rows >= BUCKET_FLUSH_ROWS {
+                self.flush(b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gathers a bucket's pending slices into one batch appended to the bucket's file.
+    fn flush(&mut self, b: usize) -> Result<()> {
+        let bucket = &mut self.buckets[b];
+        if bucket.pending.is_empty() {
+            return Ok(());
+        }
+        let rows =
+            arrow::compute::concat_batches(&self.schema, &bucket.pending).map_err(arrow_error)?;
+        bucket.pending.clear();
+        bucket.pending_rows = 0;
+        bucket.rows += rows.num_rows();
+        if bucket.writer.is_none() {
+            let file = self
+                .spill
+                .create_tmp_file("staging a release")
+                .map_err(staging_error)?;
+            let out = std::io::BufWriter::with_capacity(
+                1 << 16,
+                file.open_writer().map_err(staging_error)?,
+            );
+            bucket.writer = Some(
+                arrow::ipc::writer::StreamWriter::try_new(out, &self.schema)
+                    .map_err(staging_error)?,
+            );
+            bucket.file = Some(file);
+        }
+        bucket
+            .writer
+            .as_mut()
+            .expect("set above")
+            .write(&rows)
+            .map_err(staging_error)
+    }
+
+    fn finish(mut self) -> Result<Vec<Staged>> {
+        let mut out = Vec::with_capacity(BUCKETS);
+        for b in 0..BUCKETS {
+            self.flush(b)?;
+        }
+        for b in 0..BUCKETS {
+            let bucket = std::mem::take(&mut self.buckets[b]);
+            if let Some(mut writer) = bucket.writer {
+                writer.finish().map_err(staging_error)?;
+                let mut file = writer
+                    .into_inner()
+                    .map_err(staging_error)?
+                    .into_inner()
+                    .map_err(|e| staging_error(e.error()))?;
+                file.finish().map_err(staging_error)?;
+            }
+            out.push(Staged {
+                file: bucket.file,
+                rows: bucket.rows,
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl Staged {
+    fn read(&self) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        let Some(file) = &self.file else {
+            return Ok(out);
+        };
+        let at = file
+            .path()
+            .ok_or_else(|| staging_error("the spill directory is not a local one"))?;
+        let reader = arrow::ipc::reader::StreamReader::try_new(
+            std::io::BufReader::with_capacity(
+                1 << 16,
+                std::fs::File::open(at).map_err(staging_error)?,
+            ),
+            None,
+        )
+        .map_err(staging_error)?;
+        for batch in reader {
+            out.push(batch.map_err(staging_error)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Runs a released table's query once, in a pipeline of three: the query (its masks run
+/// once), a thread on which the gate numbers each row's class, and a thread that stages the
+/// row with its class.
+async fn stage(
+    mut stream: datafusion::execution::SendableRecordBatchStream,
+    mut gate: Gate,
+    spill: Arc<datafusion::execution::disk_manager::DiskManager>,
+) -> Result<(Gate, Vec<Staged>)> {
+    let mut fields: Vec<_> = stream.schema().fields().iter().cloned().collect();
+    fields.push(Arc::new(arrow::datatypes::Field::new(
+        CLASS_COLUMN,
+        DataType::UInt32,
+        false,
+    )));
+    let schema = Arc::new(arrow::datatypes::Schema::new(fields));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<RecordBatch>(4);
+    let (classed_tx, mut classed_rx) = tokio::sync::mpsc::channel::<RecordBatch>(4);
+    let mut staging = Staging::new(Arc::clone(&schema), spill);
+    let observer = tokio::task::spawn_blocking(move || -> Result<Gate> {
+        while let Some(batch) = rx.blocking_recv() {
+            let classes = gate.observe(&batch)?;
+            let mut columns = batch.columns().to_vec();
+            columns.push(Arc::new(arrow::array::UInt32Array::from(classes)));
+            let batch = RecordBatch::try_new(Arc::clone(&schema), columns).map_err(arrow_error)?;
+            if classed_tx.blocking_send(batch).is_err() {
+                break;
+            }
+        }
+        Ok(gate)
+    });
+    let stager = tokio::task::spawn_blocking(move || -> Result<Vec<Staged>> {
+        while let Some(batch) = classed_rx.blocking_recv() {
+            staging.add(&batch)?;
+        }
+        staging.finish()
+    });
+    let mut failed = None;
+    while let Some(batch) = stream.next().await {
+        match batch {
+            Ok(batch) => {
+                if tx.send(batch).await.is_err() {
+                    break;
                 }
             }
-            // An empty table still gets one file, so that it has a schema to read.
-            match current.take() {
-                Some(w) => close(w)?,
-                None if rows == 0 => close(new_writer()?)?,
-                None => {}
-            }
-            Ok(rows)
-        });
-        let store = Arc::clone(store);
-        let uploading = tokio::spawn(async move {
-            let mut files = Vec::new();
-            while let Some((at, bytes)) = file_rx.recv().await {
-                files.push(ReleasedFile {
-                    path: at.clone(),
-                    bytes: bytes.len() as u64,
-                    sha256: sha256_hex(&bytes),
-                });
-                store
-                    .put(&Path::from(at), PutPayload::from(bytes))
-                    .await
-                    .map_err(store_error)?;
-            }
-            Ok(files)
-        });
-        Ok(Self {
-            batches: Some(batch_tx),
-            encoding,
-            uploading,
-        })
-    }
-
-    async fn write(&mut self, batch: RecordBatch) -> Result<()> {
-        let sent = match &self.batches {
-            Some(tx) => tx.send(batch).await.is_ok(),
-            None => false,
-        };
-        if sent {
-            Ok(())
-        } else {
-            // The encoder stopped: its own error says why.
-            self.batches = None;
-            match (&mut self.encoding).await {
-                Ok(Err(e)) => Err(e),
-                _ => Err(writer_error("the encoder stopped")),
+            Err(e) => {
+                failed = Some(EngineError::from(e));
+                break;
             }
         }
     }
-
-    /// Stop without finishing: nothing more is uploaded once this returns (the caller then
-    /// removes what was).
-    async fn abort(mut self) {
-        drop(self.batches.take());
-        self.uploading.abort();
-        let _ = (&mut self.uploading).await;
-        let _ = self.encoding.await;
+    drop(tx);
+    // The first error in the pipeline's order says why: the query's, the gate's, the staging's.
+    let gate = observer.await.map_err(staging_error)?;
+    let staged = stager.await.map_err(staging_error)?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((gate?, staged?)),
     }
+}
 
-    async fn finish(mut self) -> Result<(Vec<ReleasedFile>, u64)> {
-        drop(self.batches.take());
-        let rows = self.encoding.await.map_err(writer_error)??;
-        let files = self.uploading.await.map_err(writer_error)??;
-        Ok((files, rows))
+/// Writes a staged table's released rows into the lake: groups of consecutive buckets of about
+/// [`ROWS_PER_FILE`] rows, each on a thread of its own (as many as the machine has cores),
+/// without the rows of classes the gate suppressed, shuffled, encoded into Parquet files of at
+/// most [`ROWS_PER_FILE`] rows, and uploaded in turn. Returns the files and the rows written.
+async fn write_files(
+    store: &Arc<dyn ObjectStore>,
+    folder: String,
+    schema: &SchemaRef,
+    staged: Vec<Staged>,
+    released: Arc<Vec<bool>>,
+    props: parquet::file::properties::WriterProperties,
+) -> Result<(Vec<ReleasedFile>, u64)> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let mut groups: Vec<Vec<Staged>> = Vec::new();
+    let mut in_group = 0;
+    for bucket in staged {
+        if bucket.rows == 0 {
+            continue;
+        }
+        if groups.is_empty() || in_group + bucket.rows > ROWS_PER_FILE {
+            groups.push(Vec::new());
+            in_group = 0;
+        }
+        in_group += bucket.rows;
+        groups.last_mut().expect("pushed above").push(bucket);
     }
+    let groups = Arc::new(groups);
+    let (file_tx, mut file_rx) = tokio::sync::mpsc::channel::<(Vec<u8>, u64)>(2);
+    let encode = {
+        let (schema, props) = (Arc::clone(schema), props.clone());
+        move |batch: &RecordBatch| -> Result<Vec<u8>> {
+            // Sized up front: a growing buffer would copy the file at every doubling.
+            let mut w = parquet::arrow::ArrowWriter::try_new(
+                Vec::with_capacity(batch.get_array_memory_size() / 2),
+                Arc::clone(&schema),
+                Some(props.clone()),
+            )
+            .map_err(writer_error)?;
+            w.write(batch).map_err(writer_error)?;
+            w.into_inner().map_err(writer_error)
+        }
+    };
+    let own_columns: Vec<usize> = (0..schema.fields().len()).collect();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(groups.len())
+        .max(1);
+    let (next, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut encoders = Vec::new();
+    for _ in 0..workers {
+        let (groups, released, encode) =
+            (Arc::clone(&groups), Arc::clone(&released), encode.clone());
+        let (next, stop, file_tx) = (Arc::clone(&next), Arc::clone(&stop), file_tx.clone());
+        let own_columns = own_columns.clone();
+        encoders.push(tokio::task::spawn_blocking(move || -> Result<()> {
+            use rand::seq::SliceRandom;
+            use rand::SeedableRng;
+            let mut rng = rand::rngs::StdRng::from_entropy();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= groups.len() || stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let mut work = || -> Result<()> {
+                    let mut batches = Vec::new();
+                    let mut order = Vec::new();
+                    for bucket in &groups[i] {
+                        for batch in bucket.read()? {
+                            let classes = batch
+                                .column(own_columns.len())
+                                .as_any()
+                                .downcast_ref::<arrow::array::UInt32Array>()
+                                .ok_or_else(|| staging_error("no class column"))?;
+                            let b = batches.len();
+                            order.extend(
+                                classes
+                                    .values()
+                                    .iter()
+                                    .enumerate()
+                                    .filter(|(_, c)| released[**c as usize])
+                                    .map(|(r, _)| (b, r)),
+                            );
+                            batches.push(batch.project(&own_columns).map_err(arrow_error)?);
+                        }
+                    }
+                    if order.is_empty() {
+                        return Ok(());
+                    }
+                    // The released rows in a random order, in one copy.
+                    order.shuffle(&mut rng);
+                    let from: Vec<&RecordBatch> = batches.iter().collect();
+                    let rows = arrow::compute::interleave_record_batch(&from, &order)
+                        .map_err(arrow_error)?;
+                    drop(batches);
+                    let mut offset = 0;
+                    while offset < rows.num_rows() {
+                        let n = (rows.num_rows() - offset).min(ROWS_PER_FILE);
+                        let bytes = encode(&rows.slice(offset, n))?;
+                        file_tx
+                            .blocking_send((bytes, n as u64))
+                            .map_err(|_| writer_error("the upload stopped"))?;
+                        offset += n;
+                    }
+                    Ok(())
+                };
+                if let Err(e) = work() {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }));
+    }
+    drop(file_tx);
+    let put = |at: String, bytes: Vec<u8>| async move {
+        let file = ReleasedFile {
+            path: at.clone(),
+            bytes: bytes.len() as u64,
+            sha256: sha256_hex(&bytes),
+        };
+        store
+            .put(&Path::from(at), PutPayload::from(bytes))
+            .await
+            .map_err(store_error)?;
+        Ok::<_, EngineError>(file)
+    };
+    let uploading = async {
+        let (mut files, mut rows) = (Vec::new(), 0u64);
+        while let Some((bytes, n)) = file_rx.recv().await {
+            let at = format!("{folder}/part-{:05}.parquet", files.len());
+            files.push(put(at, bytes).await?);
+            rows += n;
+        }
+        Ok::<_, EngineError>((files, rows))
+    };
+    let (uploaded, encoded) = tokio::join!(uploading, futures::future::join_all(encoders));
+    // An encoder's error says more than the upload's "stopped".
+    for e in encoded {
+        e.map_err(writer_error)??;
+    }
+    let (mut files, rows) = uploaded?;
+    // An empty table still gets one file, so that it has a schema to read.
+    if files.is_empty() {
+        let bytes = encode(&RecordBatch::new_empty(Arc::clone(schema)))?;
+        files.push(put(format!("{folder}/part-00000.parquet"), bytes).await?);
+    }
+    Ok((files, rows))
 }
 
 /// A release's manifest, as stored, with its signature checked.
@@ -1685,6 +1895,114 @@ mod tests {
     use arrow::array::{Int32Array, StringArray};
     use arrow::datatypes::{Field, Schema};
 
+    /// The one-pass write: every released row exactly once, the suppressed class's rows
+    /// never, the staged class column gone, and the rows in a new order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn staged_rows_are_written_once_shuffled_and_without_suppressed_classes() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("patient_id", DataType::Utf8, false),
+            Field::new("zip", DataType::Utf8, true),
+            Field::new("value", DataType::Int32, false),
+        ]));
+        let labels = vec![
+            BTreeSet::from(["identifier".to_string()]),
+            BTreeSet::from(["phi.quasi".to_string()]),
+            BTreeSet::from(["clinical".to_string()]),
+        ];
+        // 50,000 rows: zip 100 held by 1,000 patients; zip 999 by one patient (3 rows).
+        let n = 50_000i32;
+        let batches: Vec<RecordBatch> = (0..n)
+            .step_by(4096)
+            .map(|from| {
+                let to = (from + 4096).min(n);
+                let zip = |v: i32| if v < 3 { "999" } else { "100" };
+                let patient = |v: i32| {
+                    if v < 3 {
+                        "lonely".to_string()
+                    } else {
+                        format!("p{}", v % 1000)
+                    }
+                };
+                RecordBatch::try_new(
+                    Arc::clone(&schema),
+                    vec![
+                        Arc::new(StringArray::from(
+                            (from..to).map(patient).collect::<Vec<_>>(),
+                        )),
+                        Arc::new(StringArray::from((from..to).map(zip).collect::<Vec<_>>())),
+                        Arc::new(Int32Array::from((from..to).collect::<Vec<_>>())),
+                    ],
+                )
+                .unwrap()
+            })
+            .collect();
+        let stream = Box::pin(
+            datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                Arc::clone(&schema),
+                futures::stream::iter(batches.into_iter().map(Ok)),
+            ),
+        );
+        let spill = Arc::new(
+            datafusion::execution::disk_manager::DiskManagerBuilder::default()
+                .build()
+                .unwrap(),
+        );
+        let (gate, staged) = stage(stream, Gate::new(&schema, &labels, 11), spill)
+            .await
+            .unwrap();
+        assert_eq!(staged.len(), BUCKETS);
+        assert_eq!(staged.iter().map(|s| s.rows).sum::<usize>(), n as usize);
+        let report = gate.report(BTreeMap::new(), Vec::new());
+        assert_eq!((report.records, report.records_at_risk), (n as u64, 3));
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let (files, rows) = write_files(
+            &store,
+            "releases/t/data/a/t".into(),
+            &schema,
+            staged,
+            Arc::new(gate.released()),
+            writer_properties(&None, &[]).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(rows, n as u64 - 3);
+        let mut values = Vec::new();
+        for f in &files {
+            let bytes = store
+                .get(&Path::from(f.path.as_str()))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert_eq!(sha256_hex(&bytes), f.sha256);
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 8192)
+                    .unwrap();
+            for batch in reader {
+                let batch = batch.unwrap();
+                assert_eq!(
+                    batch.schema().fields().len(),
+                    3,
+                    "the class column is not released"
+                );
+                let v = batch
+                    .column(2)
+                    .as_any()
+                    .downcast_ref::<Int32Array>()
+                    .unwrap();
+                values.extend(v.values().iter().copied());
+            }
+        }
+        let in_order: Vec<i32> = (3..n).collect();
+        assert_ne!(values, in_order, "the rows are shuffled");
+        values.sort_unstable();
+        assert_eq!(
+            values, in_order,
+            "every released row exactly once, none suppressed"
+        );
+    }
+
     #[test]
     fn names_are_checked() {
         assert!(check_name("release", "oncology-2026-12").is_ok());
@@ -1718,7 +2036,7 @@ mod tests {
             ],
         )
         .unwrap();
-        gate.observe(&batch).unwrap();
+        let classes = gate.observe(&batch).unwrap();
         let report = gate.report(BTreeMap::new(), Vec::new());
         assert_eq!(report.quasi_identifiers, vec!["zip".to_string()]);
         assert_eq!(report.records, 6);
@@ -1732,9 +2050,12 @@ mod tests {
         assert!(!report.passed);
         assert_eq!(report.released_records, 4);
         assert!((report.released_highest_risk - 1.0 / 3.0).abs() < 1e-12);
-        let keep = gate.keep(&batch).unwrap();
+        let released = gate.released();
         assert_eq!(
-            keep.iter().map(|b| b.unwrap()).collect::<Vec<_>>(),
+            classes
+                .iter()
+                .map(|c| released[*c as usize])
+                .collect::<Vec<_>>(),
             vec![true, true, true, true, false, false]
         );
     }
