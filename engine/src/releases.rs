@@ -789,8 +789,8 @@ fn lineage(plan: &LogicalPlan, catalog: &lakegate_catalogs::Catalog) -> Vec<BTre
     }
 }
 
-/// The k-anonymity gate of one table: equivalence classes of its quasi-identifiers. Columns
-/// are found by name, so the first pass may read only the columns the gate needs.
+/// The k-anonymity gate of one table: equivalence classes of its quasi-identifiers, numbered
+/// as rows arrive, with their records and distinct patients. Columns are found by name.
 struct Gate {
     k: u64,
     quasi_names: Vec<String>,
