@@ -1161,9 +1161,8 @@ impl Staging {
 
 impl Staged {
     fn read(&self) -> Result<Vec<RecordBatch>> {
-        let mut out = Vec::new();
         let Some(file) = &self.file else {
-            return Ok(out);
+            return Ok(Vec::new());
         };
         let at = file
             .path()
@@ -1176,10 +1175,7 @@ impl Staged {
             None,
         )
         .map_err(staging_error)?;
-        for batch in reader {
-            out.push(batch.map_err(staging_error)?);
-        }
-        Ok(out)
+        reader.map(|b| b.map_err(staging_error)).collect()
     }
 }
 
@@ -1895,20 +1891,26 @@ mod tests {
     use arrow::array::{Int32Array, StringArray};
     use arrow::datatypes::{Field, Schema};
 
-    /// The one-pass write: every released row exactly once, the suppressed class's rows
-    /// never, the staged class column gone, and the rows in a new order.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn staged_rows_are_written_once_shuffled_and_without_suppressed_classes() {
+    /// A table of a patient id, a ZIP (the one quasi-identifier) and a value, with labels.
+    fn patients_by_zip() -> (SchemaRef, Vec<BTreeSet<String>>) {
         let schema = Arc::new(Schema::new(vec![
             Field::new("patient_id", DataType::Utf8, false),
             Field::new("zip", DataType::Utf8, true),
-            Field::new("value", DataType::Int32, false),
+            Field::new("value", DataType::Int32, true),
         ]));
         let labels = vec![
             BTreeSet::from(["identifier".to_string()]),
             BTreeSet::from(["phi.quasi".to_string()]),
             BTreeSet::from(["clinical".to_string()]),
         ];
+        (schema, labels)
+    }
+
+    /// The one-pass write: every released row exactly once, the suppressed class's rows
+    /// never, the staged class column gone, and the rows in a new order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn staged_rows_are_written_once_shuffled_and_without_suppressed_classes() {
+        let (schema, labels) = patients_by_zip();
         // 50,000 rows: zip 100 held by 1,000 patients; zip 999 by one patient (3 rows).
         let n = 50_000i32;
         let batches: Vec<RecordBatch> = (0..n)
@@ -2013,16 +2015,7 @@ mod tests {
 
     #[test]
     fn the_gate_counts_patients_per_class() {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("patient_id", DataType::Utf8, false),
-            Field::new("zip", DataType::Utf8, true),
-            Field::new("value", DataType::Int32, true),
-        ]));
-        let labels = vec![
-            BTreeSet::from(["identifier".to_string()]),
-            BTreeSet::from(["phi.quasi".to_string()]),
-            BTreeSet::from(["clinical".to_string()]),
-        ];
+        let (schema, labels) = patients_by_zip();
         let mut gate = Gate::new(&schema, &labels, 3);
         // zip 100: patients a, b, c (4 rows); zip 200: patient d twice.
         let batch = RecordBatch::try_new(
