@@ -34,6 +34,7 @@ mod digests;
 mod encrypted;
 mod engine;
 mod error;
+mod generalise;
 mod governed;
 mod keys;
 pub mod lifecycle;

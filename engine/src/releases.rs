@@ -34,7 +34,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use ed25519_dalek::VerifyingKey;
 use futures::StreamExt;
 use lakegate_catalogs::Lake;
-use lakegate_policies::{Generalisation, Principal, ReleaseRules};
+use lakegate_policies::{Principal, ReleaseRules};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,7 @@ pub const UNIT: &str = "patient_id";
 /// Rule names that refusals carry.
 const RULE_NAME: &str = "release-name";
 const RULE_GATE: &str = "release-k-anonymity";
+const RULE_DIVERSITY: &str = "release-l-diversity";
 const RULE_DEIDENTIFIED: &str = "release-deidentified";
 const RULE_PROJECT: &str = "release-project";
 const RULE_APPROVAL: &str = "release-approval";
@@ -146,6 +147,7 @@ pub struct RiskReport {
     pub classes: u64,
     pub smallest_class: u64,
     pub classes_below_k: u64,
+    /// Records of the classes below k or below l.
     pub records_at_risk: u64,
     pub highest_risk: f64,
     pub average_risk: f64,
@@ -156,6 +158,18 @@ pub struct RiskReport {
     pub released_highest_risk: f64,
     pub released_average_risk: f64,
     pub passed: bool,
+    /// l-diversity: the distinct values each sensitive column must hold per class (0: the
+    /// policy asks for none).
+    #[serde(default)]
+    pub l: u64,
+    /// The policy's sensitive columns that this table releases.
+    #[serde(default)]
+    pub sensitive: Vec<String>,
+    #[serde(default)]
+    pub classes_below_l: u64,
+    /// The fewest distinct values of a sensitive column in any class.
+    #[serde(default)]
+    pub lowest_diversity: u64,
 }
 
 impl fmt::Display for RiskReport {
@@ -168,16 +182,28 @@ impl fmt::Display for RiskReport {
         write!(
             f,
             "k={} over {qi} (class size in {}): {} records in {} classes, smallest {}, {} classes \
-             below k holding {} records at risk; highest prosecutor risk {:.4}, average {:.4}",
+             below k",
             self.k,
             self.unit,
             self.records,
             self.classes,
             self.smallest_class,
             self.classes_below_k,
-            self.records_at_risk,
-            self.highest_risk,
-            self.average_risk,
+        )?;
+        if self.l > 0 && !self.sensitive.is_empty() {
+            write!(
+                f,
+                "; l={} over {}: fewest distinct values in a class {}, {} classes below l",
+                self.l,
+                self.sensitive.join(", "),
+                self.lowest_diversity,
+                self.classes_below_l
+            )?;
+        }
+        write!(
+            f,
+            "; {} records at risk; highest prosecutor risk {:.4}, average {:.4}",
+            self.records_at_risk, self.highest_risk, self.average_risk,
         )?;
         if self.suppressed_records > 0 {
             write!(
@@ -260,6 +286,20 @@ fn refused(rule: &str, what: String) -> EngineError {
 
 fn path(name: &str, rest: &str) -> Path {
     Path::from(format!("{ZONE}/{name}/{rest}"))
+}
+
+/// The query that reads one table of a release whole: what a plain Flight client gets a
+/// ticket for when it names `["releases", NAME, TABLE]` as a descriptor path. None when the
+/// path names no release table.
+pub fn path_query(path: &[String]) -> Option<String> {
+    match path {
+        [zone, name, table] if zone == CATALOG => Some(format!(
+            "SELECT * FROM {CATALOG}.{}.{}",
+            crate::generalise::quote(name),
+            crate::generalise::quote(table)
+        )),
+        _ => None,
+    }
 }
 
 /// Release and table names: lower-case letters, digits, `-`, `_` and `.`, starting with a
@@ -467,6 +507,7 @@ async fn make_tables(
     let catalog = engine.catalog();
     let mut datasets = BTreeSet::new();
     let mut planned_tables = Vec::new();
+    let this_year = chrono::Datelike::year(&chrono::Utc::now());
     for (table, sql) in &request.tables {
         let sql = sql.trim().trim_end_matches(';').trim_end();
         let planned = session.plan(sql).await?;
@@ -480,7 +521,8 @@ async fn make_tables(
             ));
         }
         datasets.extend(planned.report().datasets.iter().cloned());
-        let (wrapped, generalised, dropped) = generalise(sql, &planned.schema(), rules)?;
+        let (wrapped, generalised, dropped) =
+            crate::generalise::generalise(sql, &planned.schema(), rules, this_year)?;
         planned_tables.push((table, sql.to_string(), wrapped, generalised, dropped));
     }
     let before = source_versions(engine, &datasets).await?;
@@ -488,13 +530,15 @@ async fn make_tables(
     for (table, sql, wrapped, generalised, dropped) in planned_tables {
         let planned = session.plan(&wrapped).await?;
         let labels = lineage(&planned.plan, &catalog);
-        let schema = planned.schema();
-        let gate = Gate::new(&schema, &labels, rules.k);
         // One pass: the gate counts each row's class while the row is staged in a random
         // bucket on local disk; nothing is written to the lake before the gate has decided.
         let started = std::time::Instant::now();
+        let rows = planned.execute(None).await?;
+        // The executed types, which may differ from the planned ones (a string view).
+        let schema = rows.schema();
+        let gate = Gate::new(&schema, &labels, rules)?;
         let spill = Arc::clone(&session.planning.task.runtime_env().disk_manager);
-        let (gate, staged) = stage(planned.execute(None).await?, gate, spill).await?;
+        let (gate, staged) = stage(rows, gate, spill).await?;
         let gated = started.elapsed();
         let direct = gate.identified();
         if !direct.is_empty() {
@@ -509,8 +553,13 @@ async fn make_tables(
         }
         let mut risk = gate.report(generalised, dropped);
         if !risk.passed && !request.suppress {
+            let rule = if risk.classes_below_k > 0 {
+                RULE_GATE
+            } else {
+                RULE_DIVERSITY
+            };
             return Err(refused(
-                RULE_GATE,
+                rule,
                 format!(
                     "release {} table {table} fails the risk gate: {risk}. Generalise further \
                      in the policy's [release] section, or pass --suppress to remove the {} \
@@ -613,72 +662,6 @@ fn key_class(labels: &BTreeSet<String>) -> &'static str {
     } else {
         "other"
     }
-}
-
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// The SQL that applies the policy's generalisations to a query's output, with what was
-/// generalised and what dropped.
-fn generalise(
-    sql: &str,
-    schema: &SchemaRef,
-    rules: &ReleaseRules,
-) -> Result<(String, BTreeMap<String, String>, Vec<String>)> {
-    let mut exprs = Vec::new();
-    let mut generalised = BTreeMap::new();
-    let mut dropped = Vec::new();
-    for f in schema.fields() {
-        let c = quote(f.name());
-        let Some(g) = rules.generalise.get(f.name()) else {
-            exprs.push(c);
-            continue;
-        };
-        let expr = match (g, f.data_type()) {
-            (Generalisation::Drop, _) => {
-                dropped.push(f.name().clone());
-                continue;
-            }
-            (Generalisation::Month | Generalisation::Year, DataType::Date32) => {
-                format!("CAST(date_trunc('{}', {c}) AS DATE)", g.as_str())
-            }
-            (Generalisation::Month | Generalisation::Year, DataType::Timestamp(_, _)) => {
-                format!("date_trunc('{}', {c})", g.as_str())
-            }
-            (Generalisation::Decade, DataType::Date32) => {
-                format!("make_date(CAST(date_part('year', {c}) AS INT) / 10 * 10, 1, 1)")
-            }
-            (g, t) => {
-                return Err(EngineError::InvalidConfig(format!(
-                    "the policy's [release] section generalises {} to {}, which applies to \
-                     dates{}, not to {t}",
-                    f.name(),
-                    g.as_str(),
-                    if *g == Generalisation::Decade {
-                        ""
-                    } else {
-                        " and times"
-                    }
-                )))
-            }
-        };
-        generalised.insert(f.name().clone(), g.as_str().to_string());
-        exprs.push(format!("{expr} AS {c}"));
-    }
-    if exprs.is_empty() {
-        return Err(EngineError::InvalidConfig(
-            "the policy's [release] section drops every column of the query".into(),
-        ));
-    }
-    Ok((
-        format!(
-            "SELECT {} FROM ({sql}) AS lakegate_release",
-            exprs.join(", ")
-        ),
-        generalised,
-        dropped,
-    ))
 }
 
 /// Per output column of a governed plan, the labels of the dataset columns it derives from.
@@ -806,14 +789,43 @@ struct Gate {
     seen: HashSet<(u32, u64), foldhash::fast::RandomState>,
     /// Non-null values seen per quasi-identifier and per direct column, by name.
     non_null: HashMap<String, u64>,
+    /// l-diversity: the policy's l and the sensitive columns of this table.
+    l: u64,
+    sensitive: Vec<String>,
+    /// (class, sensitive column, value hash) seen, and per class and sensitive column (class
+    /// * sensitive.len() + column) the distinct non-null values.
+    diverse_seen: HashSet<(u32, u32, u64), foldhash::fast::RandomState>,
+    diversity: Vec<u64>,
 }
 
 impl Gate {
-    fn new(schema: &SchemaRef, labels: &[BTreeSet<String>], k: u64) -> Self {
+    fn new(schema: &SchemaRef, labels: &[BTreeSet<String>], rules: &ReleaseRules) -> Result<Self> {
         let unit = schema.index_of(UNIT).ok();
         let quasi: Vec<usize> = (0..schema.fields().len())
             .filter(|i| Some(*i) != unit && labels[*i].contains("phi.quasi"))
             .collect();
+        let (l, sensitive) = match &rules.diversity {
+            None => (0, Vec::new()),
+            Some(d) => {
+                let present: Vec<String> = d
+                    .sensitive
+                    .iter()
+                    .filter(|c| schema.index_of(c).is_ok())
+                    .cloned()
+                    .collect();
+                if let Some(c) = present.iter().find(|c| {
+                    schema
+                        .index_of(c)
+                        .is_ok_and(|i| quasi.contains(&i) || Some(i) == unit)
+                }) {
+                    return Err(EngineError::InvalidConfig(format!(
+                        "the policy's [release] section names {c} sensitive, but in this \
+                         release it is a quasi-identifier or the patient id"
+                    )));
+                }
+                (d.l, present)
+            }
+        };
         let converter = (!quasi.is_empty()).then(|| {
             RowConverter::new(
                 quasi
@@ -823,8 +835,8 @@ impl Gate {
             )
             .expect("every Arrow type has a row format")
         });
-        Self {
-            k,
+        Ok(Self {
+            k: rules.k,
             quasi_names: quasi
                 .iter()
                 .map(|i| schema.field(*i).name().clone())
@@ -844,7 +856,11 @@ impl Gate {
             patients: Vec::new(),
             seen: HashSet::default(),
             non_null: HashMap::new(),
-        }
+            l,
+            sensitive,
+            diverse_seen: HashSet::default(),
+            diversity: Vec::new(),
+        })
     }
 
     fn column<'b>(batch: &'b RecordBatch, name: &str) -> Result<&'b ArrayRef> {
@@ -867,17 +883,56 @@ impl Gate {
         ))
     }
 
-    fn unit_hashes(&self, batch: &RecordBatch) -> Result<Option<Vec<u64>>> {
-        let Some(u) = &self.unit else {
-            return Ok(None);
-        };
+    fn hashes(&self, batch: &RecordBatch, name: &str) -> Result<Vec<u64>> {
         let mut hashes = vec![0; batch.num_rows()];
         datafusion::common::hash_utils::create_hashes(
-            [Self::column(batch, u)?],
+            [Self::column(batch, name)?],
             &self.unit_hasher,
             &mut hashes,
         )?;
-        Ok(Some(hashes))
+        Ok(hashes)
+    }
+
+    fn unit_hashes(&self, batch: &RecordBatch) -> Result<Option<Vec<u64>>> {
+        self.unit
+            .as_ref()
+            .map(|u| self.hashes(batch, u))
+            .transpose()
+    }
+
+    /// Counts each row's non-null sensitive values into the distinct values of its class.
+    fn observe_diversity(&mut self, batch: &RecordBatch, classes: &[u32]) -> Result<()> {
+        let width = self.sensitive.len();
+        if width == 0 {
+            return Ok(());
+        }
+        self.diversity.resize(self.records.len() * width, 0);
+        for (j, name) in self.sensitive.clone().iter().enumerate() {
+            let column = Self::column(batch, name)?.clone();
+            let hashes = self.hashes(batch, name)?;
+            for (r, class) in classes.iter().enumerate() {
+                if column.is_valid(r) && self.diverse_seen.insert((*class, j as u32, hashes[r])) {
+                    self.diversity[*class as usize * width + j] += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether each class holds k patients or more and l distinct values of each sensitive
+    /// column.
+    fn class_passes(&self) -> Vec<(bool, bool)> {
+        let width = self.sensitive.len();
+        (0..self.records.len())
+            .map(|c| {
+                let k_ok = self.patients[c] >= self.k;
+                let l_ok = width == 0
+                    || self.diversity[c * width..(c + 1) * width]
+                        .iter()
+                        .all(|d| *d >= self.l);
+                (k_ok, l_ok)
+            })
+            .collect()
     }
 
     /// Counts a batch's rows and patients into their classes; returns each row's class.
@@ -916,6 +971,7 @@ impl Gate {
                 None => self.patients[class as usize] += 1,
             }
         }
+        self.observe_diversity(batch, &of_rows)?;
         Ok(of_rows)
     }
 
@@ -948,16 +1004,21 @@ impl Gate {
             records,
             classes: self.records.len() as u64,
             smallest_class: self.patients.iter().copied().min().unwrap_or(0),
+            l: self.l,
+            sensitive: self.sensitive.clone(),
+            lowest_diversity: self.diversity.iter().copied().min().unwrap_or(0),
             ..Default::default()
         };
         let mut risk_sum = 0.0;
         let mut released_sum = 0.0;
-        for (r, p) in self.records.iter().zip(&self.patients) {
+        let passes = self.class_passes();
+        for ((r, p), (k_ok, l_ok)) in self.records.iter().zip(&self.patients).zip(passes) {
             let risk = 1.0 / (*p).max(1) as f64;
             risk_sum += *r as f64 * risk;
             report.highest_risk = report.highest_risk.max(risk);
-            if *p < self.k {
-                report.classes_below_k += 1;
+            report.classes_below_k += u64::from(!k_ok);
+            report.classes_below_l += u64::from(!l_ok);
+            if !(k_ok && l_ok) {
                 report.records_at_risk += r;
             } else {
                 released_sum += *r as f64 * risk;
@@ -975,9 +1036,12 @@ impl Gate {
         report
     }
 
-    /// Whether each class is released: it holds k patients or more.
+    /// Whether each class is released: it passes k-anonymity and l-diversity.
     fn released(&self) -> Vec<bool> {
-        self.patients.iter().map(|p| *p >= self.k).collect()
+        self.class_passes()
+            .into_iter()
+            .map(|(k_ok, l_ok)| k_ok && l_ok)
+            .collect()
     }
 }
 
@@ -1906,6 +1970,37 @@ mod tests {
         (schema, labels)
     }
 
+    /// A batch of `patients_by_zip`.
+    fn rows_of(
+        schema: &SchemaRef,
+        patients: &[&str],
+        zips: &[&str],
+        values: Vec<Option<i32>>,
+    ) -> RecordBatch {
+        RecordBatch::try_new(
+            Arc::clone(schema),
+            vec![
+                Arc::new(StringArray::from(patients.to_vec())),
+                Arc::new(StringArray::from(zips.to_vec())),
+                Arc::new(Int32Array::from(values)),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// Whether the gate releases each row, by the classes `observe` gave them.
+    fn released_rows(gate: &Gate, classes: &[u32]) -> Vec<bool> {
+        let released = gate.released();
+        classes.iter().map(|c| released[*c as usize]).collect()
+    }
+
+    fn k_of(k: u64) -> ReleaseRules {
+        ReleaseRules {
+            k,
+            ..Default::default()
+        }
+    }
+
     /// The one-pass write: every released row exactly once, the suppressed class's rows
     /// never, the staged class column gone, and the rows in a new order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1949,9 +2044,13 @@ mod tests {
                 .build()
                 .unwrap(),
         );
-        let (gate, staged) = stage(stream, Gate::new(&schema, &labels, 11), spill)
-            .await
-            .unwrap();
+        let (gate, staged) = stage(
+            stream,
+            Gate::new(&schema, &labels, &k_of(11)).unwrap(),
+            spill,
+        )
+        .await
+        .unwrap();
         assert_eq!(staged.len(), BUCKETS);
         assert_eq!(staged.iter().map(|s| s.rows).sum::<usize>(), n as usize);
         let report = gate.report(BTreeMap::new(), Vec::new());
@@ -2016,19 +2115,14 @@ mod tests {
     #[test]
     fn the_gate_counts_patients_per_class() {
         let (schema, labels) = patients_by_zip();
-        let mut gate = Gate::new(&schema, &labels, 3);
+        let mut gate = Gate::new(&schema, &labels, &k_of(3)).unwrap();
         // zip 100: patients a, b, c (4 rows); zip 200: patient d twice.
-        let batch = RecordBatch::try_new(
-            Arc::clone(&schema),
-            vec![
-                Arc::new(StringArray::from(vec!["a", "b", "c", "a", "d", "d"])),
-                Arc::new(StringArray::from(vec![
-                    "100", "100", "100", "100", "200", "200",
-                ])),
-                Arc::new(Int32Array::from(vec![1, 2, 3, 4, 5, 6])),
-            ],
-        )
-        .unwrap();
+        let batch = rows_of(
+            &schema,
+            &["a", "b", "c", "a", "d", "d"],
+            &["100", "100", "100", "100", "200", "200"],
+            (1..=6).map(Some).collect(),
+        );
         let classes = gate.observe(&batch).unwrap();
         let report = gate.report(BTreeMap::new(), Vec::new());
         assert_eq!(report.quasi_identifiers, vec!["zip".to_string()]);
@@ -2043,13 +2137,62 @@ mod tests {
         assert!(!report.passed);
         assert_eq!(report.released_records, 4);
         assert!((report.released_highest_risk - 1.0 / 3.0).abs() < 1e-12);
-        let released = gate.released();
         assert_eq!(
-            classes
-                .iter()
-                .map(|c| released[*c as usize])
-                .collect::<Vec<_>>(),
+            released_rows(&gate, &classes),
             vec![true, true, true, true, false, false]
         );
+    }
+
+    #[test]
+    fn the_gate_counts_distinct_sensitive_values_per_class() {
+        let (schema, labels) = patients_by_zip();
+        let rules = ReleaseRules {
+            k: 2,
+            diversity: Some(lakegate_policies::Diversity {
+                l: 2,
+                sensitive: vec!["value".into(), "not_released".into()],
+            }),
+            ..Default::default()
+        };
+        let mut gate = Gate::new(&schema, &labels, &rules).unwrap();
+        // zip 100: patients a, b with values 1, 2 (diverse); zip 200: c, d both with value 7
+        // (and a null, which is no value); zip 300: e alone.
+        let batch = rows_of(
+            &schema,
+            &["a", "b", "c", "d", "d", "e"],
+            &["100", "100", "200", "200", "200", "300"],
+            vec![Some(1), Some(2), Some(7), Some(7), None, Some(9)],
+        );
+        let classes = gate.observe(&batch).unwrap();
+        let report = gate.report(BTreeMap::new(), Vec::new());
+        assert_eq!(
+            (report.l, report.sensitive.clone()),
+            (2, vec!["value".into()])
+        );
+        assert_eq!(report.classes_below_k, 1);
+        assert_eq!(report.classes_below_l, 2);
+        assert_eq!(report.lowest_diversity, 1);
+        assert_eq!(report.records_at_risk, 4);
+        assert_eq!(report.released_records, 2);
+        assert!(!report.passed);
+        let text = report.to_string();
+        assert!(
+            text.contains("l=2 over value: fewest distinct values in a class 1, 2 classes below l"),
+            "{text}"
+        );
+        assert_eq!(
+            released_rows(&gate, &classes),
+            vec![true, true, false, false, false, false]
+        );
+        // A sensitive column that is a quasi-identifier in the release is a policy mistake.
+        let rules = ReleaseRules {
+            diversity: Some(lakegate_policies::Diversity {
+                l: 2,
+                sensitive: vec!["zip".into()],
+            }),
+            ..Default::default()
+        };
+        let e = Gate::new(&schema, &labels, &rules).err().unwrap();
+        assert!(e.to_string().contains("names zip sensitive"), "{e}");
     }
 }

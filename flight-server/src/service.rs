@@ -11,6 +11,7 @@ use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
+use arrow_flight::flight_descriptor::DescriptorType;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::metadata::SqlInfoData;
 use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
@@ -732,6 +733,39 @@ impl FlightSqlService for LakegateService {
         let schema = query.into_builder().schema();
         self.metadata_info(request, Command::CommandGetTableTypes(query), &schema)
             .await
+    }
+
+    /// A plain Flight client (no Flight SQL) reads an approved release table by path:
+    /// `GetFlightInfo` with the descriptor path `["releases", NAME, TABLE]` answers with a
+    /// signed ticket for `SELECT * FROM releases."NAME"."TABLE"`, planned, checked and
+    /// audited like any query, and DoGet streams it.
+    async fn get_flight_info_fallback(
+        &self,
+        cmd: Command,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let action = "GetFlightInfo(path)";
+        let principal = self.principal(&request, action).await?;
+        let descriptor = request.get_ref();
+        let sql = match descriptor.r#type() {
+            DescriptorType::Path => lakegate_engine::releases::path_query(&descriptor.path)
+                .ok_or_else(|| {
+                    Status::invalid_argument(
+                        "a descriptor path names a release table: [\"releases\", NAME, TABLE]",
+                    )
+                })?,
+            _ => {
+                return Err(Status::unimplemented(format!(
+                    "{} is not supported",
+                    cmd.type_url()
+                )))
+            }
+        };
+        let mut event = AuditEvent::new("plan", action);
+        event.client = client_of(&request);
+        let planned = self.describe(&principal, event, &sql).await?;
+        let body = TicketBody::Query { sql, params: None };
+        self.ticket_info(&principal, &planned.schema(), body, request.into_inner())
     }
 
     async fn get_flight_info_sql_info(

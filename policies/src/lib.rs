@@ -7,9 +7,9 @@ mod policy;
 mod users;
 
 pub use policy::{
-    Action, Decision, DifferentialPrivacy, FilterValue, Generalisation, Mask, Obligations,
-    PolicySet, ReleaseRules, RequestContext, RowFilter, SubjectSet, Threshold, ATTRIBUTES,
-    DEFAULT_MODEL,
+    Action, Decision, DifferentialPrivacy, Diversity, FilterValue, Generalisation, Mask,
+    Obligations, PolicySet, ReleaseRules, RequestContext, RowFilter, SubjectSet, Threshold,
+    ATTRIBUTES, DEFAULT_MODEL,
 };
 pub use users::{Principal, UserStore};
 

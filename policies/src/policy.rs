@@ -380,6 +380,10 @@ struct ReleaseSpec {
     generalise: BTreeMap<String, Generalisation>,
     #[serde(default = "default_release_retention")]
     retention_days: u32,
+    /// l-diversity: at least `l` distinct values of each `sensitive` column per class.
+    l: Option<u64>,
+    #[serde(default)]
+    sensitive: Vec<String>,
 }
 
 fn default_release_k() -> u64 {
@@ -390,39 +394,81 @@ fn default_release_retention() -> u32 {
     ReleaseRules::default().retention_days
 }
 
-/// How a date or time column of a release is coarsened before the risk gate, or whether it
-/// is left out.
+/// How a column of a release is coarsened before the risk gate, or whether it is left out.
+/// In the policy file each is a string: `month`, `year`, `decade`, `drop`, `state`, or
+/// `age_band_N` (N from 2 to 30 years).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String")]
 pub enum Generalisation {
-    /// To the first day of its month.
+    /// A date or time to the first day of its month.
     Month,
-    /// To the first day of its year.
+    /// A date or time to the first day of its year.
     Year,
-    /// To the first day of its decade (1987 -> 1980).
+    /// A date to the first day of its decade (1987 -> 1980).
     Decade,
     /// Not released at all.
     Drop,
+    /// A ZIP code (5 digits or its first 3) to the US state its 3-digit prefix belongs to;
+    /// a prefix that names no state (the `000` of a restricted area) to NULL.
+    State,
+    /// A date of birth to the band of the age it gives at the release's creation, `N` years
+    /// wide (`40-49`), with every age from 90 in one band `90+` as Safe Harbor asks.
+    AgeBand(u8),
 }
 
-impl Generalisation {
-    pub fn as_str(self) -> &'static str {
+impl TryFrom<String> for Generalisation {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        Ok(match s.as_str() {
+            "month" => Generalisation::Month,
+            "year" => Generalisation::Year,
+            "decade" => Generalisation::Decade,
+            "drop" => Generalisation::Drop,
+            "state" => Generalisation::State,
+            other => match other.strip_prefix("age_band_").map(str::parse::<u8>) {
+                Some(Ok(n)) if (2..=30).contains(&n) => Generalisation::AgeBand(n),
+                _ => {
+                    return Err(format!(
+                        "unknown generalisation {other:?}: one of month, year, decade, drop, \
+                         state, age_band_N (N from 2 to 30)"
+                    ))
+                }
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for Generalisation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Generalisation::Month => "month",
-            Generalisation::Year => "year",
-            Generalisation::Decade => "decade",
-            Generalisation::Drop => "drop",
+            Generalisation::Month => f.write_str("month"),
+            Generalisation::Year => f.write_str("year"),
+            Generalisation::Decade => f.write_str("decade"),
+            Generalisation::Drop => f.write_str("drop"),
+            Generalisation::State => f.write_str("state"),
+            Generalisation::AgeBand(n) => write!(f, "age_band_{n}"),
         }
     }
 }
 
+/// l-diversity of a release: within every equivalence class, each sensitive column present
+/// in a released table holds at least `l` distinct non-null values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Diversity {
+    pub l: u64,
+    pub sensitive: Vec<String>,
+}
+
 /// What a de-identified release must pass before it is written (`[release]` in the policy):
 /// every combination of its quasi-identifiers held by at least `k` patients, after the
-/// generalisations (by released column name) are applied.
+/// generalisations (by released column name) are applied, and, when the policy names
+/// sensitive columns, diverse enough in each of them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReleaseRules {
     pub k: u64,
     pub generalise: BTreeMap<String, Generalisation>,
+    pub diversity: Option<Diversity>,
     /// How long a release is kept: `lakegate lifecycle run` deletes it after this many days
     /// (unless it is under a legal hold).
     pub retention_days: u32,
@@ -433,6 +479,7 @@ impl Default for ReleaseRules {
         Self {
             k: 11,
             generalise: BTreeMap::new(),
+            diversity: None,
             retention_days: 730,
         }
     }
@@ -720,12 +767,14 @@ impl PolicySet {
                 if spec.k < 2 {
                     return Err(fail(line, "[release]: k must be at least 2".into()));
                 }
-                for column in spec.generalise.keys() {
-                    let known = catalog
+                let known = |column: &str| {
+                    catalog
                         .datasets
                         .iter()
-                        .any(|d| d.columns.iter().any(|c| &c.name == column));
-                    if !known {
+                        .any(|d| d.columns.iter().any(|c| c.name == column))
+                };
+                for column in spec.generalise.keys() {
+                    if !known(column) {
                         return Err(fail(
                             line,
                             format!(
@@ -734,9 +783,47 @@ impl PolicySet {
                         ));
                     }
                 }
+                let diversity = match (spec.l, spec.sensitive.is_empty()) {
+                    (None, true) => None,
+                    (Some(l), false) if l >= 2 => {
+                        if let Some(c) = spec.sensitive.iter().find(|c| !known(c)) {
+                            return Err(fail(
+                                line,
+                                format!("[release]: sensitive names {c}, a column no dataset has"),
+                            ));
+                        }
+                        if let Some(c) = spec
+                            .sensitive
+                            .iter()
+                            .find(|c| spec.generalise.contains_key(c.as_str()))
+                        {
+                            return Err(fail(
+                                line,
+                                format!(
+                                    "[release]: {c} is both sensitive and generalised; a \
+                                     sensitive column is released as it is"
+                                ),
+                            ));
+                        }
+                        Some(Diversity {
+                            l,
+                            sensitive: spec.sensitive,
+                        })
+                    }
+                    (Some(_), false) => {
+                        return Err(fail(line, "[release]: l must be at least 2".into()))
+                    }
+                    _ => {
+                        return Err(fail(
+                            line,
+                            "[release]: l-diversity needs both l and the sensitive columns".into(),
+                        ))
+                    }
+                };
                 ReleaseRules {
                     k: spec.k,
                     generalise: spec.generalise,
+                    diversity,
                     retention_days: spec.retention_days,
                 }
             }
@@ -1265,6 +1352,51 @@ valid_until = 2026-02-01
             .unwrap()
             .to_string();
         assert!(e.starts_with("p.toml:"), "{e}");
+        assert!(e.contains("unknown generalisation \"week\""), "{e}");
+        let p = load("generalise = { zip = \"state\", birth_date = \"age_band_10\" }\nl = 3\nsensitive = [\"reason_code\", \"code\"]")
+            .await
+            .unwrap();
+        let rules = p.release_rules();
+        assert_eq!(rules.generalise.get("zip"), Some(&Generalisation::State));
+        assert_eq!(
+            rules.generalise.get("birth_date"),
+            Some(&Generalisation::AgeBand(10))
+        );
+        assert_eq!(Generalisation::AgeBand(10).to_string(), "age_band_10");
+        assert_eq!(
+            rules.diversity,
+            Some(Diversity {
+                l: 3,
+                sensitive: vec!["reason_code".into(), "code".into()]
+            })
+        );
+        for (bad, why) in [
+            (
+                "generalise = { birth_date = \"age_band_1\" }",
+                "unknown generalisation",
+            ),
+            (
+                "generalise = { birth_date = \"age_band_x\" }",
+                "unknown generalisation",
+            ),
+            ("l = 1\nsensitive = [\"code\"]", "l must be at least 2"),
+            ("l = 2", "needs both l and the sensitive columns"),
+            (
+                "sensitive = [\"code\"]",
+                "needs both l and the sensitive columns",
+            ),
+            (
+                "l = 2\nsensitive = [\"cod\"]",
+                "sensitive names cod, a column no dataset has",
+            ),
+            (
+                "l = 2\nsensitive = [\"code\"]\ngeneralise = { code = \"drop\" }",
+                "both sensitive and generalised",
+            ),
+        ] {
+            let e = load(bad).await.err().unwrap().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[tokio::test]

@@ -7,11 +7,13 @@ import subprocess
 from pathlib import Path
 
 import adbc_driver_manager
+import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import lakegate_binary, start_lakegate, stop_lakegate
 from test_adbc import connect
+from test_pyarrow_flight import client_for
 
 PATIENTS = 800
 
@@ -82,6 +84,20 @@ def test_a_release_from_creation_to_training_read(lake: Path, tmp_path: Path):
         conn.close()
         with pytest.raises(adbc_driver_manager.Error) as refused:
             _scalar(address, "dave", 'SELECT count(*) FROM releases."onc-1".cohort')
+        assert "is not available to you" in str(refused.value)
+
+        # A plain Flight client (no Flight SQL): the release table by its path, then DoGet.
+        client, options = client_for(address, "alice")
+        descriptor = flight.FlightDescriptor.for_path("releases", "onc-1", "cohort")
+        info = client.get_flight_info(descriptor, options)
+        assert info.schema.names == table.column_names
+        plain = client.do_get(info.endpoints[0].ticket, options).read_all()
+        assert plain.num_rows == table.num_rows
+        assert sorted(plain.column("patient_id").to_pylist()) == sorted(
+            table.column("patient_id").to_pylist())
+        client, options = client_for(address, "dave")
+        with pytest.raises(flight.FlightError) as refused:
+            client.get_flight_info(descriptor, options)
         assert "is not available to you" in str(refused.value)
     finally:
         stop_lakegate(proc)

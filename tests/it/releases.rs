@@ -528,3 +528,205 @@ async fn lifecycle_deletes_expired_releases_moves_cold_data_and_respects_holds()
     );
     assert!(n > 0);
 }
+
+/// The demo policy with further generalisations and l-diversity in its `[release]` section.
+fn policy_with_release(section: &str) -> String {
+    let demo = lakegate_flight_server::demo::DEMO_POLICY;
+    let at = demo.find("[release]").expect("a [release] section");
+    let end = demo[at..]
+        .find("\n\n")
+        .map(|i| at + i)
+        .unwrap_or(demo.len());
+    format!("{}[release]\n{section}\n{}", &demo[..at], &demo[end..])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ages_bands_states_and_l_diversity_shape_a_release_that_plain_flight_reads_by_path() {
+    let (dir, lake_path) = build_encrypted_lake(PATIENTS);
+    let server = TestServer::start_with(ServerOptions {
+        lake: Some(lake_path),
+        keyring: Some(test_keyring(dir.path())),
+        policy: Some(policy_with_release(
+            "k = 11\n\
+             generalise = { birth_date = \"age_band_20\", zip = \"state\", death_date = \"drop\", \
+             start_time = \"month\" }\n\
+             l = 3\n\
+             sensitive = [\"reason_code\", \"readmitted_30d\"]",
+        )),
+        ..Default::default()
+    })
+    .await;
+    let engine = &server.engine;
+    let signer = test_audit_key();
+    let alice = persona("alice");
+
+    // Patients: ages in 20-year bands (90+ together), ZIP3 to its state, death_date left out.
+    let patients = [(
+        "patients",
+        "SELECT patient_id, birth_date, zip, death_date, sex FROM clinical.patients",
+    )];
+    let made = releases::create(engine, &alice, &request("onc-g", &patients, true), &signer)
+        .await
+        .expect("generalised release");
+    let risk = &made.tables[0].risk;
+    let this_year = chrono::Datelike::year(&chrono::Utc::now());
+    assert_eq!(
+        risk.generalised.get("birth_date"),
+        Some(&format!("age_band_20 (age in {this_year})"))
+    );
+    assert_eq!(
+        risk.generalised.get("zip").map(String::as_str),
+        Some("state")
+    );
+    assert_eq!(risk.dropped, vec!["death_date".to_string()]);
+    assert_eq!(
+        risk.quasi_identifiers,
+        vec![
+            "birth_date".to_string(),
+            "zip".to_string(),
+            "sex".to_string()
+        ]
+    );
+    // No sensitive column in this table: l-diversity does not apply to it.
+    assert!(
+        risk.sensitive.is_empty() && risk.classes_below_l == 0,
+        "{risk}"
+    );
+    let columns: Vec<&str> = made.tables[0]
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(columns, ["patient_id", "birth_date", "zip", "sex"]);
+
+    // Encounters: every start month must hold 3 reason codes; a table whose one sensitive
+    // column has two values cannot pass l = 3, and is refused under the l-diversity rule.
+    let readmitted = [(
+        "readmitted",
+        "SELECT patient_id, readmitted_30d FROM clinical.encounters",
+    )];
+    let err = releases::create(
+        engine,
+        &alice,
+        &request("onc-r", &readmitted, false),
+        &signer,
+    )
+    .await
+    .unwrap_err();
+    let msg = refusal(err);
+    assert!(msg.contains("rule: release-l-diversity"), "{msg}");
+    assert!(
+        msg.contains("l=3 over readmitted_30d: fewest distinct values in a class 2"),
+        "{msg}"
+    );
+    let encounters = [(
+        "encounters",
+        "SELECT patient_id, start_time, reason_code FROM clinical.encounters",
+    )];
+    let made = releases::create(
+        engine,
+        &alice,
+        &request("onc-l", &encounters, true),
+        &signer,
+    )
+    .await
+    .expect("l-diverse release");
+    let risk = &made.tables[0].risk;
+    assert_eq!(
+        (risk.l, risk.sensitive.clone()),
+        (3, vec!["reason_code".to_string()])
+    );
+    for name in ["onc-g", "onc-l"] {
+        releases::approve(&server.lake, name, &persona("erin"), &signer)
+            .await
+            .expect("erin approves");
+    }
+
+    // A plain Flight client: GetFlightInfo by path, then DoGet of the ticket it returns.
+    let sql_client = login(&server, "alice").await;
+    let token = sql_client.token().expect("a session token").clone();
+    let url = server.url();
+    let batches = plain_read(&url, &token, &["releases", "onc-g", "patients"])
+        .await
+        .expect("a plain DoGet");
+    assert_eq!(rows(&batches) as u64, made_rows(&server, "onc-g").await);
+    let bands: BTreeSet<String> = column_text(&batches, 1).into_iter().collect();
+    let band = |b: &str| {
+        b == "90+"
+            || b.split_once('-')
+                .is_some_and(|(lo, hi)| lo.parse::<u32>().is_ok() && hi.parse::<u32>().is_ok())
+    };
+    assert!(bands.iter().all(|b| band(b)), "{bands:?}");
+    assert!(bands.len() > 1, "{bands:?}");
+    let states: BTreeSet<String> = crate::common::strings(&batches, 2)
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(!states.is_empty(), "no state released");
+    assert!(
+        states
+            .iter()
+            .all(|s| s.len() == 2 && s.chars().all(|c| c.is_ascii_uppercase())),
+        "{states:?}"
+    );
+
+    // Every released start month holds 11 patients and 3 reason codes.
+    let mut a = login(&server, "alice").await;
+    let thin = sql(
+        &mut a,
+        "SELECT start_time FROM releases.\"onc-l\".encounters GROUP BY start_time \
+         HAVING count(DISTINCT patient_id) < 11 OR count(DISTINCT reason_code) < 3",
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows(&thin), 0);
+
+    // Paths name release tables only, and carry the same refusals as SQL.
+    let err = plain_read(&url, &token, &["clinical", "patients"])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("descriptor path"), "{err}");
+    let err = plain_read(&url, &token, &["releases", "onc-g\"; --", "patients"])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("is not available to you"), "{err}");
+    let bob = login(&server, "bob").await;
+    let err = plain_read(
+        &url,
+        bob.token().unwrap(),
+        &["releases", "onc-g", "patients"],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("is not available to you"), "{err}");
+}
+
+async fn made_rows(server: &TestServer, name: &str) -> u64 {
+    let key = test_audit_key().verifying_key();
+    let stored = releases::load(server.lake.store().as_ref(), name, &key)
+        .await
+        .unwrap()
+        .expect("release");
+    stored.manifest.tables[0].rows
+}
+
+/// A plain Flight read (no Flight SQL): GetFlightInfo with a descriptor path, then DoGet of
+/// the ticket it returns, under a session token.
+async fn plain_read(
+    url: &str,
+    token: &str,
+    path: &[&str],
+) -> Result<Vec<arrow::array::RecordBatch>, arrow_flight::error::FlightError> {
+    let channel = tonic::transport::Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut flight = arrow_flight::FlightClient::new(channel);
+    flight.add_header("authorization", &format!("Bearer {token}"))?;
+    let descriptor =
+        arrow_flight::FlightDescriptor::new_path(path.iter().map(|p| p.to_string()).collect());
+    let info = flight.get_flight_info(descriptor).await?;
+    let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+    futures::TryStreamExt::try_collect(flight.do_get(ticket).await?).await
+}
