@@ -616,7 +616,7 @@ async fn ages_bands_states_and_l_diversity_shape_a_release_that_plain_flight_rea
     let msg = refusal(err);
     assert!(msg.contains("rule: release-l-diversity"), "{msg}");
     assert!(
-        msg.contains("l=3 over readmitted_30d: fewest distinct values in a class 2"),
+        msg.contains("l=3 over readmitted_30d: fewest distinct values in a class 2 (counted"),
         "{msg}"
     );
     let encounters = [(
