@@ -916,13 +916,13 @@ impl Gate {
             return Ok(());
         }
         self.diversity.resize(self.records.len() * width, 0);
-        for (j, name) in self.sensitive.clone().iter().enumerate() {
+        for j in 0..width {
             let short = |c: &u32| self.diversity[*c as usize * width + j] < self.l;
             if !classes.iter().any(short) {
                 continue;
             }
-            let column = Self::column(batch, name)?.clone();
-            let hashes = self.hashes(batch, name)?;
+            let column = Self::column(batch, &self.sensitive[j])?.clone();
+            let hashes = self.hashes(batch, &self.sensitive[j])?;
             for (r, class) in classes.iter().enumerate() {
                 let at = *class as usize * width + j;
                 if self.diversity[at] < self.l

@@ -194,6 +194,23 @@ impl LakegateService {
         Ok(Response::new(info))
     }
 
+    /// A query's FlightInfo: planned (audited as a `plan` event) to learn its schema and refuse
+    /// bad SQL early, nothing executed, with a signed ticket that runs it.
+    async fn query_info(
+        &self,
+        principal: &Principal,
+        action: &str,
+        sql: String,
+        params: Option<String>,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let mut event = AuditEvent::new("plan", action);
+        event.client = client_of(&request);
+        let planned = self.describe(principal, event, &sql).await?;
+        let body = TicketBody::Query { sql, params };
+        self.ticket_info(principal, &planned.schema(), body, request.into_inner())
+    }
+
     async fn metadata_info(
         &self,
         request: Request<FlightDescriptor>,
@@ -659,15 +676,8 @@ impl FlightSqlService for LakegateService {
     ) -> Result<Response<FlightInfo>, Status> {
         let action = "GetFlightInfo(CommandStatementQuery)";
         let principal = self.principal(&request, action).await?;
-        // Plan only, to learn the schema and refuse bad SQL early; nothing is executed here.
-        let mut event = AuditEvent::new("plan", action);
-        event.client = client_of(&request);
-        let planned = self.describe(&principal, event, &query.query).await?;
-        let body = TicketBody::Query {
-            sql: query.query,
-            params: None,
-        };
-        self.ticket_info(&principal, &planned.schema(), body, request.into_inner())
+        self.query_info(&principal, action, query.query, None, request)
+            .await
     }
 
     async fn get_flight_info_prepared_statement(
@@ -685,14 +695,8 @@ impl FlightSqlService for LakegateService {
                 .filter(|(owner, _, _)| owner == &principal.name)
                 .map(|(_, p, _)| p.clone())
         });
-        let mut event = AuditEvent::new("plan", action);
-        event.client = client_of(&request);
-        let planned = self.describe(&principal, event, &handle.sql).await?;
-        let body = TicketBody::Query {
-            sql: handle.sql,
-            params,
-        };
-        self.ticket_info(&principal, &planned.schema(), body, request.into_inner())
+        self.query_info(&principal, action, handle.sql, params, request)
+            .await
     }
 
     async fn get_flight_info_catalogs(
@@ -761,11 +765,8 @@ impl FlightSqlService for LakegateService {
                 )))
             }
         };
-        let mut event = AuditEvent::new("plan", action);
-        event.client = client_of(&request);
-        let planned = self.describe(&principal, event, &sql).await?;
-        let body = TicketBody::Query { sql, params: None };
-        self.ticket_info(&principal, &planned.schema(), body, request.into_inner())
+        self.query_info(&principal, action, sql, None, request)
+            .await
     }
 
     async fn get_flight_info_sql_info(
