@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use clap::Parser;
 use datafusion::arrow::array::{Array, RecordBatch, StringArray};
@@ -82,7 +84,9 @@ struct Args {
     /// Measure releases instead of the mix: alice's live streams of every dataset she may
     /// read, then `lakegate release create` of the same (risk gate, shuffle, write; approved
     /// as erin), then her stream of the release's encounters over Flight against plain
-    /// DataFusion scanning the same release files in-process. Use a lake built with
+    /// DataFusion scanning the same release files in-process, and against the same batches
+    /// streamed from memory by a Flight server that does nothing else (the transport's floor
+    /// on this host). Use a lake built with
     /// `--encryption off`, whose release files plain DataFusion can read.
     #[arg(long)]
     releases: bool,
@@ -967,7 +971,34 @@ async fn release_bench(args: &Args, bin: &PathBuf) {
             raw.push(p);
         }
     }
-    let (f, p) = (typical(&flight), typical(&raw));
+    // The same batches as the server sent them, streamed from memory by a Flight server that
+    // does nothing else: what any server would take to hand these rows to this client.
+    let received = {
+        let info = alice
+            .execute(sql.clone(), None)
+            .await
+            .expect("release stream");
+        let mut all = Vec::new();
+        for ep in info.endpoint {
+            let stream = alice
+                .do_get(ep.ticket.expect("ticket"))
+                .await
+                .expect("do_get");
+            let batches: Vec<RecordBatch> = stream.map(|b| b.expect("batch")).collect().await;
+            all.extend(batches);
+        }
+        all
+    };
+    let mut floor_client =
+        transport_floor(received, args.fixed_window, args.max_frame_kib * 1024).await;
+    let mut floor = Vec::new();
+    for i in 0..=args.iterations {
+        let run = via_floor(&mut floor_client).await.expect("floor stream");
+        if i > 0 {
+            floor.push(run);
+        }
+    }
+    let (f, p, m) = (typical(&flight), typical(&raw), typical(&floor));
     println!(
         "release stream of encounters: {} rows, {:.1} MB; flight {:.1} ms, plain DataFusion on \
          the release files {:.1} ms: {:.2}x plain's throughput (target at least 0.9x); server \
@@ -979,6 +1010,150 @@ async fn release_bench(args: &Args, bin: &PathBuf) {
         p.total.as_secs_f64() / f.total.as_secs_f64(),
         cpu / 1e3 / (bytes as f64 / 1e9)
     );
+    println!(
+        "transport floor: the same {} rows streamed from memory by a Flight server in this \
+         process that does nothing else, {:.1} ms: {:.2}x plain's throughput at best for any \
+         Flight server on this host",
+        m.rows,
+        m.total.as_secs_f64() * 1e3,
+        p.total.as_secs_f64() / m.total.as_secs_f64(),
+    );
+}
+
+/// A Flight service that streams batches it already holds in memory: no scan, no policy, no
+/// audit, only what every Flight server pays to send them (IPC encoding, gRPC framing, the
+/// loopback socket) and the client pays to receive them. The floor under any server's stream.
+struct InMemoryFlight {
+    batches: Arc<Vec<RecordBatch>>,
+}
+
+type Answer<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+fn floor_only<T>() -> Result<T, tonic::Status> {
+    Err(tonic::Status::unimplemented(
+        "the transport floor only streams",
+    ))
+}
+
+#[tonic::async_trait]
+impl FlightService for InMemoryFlight {
+    type HandshakeStream = Answer<arrow_flight::HandshakeResponse>;
+    type ListFlightsStream = Answer<arrow_flight::FlightInfo>;
+    type DoGetStream = Answer<arrow_flight::FlightData>;
+    type DoPutStream = Answer<arrow_flight::PutResult>;
+    type DoExchangeStream = Answer<arrow_flight::FlightData>;
+    type DoActionStream = Answer<arrow_flight::Result>;
+    type ListActionsStream = Answer<arrow_flight::ActionType>;
+
+    async fn handshake(
+        &self,
+        _: tonic::Request<tonic::Streaming<arrow_flight::HandshakeRequest>>,
+    ) -> Result<tonic::Response<Self::HandshakeStream>, tonic::Status> {
+        floor_only()
+    }
+    async fn list_flights(
+        &self,
+        _: tonic::Request<arrow_flight::Criteria>,
+    ) -> Result<tonic::Response<Self::ListFlightsStream>, tonic::Status> {
+        floor_only()
+    }
+    async fn get_flight_info(
+        &self,
+        _: tonic::Request<arrow_flight::FlightDescriptor>,
+    ) -> Result<tonic::Response<arrow_flight::FlightInfo>, tonic::Status> {
+        floor_only()
+    }
+    async fn poll_flight_info(
+        &self,
+        _: tonic::Request<arrow_flight::FlightDescriptor>,
+    ) -> Result<tonic::Response<arrow_flight::PollInfo>, tonic::Status> {
+        floor_only()
+    }
+    async fn get_schema(
+        &self,
+        _: tonic::Request<arrow_flight::FlightDescriptor>,
+    ) -> Result<tonic::Response<arrow_flight::SchemaResult>, tonic::Status> {
+        floor_only()
+    }
+    async fn do_get(
+        &self,
+        _: tonic::Request<arrow_flight::Ticket>,
+    ) -> Result<tonic::Response<Self::DoGetStream>, tonic::Status> {
+        let batches = self.batches.clone();
+        let Some(schema) = batches.first().map(RecordBatch::schema) else {
+            return floor_only();
+        };
+        let each = futures::stream::iter((0..batches.len()).map(move |i| Ok(batches[i].clone())));
+        // The encoder the Lakegate server streams with, with the same (default) options.
+        let data = futures::TryStreamExt::map_err(
+            FlightDataEncoderBuilder::new()
+                .with_schema(schema)
+                .build(each),
+            tonic::Status::from,
+        );
+        Ok(tonic::Response::new(Box::pin(data)))
+    }
+    async fn do_put(
+        &self,
+        _: tonic::Request<tonic::Streaming<arrow_flight::FlightData>>,
+    ) -> Result<tonic::Response<Self::DoPutStream>, tonic::Status> {
+        floor_only()
+    }
+    async fn do_exchange(
+        &self,
+        _: tonic::Request<tonic::Streaming<arrow_flight::FlightData>>,
+    ) -> Result<tonic::Response<Self::DoExchangeStream>, tonic::Status> {
+        floor_only()
+    }
+    async fn do_action(
+        &self,
+        _: tonic::Request<arrow_flight::Action>,
+    ) -> Result<tonic::Response<Self::DoActionStream>, tonic::Status> {
+        floor_only()
+    }
+    async fn list_actions(
+        &self,
+        _: tonic::Request<arrow_flight::Empty>,
+    ) -> Result<tonic::Response<Self::ListActionsStream>, tonic::Status> {
+        floor_only()
+    }
+}
+
+/// Serves `batches` from memory on a loopback port of this process, as the Lakegate server is
+/// served (no Nagle, no limit on a message's size), and connects a client to it as
+/// [`Server::login`] does.
+async fn transport_floor(batches: Vec<RecordBatch>, fixed_window: bool, max_frame: u32) -> Client {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let service = FlightServiceServer::new(InMemoryFlight {
+        batches: Arc::new(batches),
+    })
+    .max_encoding_message_size(usize::MAX);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming),
+    );
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .http2_adaptive_window(!fixed_window)
+        .max_frame_size(max_frame)
+        .connect()
+        .await
+        .expect("connect to the in-memory server");
+    FlightSqlServiceClient::new(channel)
+}
+
+async fn via_floor(client: &mut Client) -> Result<Run, String> {
+    let started = Instant::now();
+    let stream = client
+        .do_get(arrow_flight::Ticket::new(""))
+        .await
+        .map_err(|e| e.to_string())?;
+    consume(started, stream).await
 }
 
 fn chrono_stamp() -> String {
