@@ -191,6 +191,23 @@ const MEMORY_FLAGS: &[&str] = &["--memory-limit-mb", "8192", "--principal-memory
 
 type Client = FlightSqlServiceClient<Channel>;
 
+/// A client of the Flight server at `url`, as the bench's clients all connect.
+async fn connect(url: String, fixed_window: bool, max_frame_bytes: u32) -> Client {
+    // Adaptive HTTP/2 flow-control windows (BDP estimation), as gRPC-Go, which the ADBC driver
+    // uses, does by default; tonic's fixed 64 KiB default would throttle a stream. Frames as
+    // large as `--max-frame-kib`: at the protocol's default 16 KiB, a 420 MB stream is 26,000
+    // frames, each a socket write on the server and a wake-up of the receiving task on the
+    // client (570 -> 340 ms of client CPU for alice's stream).
+    let channel = Channel::from_shared(url)
+        .expect("url")
+        .http2_adaptive_window(!fixed_window)
+        .max_frame_size(max_frame_bytes)
+        .connect()
+        .await
+        .expect("connect");
+    FlightSqlServiceClient::new(channel)
+}
+
 /// One run of one query: wall time, time to first batch, rows, bytes of Arrow data.
 #[derive(Clone, Copy, Default)]
 struct Run {
@@ -416,19 +433,7 @@ impl Server {
     }
 
     async fn login(&self, user: &str) -> Client {
-        // Adaptive HTTP/2 flow-control windows (BDP estimation), as gRPC-Go, which the ADBC
-        // driver uses, does by default; tonic's fixed 64 KiB default would throttle a stream.
-        // Frames as large as `--max-frame-kib`: at the protocol's default 16 KiB, a 420 MB
-        // stream is 26,000 frames, each a socket write on the server and a wake-up of the
-        // receiving task on the client (570 -> 340 ms of client CPU for alice's stream).
-        let channel = Channel::from_shared(self.url.clone())
-            .expect("url")
-            .http2_adaptive_window(!self.fixed_window)
-            .max_frame_size(self.max_frame_bytes)
-            .connect()
-            .await
-            .expect("connect");
-        let mut c = FlightSqlServiceClient::new(channel);
+        let mut c = connect(self.url.clone(), self.fixed_window, self.max_frame_bytes).await;
         c.handshake(user, &format!("demo-{user}"))
             .await
             .expect("handshake");
@@ -1120,8 +1125,7 @@ impl FlightService for InMemoryFlight {
 }
 
 /// Serves `batches` from memory on a loopback port of this process, as the Lakegate server is
-/// served (no Nagle, no limit on a message's size), and connects a client to it as
-/// [`Server::login`] does.
+/// served (no Nagle, no limit on a message's size), and connects a client to it.
 async fn transport_floor(batches: Vec<RecordBatch>, fixed_window: bool, max_frame: u32) -> Client {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -1137,14 +1141,7 @@ async fn transport_floor(batches: Vec<RecordBatch>, fixed_window: bool, max_fram
             .add_service(service)
             .serve_with_incoming(incoming),
     );
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("url")
-        .http2_adaptive_window(!fixed_window)
-        .max_frame_size(max_frame)
-        .connect()
-        .await
-        .expect("connect to the in-memory server");
-    FlightSqlServiceClient::new(channel)
+    connect(format!("http://{addr}"), fixed_window, max_frame).await
 }
 
 async fn via_floor(client: &mut Client) -> Result<Run, String> {
